@@ -1,0 +1,485 @@
+//! Checkpoint reading and writing.
+//!
+//! * [`TensorSource`] reads `.safetensors` (memory-mapped, sharded or not) and PyTorch `.pth`
+//!   zip archives (optionally selecting a key such as `'model'` or `'learnable'`), all in
+//!   pure Rust.
+//! * [`Loader`] turns a source into a [`candle_nn::VarBuilder`] that checks every tensor the
+//!   model asks for: a missing tensor or a wrong shape becomes a typed [`Error`] that names
+//!   the key and both shapes, and after construction [`Loader::finish`] reports the keys the
+//!   model did not use.
+//! * [`save_safetensors`] writes atomically (temporary file, fsync, rename), so an
+//!   interrupted save never damages the previous file.
+
+#[cfg(feature = "hub")]
+pub mod hub;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::error::{Error, Result};
+
+/// Where tensors come from.
+pub enum TensorSource {
+    /// One or more memory-mapped safetensors files.
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    /// A PyTorch zip checkpoint.
+    Pth(candle_core::pickle::PthTensors),
+    /// Tensors already in memory.
+    Map(HashMap<String, Tensor>),
+}
+
+impl std::fmt::Debug for TensorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TensorSource::Safetensors(_) => f.write_str("TensorSource::Safetensors"),
+            TensorSource::Pth(_) => f.write_str("TensorSource::Pth"),
+            TensorSource::Map(m) => write!(f, "TensorSource::Map({} tensors)", m.len()),
+        }
+    }
+}
+
+/// Reads a safetensors file, mapping every failure to a [`Error::Checkpoint`] that names it.
+pub fn open_safetensors(paths: &[PathBuf]) -> Result<TensorSource> {
+    for p in paths {
+        check_file(p)?;
+    }
+    // SAFETY: the files are opened read-only; as with every mmap, modifying them while the
+    // mapping is alive is undefined behaviour, which the docs of the loaders point out.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(|e| {
+        Error::Checkpoint {
+            path: paths.first().cloned().unwrap_or_default(),
+            reason: format!("not a valid safetensors file ({e})"),
+        }
+    })?;
+    Ok(TensorSource::Safetensors(st))
+}
+
+/// Reads a PyTorch zip checkpoint; `key` selects a nested state dict such as `"model"`.
+pub fn open_pth(path: &Path, key: Option<&str>) -> Result<TensorSource> {
+    check_file(path)?;
+    let pth = candle_core::pickle::PthTensors::new(path, key).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("not a readable PyTorch zip checkpoint ({e})"),
+    })?;
+    if pth.tensor_infos().is_empty() {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: match key {
+                Some(k) => format!("no tensors under key '{k}'"),
+                None => "no tensors found".into(),
+            },
+        });
+    }
+    Ok(TensorSource::Pth(pth))
+}
+
+/// Lists the top-level keys of a PyTorch zip checkpoint whose value is a dict of tensors
+/// (`"model"`, `"learnable"`, ...). An empty result means the top level is a state dict.
+pub fn pth_top_level_keys(path: &Path) -> Result<Vec<String>> {
+    check_file(path)?;
+    let mut found = Vec::new();
+    for key in ["model", "learnable", "state_dict", "module"] {
+        if let Ok(p) = candle_core::pickle::PthTensors::new(path, Some(key)) {
+            // Without the key the loader would see the outer dict, whose values are dicts,
+            // not tensors, so a non-empty result really is a nested state dict.
+            if !p.tensor_infos().is_empty() {
+                found.push(key.to_string());
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn check_file(path: &Path) -> Result<()> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    if !meta.is_file() {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
+    }
+    if meta.len() == 0 {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "the file is empty".into(),
+        });
+    }
+    Ok(())
+}
+
+impl TensorSource {
+    /// Opens a checkpoint by its extension: `.safetensors`, or `.pth`/`.pt`/`.bin` (zip).
+    pub fn open(path: &Path, pth_key: Option<&str>) -> Result<Self> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("safetensors") => open_safetensors(&[path.to_path_buf()]),
+            Some("pth") | Some("pt") | Some("bin") | Some("ckpt") => open_pth(path, pth_key),
+            _ => Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: "unknown checkpoint extension (expected .safetensors or .pth)".into(),
+            }),
+        }
+    }
+
+    /// Every tensor name with its shape.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        match self {
+            TensorSource::Safetensors(st) => st
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| (k, v.shape().to_vec()))
+                .collect(),
+            TensorSource::Pth(p) => p
+                .tensor_infos()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.layout.dims().to_vec()))
+                .collect(),
+            TensorSource::Map(m) => m
+                .iter()
+                .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+                .collect(),
+        }
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            TensorSource::Safetensors(st) => st.get(name).is_ok(),
+            TensorSource::Pth(p) => p.tensor_infos().contains_key(name),
+            TensorSource::Map(m) => m.contains_key(name),
+        }
+    }
+
+    /// Loads one tensor onto the CPU in its stored dtype.
+    pub fn load(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        match self {
+            TensorSource::Safetensors(st) => match st.get(name) {
+                Ok(v) => Ok(Some(candle_core::safetensors::Load::load(
+                    &v,
+                    &Device::Cpu,
+                )?)),
+                Err(_) => Ok(None),
+            },
+            TensorSource::Pth(p) => p.get(name),
+            TensorSource::Map(m) => Ok(m.get(name).cloned()),
+        }
+    }
+
+    /// Loads every tensor (used by the converter and by tests).
+    pub fn load_all(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for name in self.shapes().into_keys() {
+            if let Some(t) = self.load(&name)? {
+                out.insert(name, t);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What a [`Loader`] found after a model was built from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Keys in the checkpoint that the model did not read and that no ignore rule covers.
+    pub unexpected: Vec<String>,
+    /// Keys the model did not read but that an ignore rule says are expected to be unused
+    /// (optimiser state, `position_ids`, unused embedding tables, ...).
+    pub ignored: Vec<String>,
+    /// Number of tensors read.
+    pub loaded: usize,
+}
+
+struct Checked {
+    source: TensorSource,
+    source_name: String,
+    /// Maps the model's tensor name to the checkpoint's key.
+    rename: Box<dyn Fn(&str) -> String + Send + Sync>,
+    used: Mutex<HashSet<String>>,
+    problem: Arc<Mutex<Option<Error>>>,
+    vars: Option<VarMap>,
+}
+
+impl Checked {
+    fn record(&self, e: Error) -> candle_core::Error {
+        let msg = e.to_string();
+        if let Ok(mut p) = self.problem.lock() {
+            if p.is_none() {
+                *p = Some(e);
+            }
+        }
+        candle_core::Error::Msg(msg)
+    }
+
+    fn fetch(
+        &self,
+        name: &str,
+        shape: Option<&Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let key = (self.rename)(name);
+        let tensor = match self.source.load(&key) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(self.record(Error::MissingTensor {
+                    source_name: self.source_name.clone(),
+                    key,
+                    expected: shape.map(|s| s.dims().to_vec()).unwrap_or_default(),
+                }))
+            }
+            Err(e) => {
+                return Err(self.record(Error::Checkpoint {
+                    path: PathBuf::from(&self.source_name),
+                    reason: format!("cannot read tensor `{key}`: {e}"),
+                }))
+            }
+        };
+        if let Some(shape) = shape {
+            if tensor.shape() != shape {
+                return Err(self.record(Error::ShapeMismatch {
+                    source_name: self.source_name.clone(),
+                    key,
+                    expected: shape.dims().to_vec(),
+                    found: tensor.dims().to_vec(),
+                }));
+            }
+        }
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(key.clone());
+        }
+        let tensor = tensor.to_dtype(dtype)?.to_device(dev)?;
+        match &self.vars {
+            None => Ok(tensor),
+            Some(vars) => {
+                let mut data = vars
+                    .data()
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("var map poisoned".into()))?;
+                if let Some(v) = data.get(name) {
+                    return Ok(v.as_tensor().clone());
+                }
+                let var = Var::from_tensor(&tensor)?;
+                let t = var.as_tensor().clone();
+                data.insert(name.to_string(), var);
+                Ok(t)
+            }
+        }
+    }
+}
+
+impl SimpleBackend for Checked {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.fetch(name, Some(&s), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.source.contains(&(self.rename)(name))
+    }
+}
+
+/// Builds models from a [`TensorSource`] with strict, typed checks.
+///
+/// ```no_run
+/// # use tuwen::checkpoint::{Loader, TensorSource};
+/// # fn main() -> tuwen::Result<()> {
+/// let src = TensorSource::open("model.safetensors".as_ref(), None)?;
+/// let loader = Loader::new(src, "model.safetensors");
+/// let vb = loader.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu);
+/// // let model = Model::new(&cfg, vb).map_err(|e| loader.error(e))?;
+/// let report = loader.finish(&[]);
+/// # Ok(()) }
+/// ```
+pub struct Loader {
+    inner: Arc<Checked>,
+}
+
+impl Loader {
+    /// A loader reading `source`, described as `source_name` in errors.
+    pub fn new(source: TensorSource, source_name: impl Into<String>) -> Self {
+        Self::with_rename(source, source_name, |s| s.to_string())
+    }
+
+    /// A loader whose model names are mapped to checkpoint keys by `rename`.
+    pub fn with_rename(
+        source: TensorSource,
+        source_name: impl Into<String>,
+        rename: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Checked {
+                source,
+                source_name: source_name.into(),
+                rename: Box::new(rename),
+                used: Mutex::new(HashSet::new()),
+                problem: Arc::new(Mutex::new(None)),
+                vars: None,
+            }),
+        }
+    }
+
+    /// Makes every loaded tensor a trainable [`Var`], collected in the returned [`VarMap`]
+    /// under the model's names. Call it before [`Loader::var_builder`].
+    pub fn trainable(mut self) -> Result<(Self, VarMap)> {
+        let vars = VarMap::new();
+        match Arc::get_mut(&mut self.inner) {
+            Some(c) => c.vars = Some(vars.clone()),
+            None => {
+                return Err(Error::InvalidArgument(
+                    "Loader::trainable must be called before var_builder".into(),
+                ))
+            }
+        }
+        Ok((self, vars))
+    }
+
+    /// The source this loader reads.
+    pub fn source(&self) -> &TensorSource {
+        &self.inner.source
+    }
+
+    /// A var builder over the checked source.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(
+            Box::new(SharedChecked(self.inner.clone())),
+            dtype,
+            device.clone(),
+        )
+    }
+
+    /// Converts a construction error into the typed error recorded while loading, if any.
+    pub fn error(&self, e: impl Into<Error>) -> Error {
+        if let Ok(mut p) = self.inner.problem.lock() {
+            if let Some(problem) = p.take() {
+                return problem;
+            }
+        }
+        e.into()
+    }
+
+    /// Reports the keys the model did not read. Keys matching any of `ignore` (substring
+    /// match, or a prefix when the pattern ends with `*`) are listed as ignored.
+    pub fn finish(&self, ignore: &[&str]) -> LoadReport {
+        let used = self
+            .inner
+            .used
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default();
+        let mut report = LoadReport {
+            loaded: used.len(),
+            ..LoadReport::default()
+        };
+        for key in self.inner.source.shapes().into_keys() {
+            if used.contains(&key) {
+                continue;
+            }
+            if ignore.iter().any(|pat| matches_pattern(&key, pat)) {
+                report.ignored.push(key);
+            } else {
+                report.unexpected.push(key);
+            }
+        }
+        report
+    }
+}
+
+/// Substring match, or prefix match when `pat` ends with `*`.
+pub fn matches_pattern(key: &str, pat: &str) -> bool {
+    match pat.strip_suffix('*') {
+        Some(prefix) => key.starts_with(prefix),
+        None => key.contains(pat),
+    }
+}
+
+struct SharedChecked(Arc<Checked>);
+
+impl SimpleBackend for SharedChecked {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
+/// Writes tensors to a safetensors file atomically: the data goes to a temporary file in
+/// the same directory, is flushed and fsynced, then renamed over `path`. If anything fails
+/// (a full disk, say), the temporary file is removed and `path` is left as it was.
+pub fn save_safetensors(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let mut prepared = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        // Views need contiguous CPU data.
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        prepared.push((k.clone(), t));
+    }
+    let bytes =
+        safetensors::tensor::serialize(prepared.iter().map(|(k, t)| (k.as_str(), t)), metadata)
+            .map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!("cannot serialise: {e}"),
+            })?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, directory fsync).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("{} has no file name", path.display())))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.flush()?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            // Not every platform can fsync a directory; the rename already happened.
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(format!("writing {}", path.display()), e));
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Typed errors for every fallible operation in the crate.
+
+use std::path::PathBuf;
+
+/// The crate's error type.
+///
+/// Every variant names the thing that went wrong (a tensor key, a file, a preset), so that a
+/// message is enough to find the problem without a debugger.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor the model needs is absent from the checkpoint.
+    #[error("checkpoint {source_name}: missing tensor `{key}` (expected shape {expected:?})")]
+    MissingTensor {
+        source_name: String,
+        key: String,
+        expected: Vec<usize>,
+    },
+
+    /// A tensor is present but has the wrong shape.
+    #[error("checkpoint {source_name}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        source_name: String,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// The checkpoint is for a different model family than the one asked for.
+    #[error("checkpoint {path}: expected a {expected} checkpoint, found {found}")]
+    WrongFamily {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+
+    /// A checkpoint file could not be parsed (truncated, corrupt, or an unknown format).
+    #[error("cannot read checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    /// A preset name that the registry does not know.
+    #[error("unknown model preset `{name}`; known presets: {known}")]
+    UnknownPreset { name: String, known: String },
+
+    /// A configuration that cannot be used as given.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// An image that cannot be decoded or used.
+    #[error("image {origin}: {reason}")]
+    Image { origin: String, reason: String },
+
+    /// Bounding boxes that are NaN, inverted or outside the image.
+    #[error("invalid box {index} {value:?} for image {origin}: {reason}")]
+    InvalidBox {
+        origin: String,
+        index: usize,
+        value: [f32; 4],
+        reason: String,
+    },
+
+    /// A text input that cannot be used (empty batch, empty string where one is not allowed).
+    #[error("text input: {0}")]
+    Text(String),
+
+    /// Tokenizer loading or encoding failed.
+    #[error("tokenizer {origin}: {reason}")]
+    Tokenizer { origin: String, reason: String },
+
+    /// An argument that is out of range or inconsistent with another one.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// Downloading from the Hugging Face Hub failed.
+    #[error("download of {repo}/{file} failed: {reason}")]
+    Download {
+        repo: String,
+        file: String,
+        reason: String,
+    },
+
+    /// A file-system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// JSON, YAML or TOML that cannot be parsed.
+    #[error("cannot parse {origin}: {reason}")]
+    Parse { origin: String, reason: String },
+
+    /// An error from the tensor library.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with a description of what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// A parse error for the named input.
+    pub fn parse(origin: impl Into<String>, reason: impl ToString) -> Self {
+        Error::Parse {
+            origin: origin.into(),
+            reason: reason.to_string(),
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! # tuwen
+//!
+//! Chinese and multilingual vision–language dual encoders on [candle]: **BriVL**,
+//! **R2D2** / **PRD2** and **SigLIP 2** (fixed resolution and NaFlex).
+//!
+//! * [`models`] holds one file per model family with its whole forward pass, serde
+//!   configurations with presets for every published checkpoint, and the [`DualEncoder`]
+//!   trait that every family implements.
+//! * [`nn`] holds the blocks the models share, each written once and differentiable where
+//!   it can train.
+//! * [`preprocess`] decodes images, resamples like PIL, builds NaFlex batches, and
+//!   tokenises text.
+//! * [`checkpoint`] reads safetensors and PyTorch `.pth` files in pure Rust, checks every
+//!   tensor's presence and shape, writes atomically, and downloads presets from the Hub.
+//!
+//! ```no_run
+//! use tuwen::{load, DualEncoder, ImageInput, LoadOptions};
+//!
+//! # fn main() -> tuwen::Result<()> {
+//! let model = load("siglip2-base-patch16-224", &LoadOptions::default())?;
+//! let probs = model.classify(&[ImageInput::path("cat.jpg")], &["猫", "狗"], "一张{}的照片。")?;
+//! println!("{probs}");
+//! # Ok(()) }
+//! ```
+
+pub mod checkpoint;
+pub mod error;
+pub mod models;
+pub mod nn;
+pub mod preprocess;
+pub mod registry;
+
+pub use error::{Error, Result};
+pub use models::{DualEncoder, Family, LoadOptions, Scoring};
+pub use preprocess::ImageInput;
+pub use registry::load;

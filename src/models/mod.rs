@@ -1,0 +1,149 @@
+//! The model families and the [`DualEncoder`] trait they share.
+
+pub mod siglip2;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::nn::ops;
+use crate::preprocess::ImageInput;
+
+/// The supported model families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// SigLIP / SigLIP 2 at a fixed resolution (HF `SiglipModel`).
+    Siglip,
+    /// SigLIP 2 NaFlex (HF `Siglip2Model`).
+    Siglip2Naflex,
+    /// BriVL (WenLan 1.0).
+    Brivl,
+    /// R2D2 (dual encoder plus cross-encoder re-ranking).
+    R2d2,
+    /// PRD2 (R2D2's dual encoder without joint layers).
+    Prd2,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Siglip => "SigLIP (fixed resolution)",
+            Family::Siglip2Naflex => "SigLIP 2 NaFlex",
+            Family::Brivl => "BriVL",
+            Family::R2d2 => "R2D2",
+            Family::Prd2 => "PRD2",
+        })
+    }
+}
+
+/// How similarity logits become probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// Independent sigmoid per image–text pair (SigLIP).
+    Sigmoid,
+    /// Softmax over the candidate texts of each image (contrastive models).
+    Softmax,
+}
+
+/// An image–text dual encoder: embed images and texts into one space and score pairs.
+///
+/// Embeddings are L2-normalised `f32` tensors `[n, dim]` on the model's device, so the
+/// cosine similarity of two embeddings is their dot product.
+pub trait DualEncoder: Send + Sync {
+    /// The model family.
+    fn family(&self) -> Family;
+    /// The device the model runs on.
+    fn device(&self) -> &Device;
+    /// The dtype of the weights.
+    fn dtype(&self) -> DType;
+    /// The width of the shared embedding space.
+    fn embed_dim(&self) -> usize;
+    /// Decodes, preprocesses and embeds images.
+    fn embed_images(&self, images: &[ImageInput]) -> Result<Tensor>;
+    /// Tokenises and embeds texts. Texts longer than the model's maximum are truncated.
+    fn embed_texts(&self, texts: &[&str]) -> Result<Tensor>;
+    /// Similarity logits `[n_images, n_texts]` from embeddings.
+    fn logits(&self, image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor>;
+    /// How logits become probabilities.
+    fn scoring(&self) -> Scoring;
+
+    /// Probabilities from logits: sigmoid per pair, or softmax over texts per image.
+    fn probabilities(&self, logits: &Tensor) -> Result<Tensor> {
+        let logits = logits.to_dtype(DType::F32)?;
+        Ok(match self.scoring() {
+            Scoring::Sigmoid => ops::sigmoid(&logits)?,
+            Scoring::Softmax => ops::softmax_last_dim(&logits)?,
+        })
+    }
+
+    /// Zero-shot classification: probabilities `[n_images, n_labels]` for `labels` filled
+    /// into `template` (where `{}` stands for the label).
+    fn classify(&self, images: &[ImageInput], labels: &[&str], template: &str) -> Result<Tensor> {
+        if labels.is_empty() {
+            return Err(Error::Text("no labels given".into()));
+        }
+        let prompts: Vec<String> = labels.iter().map(|l| fill_template(template, l)).collect();
+        let refs: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+        let img = self.embed_images(images)?;
+        let txt = self.embed_texts(&refs)?;
+        self.probabilities(&self.logits(&img, &txt)?)
+    }
+}
+
+/// Replaces `{}` in `template` with `label` (or appends the label if there is no `{}`).
+pub fn fill_template(template: &str, label: &str) -> String {
+    if template.contains("{}") {
+        template.replace("{}", label)
+    } else {
+        format!("{template}{label}")
+    }
+}
+
+/// Options for loading a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// Parses a dtype name: `f32`, `bf16`, `f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown dtype `{other}` (use f32, bf16 or f16)"
+        ))),
+    }
+}
+
+/// Parses a device name: `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.to_ascii_lowercase();
+    let (kind, idx) = match s.split_once(':') {
+        Some((k, i)) => (
+            k.to_string(),
+            i.parse::<usize>()
+                .map_err(|_| Error::InvalidArgument(format!("bad device index in `{s}`")))?,
+        ),
+        None => (s.clone(), 0),
+    };
+    match kind.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(idx)?),
+        "metal" => Ok(Device::new_metal(idx)?),
+        _ => Err(Error::InvalidArgument(format!(
+            "unknown device `{s}` (use cpu, cuda[:N] or metal[:N])"
+        ))),
+    }
+}

@@ -1,0 +1,154 @@
+//! Multi-head attention (self and cross) with additive masks.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use super::ops::softmax_last_dim;
+
+/// `softmax(q kᵀ · scale + bias) v` for `[batch, heads, len, head_dim]` inputs.
+///
+/// `bias` is additive and broadcast to `[batch, heads, q_len, k_len]`.
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let q = (q * scale)?;
+    let scores = q.matmul(&k.t()?)?;
+    let scores = match bias {
+        Some(b) => scores.broadcast_add(b)?,
+        None => scores,
+    };
+    let probs = softmax_last_dim(&scores)?;
+    probs.matmul(v)
+}
+
+/// The parameter names of an attention block, which differ between checkpoint families.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionNames {
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub out: &'static str,
+}
+
+impl AttentionNames {
+    /// HF CLIP / SigLIP names.
+    pub const CLIP: Self = Self {
+        q: "q_proj",
+        k: "k_proj",
+        v: "v_proj",
+        out: "out_proj",
+    };
+    /// HF BERT names (relative to `attention`).
+    pub const BERT: Self = Self {
+        q: "self.query",
+        k: "self.key",
+        v: "self.value",
+        out: "output.dense",
+    };
+}
+
+/// Multi-head attention with separate query, key, value and output projections.
+///
+/// Used as self-attention (`context = None`) or cross-attention (keys and values from
+/// `context`, whose width may differ from the query width).
+#[derive(Debug, Clone)]
+pub struct MultiHeadAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    num_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl MultiHeadAttention {
+    /// Builds from projections; `dim` is the query/output width.
+    pub fn from_parts(
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        out: Linear,
+        dim: usize,
+        num_heads: usize,
+    ) -> Result<Self> {
+        if num_heads == 0 || dim % num_heads != 0 {
+            candle_core::bail!("attention width {dim} is not divisible by {num_heads} heads")
+        }
+        let head_dim = dim / num_heads;
+        Ok(Self {
+            q,
+            k,
+            v,
+            out,
+            num_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    /// Loads separate projections named by `names`; `kv_dim` is the key/value input width.
+    pub fn new(
+        dim: usize,
+        kv_dim: usize,
+        num_heads: usize,
+        names: AttentionNames,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let q = candle_nn::linear(dim, dim, vb.pp(names.q))?;
+        let k = candle_nn::linear(kv_dim, dim, vb.pp(names.k))?;
+        let v = candle_nn::linear(kv_dim, dim, vb.pp(names.v))?;
+        let out = candle_nn::linear(dim, dim, vb.pp(names.out))?;
+        Self::from_parts(q, k, v, out, dim, num_heads)
+    }
+
+    /// Loads PyTorch `nn.MultiheadAttention` parameters: `in_proj_weight` `[3d, d]` and
+    /// `in_proj_bias` in q, k, v order, and `out_proj`.
+    pub fn new_packed(dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get((3 * dim, dim), "in_proj_weight")?;
+        let b = vb.get(3 * dim, "in_proj_bias")?;
+        let part = |i: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                w.narrow(0, i * dim, dim)?,
+                Some(b.narrow(0, i * dim, dim)?),
+            ))
+        };
+        let out = candle_nn::linear(dim, dim, vb.pp("out_proj"))?;
+        Self::from_parts(part(0)?, part(1)?, part(2)?, out, dim, num_heads)
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        x.reshape((b, l, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `x` is `[batch, q_len, dim]`; `context` (cross-attention) is `[batch, k_len, kv_dim]`;
+    /// `bias` is an additive mask broadcastable to `[batch, heads, q_len, k_len]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let kv = context.unwrap_or(x);
+        let q = self.split_heads(&self.q.forward(x)?)?;
+        let k = self.split_heads(&self.k.forward(kv)?)?;
+        let v = self.split_heads(&self.v.forward(kv)?)?;
+        let y = scaled_dot_product_attention(&q, &k, &v, bias, self.scale)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, l, self.num_heads * self.head_dim))?;
+        self.out.forward(&y)
+    }
+}

@@ -1,0 +1,14 @@
+//! Building blocks shared by every model, written once.
+//!
+//! Every op here is differentiable where it can take part in training: see [`ops`] for how
+//! the fused inference kernels are combined with composed, differentiable versions.
+
+pub mod attention;
+pub mod bert;
+pub mod ops;
+pub mod transformer;
+
+pub use attention::{scaled_dot_product_attention, AttentionNames, MultiHeadAttention};
+pub use bert::{Bert, BertConfig};
+pub use ops::{Activation, LayerNorm};
+pub use transformer::{LayerDims, Mlp, PostNormLayer, PreNormEncoder, PreNormLayer};

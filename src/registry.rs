@@ -1,0 +1,137 @@
+//! Presets for every published checkpoint, and [`load`], which opens a model by preset
+//! name or local path.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::models::siglip2::{self, SiglipConfig, SiglipEncoder};
+use crate::models::{DualEncoder, Family, LoadOptions};
+
+/// A published checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preset {
+    /// The name users pass to [`load`].
+    pub name: String,
+    pub family: Family,
+    /// The Hugging Face repository it is downloaded from.
+    pub repo: String,
+}
+
+/// Every preset the crate knows.
+pub fn presets() -> Vec<Preset> {
+    let mut out: Vec<Preset> = siglip2::PRESETS
+        .iter()
+        .map(|n| Preset {
+            name: n.to_string(),
+            family: if n.ends_with("naflex") {
+                Family::Siglip2Naflex
+            } else {
+                Family::Siglip
+            },
+            repo: format!("google/{n}"),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Finds a preset by name.
+pub fn preset(name: &str) -> Result<Preset> {
+    presets()
+        .into_iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| Error::UnknownPreset {
+            name: name.to_string(),
+            known: presets()
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Opens a model from a preset name (downloaded through the Hub cache) or a local
+/// directory or checkpoint file.
+pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return load_path(path, opts);
+    }
+    let p = preset(spec)?;
+    let dir = download_preset(&p)?;
+    load_path(&dir, opts)
+}
+
+/// Opens a model from a local directory.
+pub fn load_path(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
+    if path.is_dir() && path.join("config.json").exists() {
+        let model_type = read_model_type(&path.join("config.json"))?;
+        if model_type == "siglip" || model_type == "siglip2" {
+            return Ok(Box::new(SiglipEncoder::from_dir(path, opts)?));
+        }
+        return Err(Error::WrongFamily {
+            path: path.join("config.json"),
+            expected: "a supported model_type (siglip, siglip2)".into(),
+            found: format!("model_type `{model_type}`"),
+        });
+    }
+    Err(Error::Config(format!(
+        "{} is neither a preset name nor a model directory with a config.json",
+        path.display()
+    )))
+}
+
+fn read_model_type(path: &Path) -> Result<String> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&s).map_err(|e| Error::parse(path.display().to_string(), e))?;
+    Ok(v.get("model_type")
+        .and_then(|m| m.as_str())
+        .unwrap_or("")
+        .to_string())
+}
+
+/// Downloads (or finds in the cache) the files of a preset and returns the directory
+/// that holds them.
+#[cfg(feature = "hub")]
+pub fn download_preset(p: &Preset) -> Result<PathBuf> {
+    use crate::checkpoint::hub;
+    match p.family {
+        Family::Siglip | Family::Siglip2Naflex => {
+            let config = hub::fetch(&p.repo, "config.json", true)?;
+            if SiglipConfig::from_json_file(&config).is_err() {
+                return Err(Error::Config(format!(
+                    "{}: config.json is not a SigLIP config",
+                    p.repo
+                )));
+            }
+            hub::fetch(&p.repo, "tokenizer.json", true)?;
+            hub::fetch_optional(&p.repo, "preprocessor_config.json", false)?;
+            if hub::fetch_optional(&p.repo, "model.safetensors", true)?.is_none() {
+                let index = hub::fetch(&p.repo, "model.safetensors.index.json", false)?;
+                for shard in siglip2::safetensors_files(index.parent().unwrap_or(Path::new(".")))? {
+                    let name = shard
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default();
+                    hub::fetch(&p.repo, &name, true)?;
+                }
+            }
+            Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+        }
+        other => Err(Error::Config(format!(
+            "no download recipe for the {other} family"
+        ))),
+    }
+}
+
+/// Without the `hub` feature presets cannot be downloaded.
+#[cfg(not(feature = "hub"))]
+pub fn download_preset(p: &Preset) -> Result<PathBuf> {
+    Err(Error::Download {
+        repo: p.repo.clone(),
+        file: String::new(),
+        reason: "built without the `hub` feature; pass a local directory instead".into(),
+    })
+}

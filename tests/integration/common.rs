@@ -1,0 +1,78 @@
+//! Helpers shared by the integration tests.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// The repository root.
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The committed fixtures under `tests/fixtures/`.
+pub fn fixtures_dir() -> PathBuf {
+    repo_dir().join("tests").join("fixtures")
+}
+
+/// The shared data folder (`../shared` beside the checkout, or `TUWEN_SHARED`). Missing
+/// data fails the test: a test that skips cannot fail.
+pub fn shared_dir() -> PathBuf {
+    let dir = std::env::var_os("TUWEN_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("..").join("shared"));
+    assert!(
+        dir.join("fixtures").is_dir() && dir.join("data").is_dir(),
+        "shared fixtures not found at {} (set TUWEN_SHARED)",
+        dir.display()
+    );
+    dir
+}
+
+/// A path under the shared folder, which must exist.
+pub fn shared(rel: &str) -> PathBuf {
+    let p = shared_dir().join(rel);
+    assert!(p.exists(), "missing shared file {}", p.display());
+    p
+}
+
+/// A path under `tests/fixtures`, which must exist.
+pub fn fixture(rel: &str) -> PathBuf {
+    let p = fixtures_dir().join(rel);
+    assert!(p.exists(), "missing fixture {}", p.display());
+    p
+}
+
+/// Loads every tensor of a safetensors file onto the CPU.
+pub fn load_st(path: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+}
+
+/// Gets a tensor by name or fails naming it.
+pub fn get<'a>(m: &'a HashMap<String, Tensor>, k: &str) -> &'a Tensor {
+    m.get(k)
+        .unwrap_or_else(|| panic!("fixture has no tensor `{k}`"))
+}
+
+/// The largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Asserts `max |a − b| <= tol`, printing the error so logs show the parity figure.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    let d = max_abs_diff(a, b);
+    println!("parity {what}: max abs diff {d:.3e} (tolerance {tol:.0e})");
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+}
