@@ -76,6 +76,13 @@ pub trait DualEncoder: Send + Sync {
         })
     }
 
+    /// Cross-encoder image–text matching scores `[n_images, n_texts]` in `[0, 1]`, for
+    /// families that have a cross encoder (R2D2); `Ok(None)` for the others.
+    fn itm_scores(&self, images: &[ImageInput], texts: &[&str]) -> Result<Option<Tensor>> {
+        let _ = (images, texts);
+        Ok(None)
+    }
+
     /// Zero-shot classification: probabilities `[n_images, n_labels]` for `labels` filled
     /// into `template` (where `{}` stands for the label).
     fn classify(&self, images: &[ImageInput], labels: &[&str], template: &str) -> Result<Tensor> {
@@ -104,6 +111,10 @@ pub fn fill_template(template: &str, label: &str) -> String {
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
+    /// For region-based models (BriVL): when an image comes without boxes, use an N×N grid
+    /// of boxes plus the whole image (the Nature Communications model used 6). `None`
+    /// uses the model's own default.
+    pub box_grid: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -111,6 +122,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            box_grid: None,
         }
     }
 }
