@@ -483,3 +483,64 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A backend that hands out cheap broadcast zeros and records every requested name and
+/// shape, so that a full-size model's parameter list can be read without its weights.
+struct Recorder(Mutex<BTreeMap<String, Vec<usize>>>);
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(name.to_string(), s.dims().to_vec());
+        }
+        Tensor::zeros(1, dtype, dev)?
+            .reshape(vec![1; s.rank()])?
+            .broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape recorder cannot serve `{name}` without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Builds a model with `build` on a recording backend and returns every parameter name
+/// the model asked for, with its shape. No weight memory is allocated.
+pub fn parameter_shapes<T>(
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+) -> Result<BTreeMap<String, Vec<usize>>> {
+    let rec = Arc::new(Recorder(Mutex::new(BTreeMap::new())));
+    struct Shared(Arc<Recorder>);
+    impl SimpleBackend for Shared {
+        fn get(
+            &self,
+            s: Shape,
+            n: &str,
+            h: candle_nn::Init,
+            d: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0.get(s, n, h, d, dev)
+        }
+        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            self.0.get_unchecked(n, d, dev)
+        }
+        fn contains_tensor(&self, n: &str) -> bool {
+            self.0.contains_tensor(n)
+        }
+    }
+    let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
+    build(vb)?;
+    let map = rec.0.lock().map(|m| m.clone()).unwrap_or_default();
+    Ok(map)
+}

@@ -226,9 +226,6 @@ impl SiglipConfig {
             });
         }
         vision.image_size = res.parse().ok()?;
-        if vision.image_size % patch != 0 {
-            return None;
-        }
         Some(Self {
             model_type: "siglip".into(),
             text_config: text,
@@ -341,12 +338,8 @@ impl VisionTransformer {
             }
             cfg.num_patches
         } else {
-            if cfg.image_size % p != 0 {
-                candle_core::bail!(
-                    "image size {} is not a multiple of patch size {p}",
-                    cfg.image_size
-                )
-            }
+            // Like a stride-p conv, trailing pixels that do not fill a patch are dropped
+            // (so400m/14 at 384 px has 27x27 patches).
             (cfg.image_size / p).pow(2)
         };
         let dims = LayerDims {
@@ -389,6 +382,8 @@ impl VisionTransformer {
         }
         let (nh, nw) = (hgt / p, wid / p);
         let patches = pixel_values
+            .narrow(2, 0, nh * p)?
+            .narrow(3, 0, nw * p)?
             .to_dtype(weight.dtype())?
             .reshape((b, c, nh, p, nw, p))?
             .permute((0, 2, 4, 1, 3, 5))?

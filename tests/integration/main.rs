@@ -2,3 +2,6 @@
 //! bad inputs. One test binary keeps link time low.
 
 mod common;
+#[cfg(feature = "hub")]
+mod hub;
+mod siglip2;
