@@ -106,7 +106,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if tracks_grad(&[xs, &self.weight, &self.bias]) || !xs.is_contiguous() {
+        if tracks_grad(&[xs, &self.weight, &self.bias]) || !xs.is_contiguous() || xs.dtype() == DType::F64 {
             layer_norm_composed(xs, &self.weight, &self.bias, self.eps)
         } else {
             candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32)
@@ -192,4 +192,136 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = log_softmax_last_dim(logits)?;
     (logp * targets)?.sum(D::Minus1)?.mean_all()?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Checks the gradient of `f(x)·w` (w fixed random weights) against central finite
+    /// differences in f64.
+    fn check_grad(name: &str, x0: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(x0).unwrap();
+        let y = f(x.as_tensor()).unwrap();
+        let w = Tensor::randn(0f64, 1.0, y.dims(), &dev).unwrap();
+        let loss = (&y * &w).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient reached the input"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let flat = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eps = 1e-6;
+        let eval = |v: &[f64]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), x0.dims(), &dev).unwrap();
+            (f(&t).unwrap() * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let mut worst = 0f64;
+        for i in 0..flat.len() {
+            let mut p = flat.clone();
+            p[i] += eps;
+            let mut m = flat.clone();
+            m[i] -= eps;
+            let num = (eval(&p) - eval(&m)) / (2.0 * eps);
+            worst = worst.max((num - g[i]).abs() / (1.0 + num.abs()));
+        }
+        assert!(worst < 1e-6, "{name}: analytic and numeric gradients differ by {worst}");
+    }
+
+    fn input(shape: (usize, usize, usize)) -> Tensor {
+        Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn softmax_gradient_matches_finite_differences() {
+        check_grad("softmax", &input((2, 3, 5)), softmax_last_dim);
+        check_grad("log_softmax", &input((2, 3, 5)), log_softmax_last_dim);
+    }
+
+    #[test]
+    fn layer_norm_gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let w0 = Tensor::randn(1f64, 0.2, 6, &dev).unwrap();
+        let b0 = Tensor::randn(0f64, 0.2, 6, &dev).unwrap();
+        let x0 = input((2, 3, 6));
+        // With respect to the input...
+        let ln = LayerNorm::from_tensors(w0.clone(), b0.clone(), 1e-5);
+        check_grad("layer_norm dx", &x0, |x| ln.forward(x));
+        // ...and to the scale and shift.
+        check_grad("layer_norm dweight", &w0, |w| {
+            LayerNorm::from_tensors(w.clone(), b0.clone(), 1e-5).forward(&x0)
+        });
+        check_grad("layer_norm dbias", &b0, |b| {
+            LayerNorm::from_tensors(w0.clone(), b.clone(), 1e-5).forward(&x0)
+        });
+    }
+
+    #[test]
+    fn fused_and_composed_paths_agree() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4, 7, 16), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.2, 16, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.2, 16, &dev).unwrap();
+        let fused = LayerNorm::from_tensors(w.clone(), b.clone(), 1e-6).forward(&x).unwrap();
+        let composed = layer_norm_composed(&x, &w, &b, 1e-6).unwrap();
+        let d = (fused - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "layer norm paths differ by {d}");
+        let fused = softmax_last_dim(&x).unwrap();
+        let composed = softmax_composed(&x).unwrap();
+        let d = (fused - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "softmax paths differ by {d}");
+    }
+
+    #[test]
+    fn training_path_is_taken_when_tracking() {
+        // A Var input must produce a graph that reaches the weights: the fused kernels
+        // would silently return no gradient.
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::ones(8, DType::F32, &dev).unwrap()).unwrap();
+        let b = Var::zeros(8, DType::F32, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap();
+        let ln = LayerNorm::from_tensors(w.as_tensor().clone(), b.as_tensor().clone(), 1e-5);
+        let y = softmax_last_dim(&ln.forward(&x).unwrap()).unwrap();
+        let loss = y.narrow(1, 0, 1).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        for (n, v) in [("weight", &w), ("bias", &b)] {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {n}"));
+            let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(s > 0.0, "zero gradient for {n}");
+        }
+    }
+
+    #[test]
+    fn activations_and_log_sigmoid_gradients() {
+        for act in [Activation::Gelu, Activation::GeluPytorchTanh, Activation::QuickGelu, Activation::Silu] {
+            check_grad(&format!("{act:?}"), &input((2, 2, 4)), |x| act.apply(x));
+        }
+        check_grad("log_sigmoid", &input((2, 2, 4)), log_sigmoid);
+        check_grad("l2_normalize", &input((2, 2, 4)), l2_normalize);
+        // log σ(x) stays finite far from zero.
+        let x = Tensor::new(&[-200f32, -20.0, 0.0, 20.0, 200.0], &Device::Cpu).unwrap();
+        let v = log_sigmoid(&x).unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()));
+        assert!((v[0] + 200.0).abs() < 1e-3 && v[4].abs() < 1e-6);
+    }
+
+    #[test]
+    fn attention_gradient_matches_finite_differences() {
+        use crate::nn::attention::scaled_dot_product_attention;
+        let dev = Device::Cpu;
+        let k = Tensor::randn(0f64, 1.0, (1, 2, 5, 4), &dev).unwrap();
+        let v = Tensor::randn(0f64, 1.0, (1, 2, 5, 4), &dev).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 0, 0]], &dev).unwrap();
+        let bias = key_padding_bias(&mask, -1e4, DType::F64).unwrap();
+        let q0 = Tensor::randn(0f64, 1.0, (1, 2, 3, 4), &dev).unwrap();
+        let q3 = q0.reshape((2, 3, 4)).unwrap();
+        check_grad("attention dq", &q3, |q| {
+            scaled_dot_product_attention(&q.reshape((1, 2, 3, 4))?, &k, &v, Some(&bias), 0.5)
+        });
+    }
 }
