@@ -147,6 +147,37 @@ fn decode_bytes(bytes: &[u8], origin: &str) -> Result<DynamicImage> {
     })
 }
 
+/// Reads region boxes for one image from a JSON file: either a list of `[x1, y1, x2, y2]`
+/// or an object with a `bbox` list (the format of BriVL's example `jsonl` lines).
+pub fn boxes_from_json(path: &Path) -> Result<Vec<[f32; 4]>> {
+    let origin = path.display().to_string();
+    let s = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {origin}"), e))?;
+    let v: serde_json::Value = serde_json::from_str(&s).map_err(|e| Error::parse(&origin, e))?;
+    let list = match &v {
+        serde_json::Value::Array(_) => &v,
+        serde_json::Value::Object(o) => o
+            .get("bbox")
+            .ok_or_else(|| Error::parse(&origin, "object has no `bbox` field"))?,
+        _ => return Err(Error::parse(&origin, "expected a list of boxes or an object with `bbox`")),
+    };
+    let rows = list
+        .as_array()
+        .ok_or_else(|| Error::parse(&origin, "`bbox` is not a list"))?;
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let nums: Vec<f32> = r
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect())
+                .unwrap_or_default();
+            match nums.as_slice() {
+                [a, b, c, d] => Ok([*a, *b, *c, *d]),
+                _ => Err(Error::parse(&origin, format!("box {i} is not four numbers: {r}"))),
+            }
+        })
+        .collect()
+}
+
 /// Resampling filters, named as in PIL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -5,3 +5,4 @@ mod common;
 #[cfg(feature = "hub")]
 mod hub;
 mod siglip2;
+mod examples;
