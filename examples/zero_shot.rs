@@ -54,7 +54,9 @@ fn run(args: Args) -> tuwen::Result<()> {
         .filter(|s| !s.is_empty())
         .collect();
     if labels.is_empty() {
-        return Err(tuwen::Error::Text("no labels given (--labels a,b,c)".into()));
+        return Err(tuwen::Error::Text(
+            "no labels given (--labels a,b,c)".into(),
+        ));
     }
     if !args.boxes.is_empty() && args.boxes.len() != args.image.len() {
         return Err(tuwen::Error::InvalidArgument(format!(
@@ -83,7 +85,12 @@ fn run(args: Args) -> tuwen::Result<()> {
         Scoring::Sigmoid => "sigmoid probability",
         Scoring::Softmax => "softmax probability",
     };
-    println!("model: {} ({}), template: {:?}", args.model, model.family(), args.template);
+    println!(
+        "model: {} ({}), template: {:?}",
+        args.model,
+        model.family(),
+        args.template
+    );
     for (path, row) in args.image.iter().zip(probs) {
         let mut ranked: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -98,7 +105,10 @@ fn run(args: Args) -> tuwen::Result<()> {
 
 /// Pads to a display width, counting CJK characters as two columns.
 fn pad(s: &str, width: usize) -> String {
-    let w: usize = s.chars().map(|c| if (c as u32) >= 0x1100 { 2 } else { 1 }).sum();
+    let w: usize = s
+        .chars()
+        .map(|c| if (c as u32) >= 0x1100 { 2 } else { 1 })
+        .sum();
     format!("{s}{}", " ".repeat(width.saturating_sub(w)))
 }
 
@@ -111,4 +121,3 @@ fn main() -> ExitCode {
         }
     }
 }
-

@@ -544,3 +544,71 @@ pub fn parameter_shapes<T>(
     let map = rec.0.lock().map(|m| m.clone()).unwrap_or_default();
     Ok(map)
 }
+
+/// A backend that creates seeded random weights (normal, std 0.02; ones for norm scales)
+/// for benchmarks and tests that need a real-size model without a checkpoint.
+struct RandomInit {
+    seed: u64,
+    counter: Mutex<u64>,
+}
+
+impl SimpleBackend for RandomInit {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let n = {
+            let mut c = self
+                .counter
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+            *c += 1;
+            *c
+        };
+        let is_norm_scale =
+            (name.contains("norm") || name.contains("LayerNorm")) && name.ends_with("weight");
+        if is_norm_scale {
+            return Tensor::ones(s, dtype, dev);
+        }
+        // A cheap, seeded generator so that benches are reproducible.
+        let mut state = self.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let count = s.elem_count();
+        let mut data = Vec::with_capacity(count);
+        for _ in 0..count {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Uniform in [-1, 1) scaled to std 0.02.
+            let u = (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+            data.push((u * 0.02 * 3f64.sqrt()) as f32);
+        }
+        Tensor::from_vec(data, s, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random init cannot serve `{name}` without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// A var builder that fills every parameter with seeded random values (plain tensors,
+/// not trainable variables), for benchmarks at real sizes.
+pub fn random_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(RandomInit {
+            seed: seed.max(1),
+            counter: Mutex::new(0),
+        }),
+        dtype,
+        device.clone(),
+    )
+}

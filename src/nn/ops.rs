@@ -106,7 +106,10 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if tracks_grad(&[xs, &self.weight, &self.bias]) || !xs.is_contiguous() || xs.dtype() == DType::F64 {
+        if tracks_grad(&[xs, &self.weight, &self.bias])
+            || !xs.is_contiguous()
+            || xs.dtype() == DType::F64
+        {
             layer_norm_composed(xs, &self.weight, &self.bias, self.eps)
         } else {
             candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32)
@@ -219,7 +222,12 @@ mod tests {
         let eps = 1e-6;
         let eval = |v: &[f64]| -> f64 {
             let t = Tensor::from_vec(v.to_vec(), x0.dims(), &dev).unwrap();
-            (f(&t).unwrap() * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (f(&t).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let mut worst = 0f64;
         for i in 0..flat.len() {
@@ -230,7 +238,10 @@ mod tests {
             let num = (eval(&p) - eval(&m)) / (2.0 * eps);
             worst = worst.max((num - g[i]).abs() / (1.0 + num.abs()));
         }
-        assert!(worst < 1e-6, "{name}: analytic and numeric gradients differ by {worst}");
+        assert!(
+            worst < 1e-6,
+            "{name}: analytic and numeric gradients differ by {worst}"
+        );
     }
 
     fn input(shape: (usize, usize, usize)) -> Tensor {
@@ -267,13 +278,29 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (4, 7, 16), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.2, 16, &dev).unwrap();
         let b = Tensor::randn(0f32, 0.2, 16, &dev).unwrap();
-        let fused = LayerNorm::from_tensors(w.clone(), b.clone(), 1e-6).forward(&x).unwrap();
+        let fused = LayerNorm::from_tensors(w.clone(), b.clone(), 1e-6)
+            .forward(&x)
+            .unwrap();
         let composed = layer_norm_composed(&x, &w, &b, 1e-6).unwrap();
-        let d = (fused - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (fused - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-5, "layer norm paths differ by {d}");
         let fused = softmax_last_dim(&x).unwrap();
         let composed = softmax_composed(&x).unwrap();
-        let d = (fused - composed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (fused - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-6, "softmax paths differ by {d}");
     }
 
@@ -290,15 +317,28 @@ mod tests {
         let loss = y.narrow(1, 0, 1).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         for (n, v) in [("weight", &w), ("bias", &b)] {
-            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {n}"));
-            let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {n}"));
+            let s = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(s > 0.0, "zero gradient for {n}");
         }
     }
 
     #[test]
     fn activations_and_log_sigmoid_gradients() {
-        for act in [Activation::Gelu, Activation::GeluPytorchTanh, Activation::QuickGelu, Activation::Silu] {
+        for act in [
+            Activation::Gelu,
+            Activation::GeluPytorchTanh,
+            Activation::QuickGelu,
+            Activation::Silu,
+        ] {
             check_grad(&format!("{act:?}"), &input((2, 2, 4)), |x| act.apply(x));
         }
         check_grad("log_sigmoid", &input((2, 2, 4)), log_sigmoid);

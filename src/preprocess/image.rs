@@ -158,7 +158,12 @@ pub fn boxes_from_json(path: &Path) -> Result<Vec<[f32; 4]>> {
         serde_json::Value::Object(o) => o
             .get("bbox")
             .ok_or_else(|| Error::parse(&origin, "object has no `bbox` field"))?,
-        _ => return Err(Error::parse(&origin, "expected a list of boxes or an object with `bbox`")),
+        _ => {
+            return Err(Error::parse(
+                &origin,
+                "expected a list of boxes or an object with `bbox`",
+            ))
+        }
     };
     let rows = list
         .as_array()
@@ -168,11 +173,18 @@ pub fn boxes_from_json(path: &Path) -> Result<Vec<[f32; 4]>> {
         .map(|(i, r)| {
             let nums: Vec<f32> = r
                 .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64().map(|f| f as f32))
+                        .collect()
+                })
                 .unwrap_or_default();
             match nums.as_slice() {
                 [a, b, c, d] => Ok([*a, *b, *c, *d]),
-                _ => Err(Error::parse(&origin, format!("box {i} is not four numbers: {r}"))),
+                _ => Err(Error::parse(
+                    &origin,
+                    format!("box {i} is not four numbers: {r}"),
+                )),
             }
         })
         .collect()

@@ -17,9 +17,17 @@ fn example(name: &str) -> PathBuf {
 fn tiny_siglip_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture(&format!("siglip2/siglip_tiny/{f}")), dir.path().join(f)).unwrap();
+        std::fs::copy(
+            fixture(&format!("siglip2/siglip_tiny/{f}")),
+            dir.path().join(f),
+        )
+        .unwrap();
     }
-    std::fs::copy(fixture("siglip2/tokenizer/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        fixture("siglip2/tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
     dir
 }
 
@@ -33,11 +41,21 @@ fn zero_shot_prints_a_ranked_table() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for label in ["猫", "狗", "汽车", "sigmoid probability"] {
         assert!(stdout.contains(label), "missing {label} in\n{stdout}");
     }
-    assert_eq!(stdout.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).count(), 3);
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .count(),
+        3
+    );
 }
 
 #[test]
@@ -56,7 +74,9 @@ fn embed_writes_what_the_api_computes() {
     assert!(status.success());
     let written = load_st(&out_file);
     let model = tuwen::load(dir.path().to_str().unwrap(), &tuwen::LoadOptions::default()).unwrap();
-    let i = model.embed_images(&[tuwen::ImageInput::path(&img)]).unwrap();
+    let i = model
+        .embed_images(&[tuwen::ImageInput::path(&img)])
+        .unwrap();
     let t = model.embed_texts(&["乔丹投篮", "a dog"]).unwrap();
     assert_close("embed image_embeds", get(&written, "image_embeds"), &i, 0.0);
     assert_close("embed text_embeds", get(&written, "text_embeds"), &t, 0.0);
@@ -67,10 +87,18 @@ fn embed_writes_what_the_api_computes() {
 fn examples_fail_cleanly_on_bad_input() {
     let dir = tiny_siglip_dir();
     let out = Command::new(example("zero_shot"))
-        .args(["--model", dir.path().to_str().unwrap(), "--image", "/nonexistent.jpg"])
+        .args([
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--image",
+            "/nonexistent.jpg",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/nonexistent.jpg") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent.jpg") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }

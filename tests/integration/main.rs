@@ -2,7 +2,7 @@
 //! bad inputs. One test binary keeps link time low.
 
 mod common;
+mod examples;
 #[cfg(feature = "hub")]
 mod hub;
 mod siglip2;
-mod examples;
