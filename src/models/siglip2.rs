@@ -14,12 +14,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{LoadReport, Loader, TensorSource};
 use crate::error::{Error, Result};
 use crate::models::{DualEncoder, Family, LoadOptions, Scoring};
+use crate::nn::linear::{linear, Linear};
 use crate::nn::ops::{self, key_padding_bias, Activation, LayerNorm};
 use crate::nn::{LayerDims, Mlp, MultiHeadAttention, PreNormEncoder};
 use crate::preprocess::{
@@ -324,7 +325,7 @@ impl VisionTransformer {
         let (h, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let emb = vb.pp("embeddings");
         let patch = if naflex {
-            PatchEmbed::Linear(candle_nn::linear(c * p * p, h, emb.pp("patch_embedding"))?)
+            PatchEmbed::Linear(linear(c * p * p, h, emb.pp("patch_embedding"))?)
         } else {
             PatchEmbed::Conv {
                 weight: emb.get((h, c, p, p), "patch_embedding.weight")?,
@@ -534,7 +535,7 @@ impl TextTransformer {
             )?,
             encoder: PreNormEncoder::new(&dims, cfg.num_hidden_layers, vb.pp("encoder"))?,
             final_layer_norm: LayerNorm::new(h, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
-            head: candle_nn::linear(h, cfg.projection_size(), vb.pp("head"))?,
+            head: linear(h, cfg.projection_size(), vb.pp("head"))?,
             cfg: cfg.clone(),
         })
     }

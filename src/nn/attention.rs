@@ -1,7 +1,9 @@
 //! Multi-head attention (self and cross) with additive masks.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::{linear, Linear};
 
 use super::ops::softmax_last_dim;
 
@@ -99,10 +101,10 @@ impl MultiHeadAttention {
         names: AttentionNames,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let q = candle_nn::linear(dim, dim, vb.pp(names.q))?;
-        let k = candle_nn::linear(kv_dim, dim, vb.pp(names.k))?;
-        let v = candle_nn::linear(kv_dim, dim, vb.pp(names.v))?;
-        let out = candle_nn::linear(dim, dim, vb.pp(names.out))?;
+        let q = linear(dim, dim, vb.pp(names.q))?;
+        let k = linear(kv_dim, dim, vb.pp(names.k))?;
+        let v = linear(kv_dim, dim, vb.pp(names.v))?;
+        let out = linear(dim, dim, vb.pp(names.out))?;
         Self::from_parts(q, k, v, out, dim, num_heads)
     }
 
@@ -117,7 +119,7 @@ impl MultiHeadAttention {
                 Some(b.narrow(0, i * dim, dim)?),
             ))
         };
-        let out = candle_nn::linear(dim, dim, vb.pp("out_proj"))?;
+        let out = linear(dim, dim, vb.pp("out_proj"))?;
         Self::from_parts(part(0)?, part(1)?, part(2)?, out, dim, num_heads)
     }
 

@@ -5,10 +5,11 @@
 //! R2D2 joint layers do with `encoder_embeds`.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::attention::{AttentionNames, MultiHeadAttention};
+use super::linear::{linear, Linear};
 use super::ops::{key_padding_bias, Activation, LayerNorm};
 
 /// The mask value HF BERT (transformers 4.x at the time of these checkpoints) and BLIP add
@@ -186,12 +187,12 @@ impl BertLayer {
         Ok(Self {
             attention: BertAttention::new(cfg, cfg.hidden_size, vb.pp("attention"))?,
             cross,
-            intermediate: candle_nn::linear(
+            intermediate: linear(
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 vb.pp("intermediate").pp("dense"),
             )?,
-            output: candle_nn::linear(
+            output: linear(
                 cfg.intermediate_size,
                 cfg.hidden_size,
                 vb.pp("output").pp("dense"),

@@ -5,10 +5,12 @@
 
 pub mod attention;
 pub mod bert;
+pub mod linear;
 pub mod ops;
 pub mod transformer;
 
 pub use attention::{scaled_dot_product_attention, AttentionNames, MultiHeadAttention};
 pub use bert::{Bert, BertConfig};
+pub use linear::Linear;
 pub use ops::{Activation, LayerNorm};
 pub use transformer::{LayerDims, Mlp, PostNormLayer, PreNormEncoder, PreNormLayer};

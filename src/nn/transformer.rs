@@ -6,9 +6,10 @@
 //!   [`super::bert`].
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::attention::{AttentionNames, MultiHeadAttention};
+use super::linear::{linear, Linear};
 use super::ops::{Activation, LayerNorm};
 
 /// A two-layer MLP with an activation in between.
@@ -28,8 +29,8 @@ impl Mlp {
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(dim, hidden, vb.pp(names.0))?,
-            fc2: candle_nn::linear(hidden, dim, vb.pp(names.1))?,
+            fc1: linear(dim, hidden, vb.pp(names.0))?,
+            fc2: linear(hidden, dim, vb.pp(names.1))?,
             act,
         })
     }
@@ -140,8 +141,8 @@ impl PostNormLayer {
     pub fn new(d: &LayerDims, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             attn: MultiHeadAttention::new_packed(d.hidden, d.heads, vb.pp("self_attn"))?,
-            linear1: candle_nn::linear(d.hidden, d.intermediate, vb.pp("linear1"))?,
-            linear2: candle_nn::linear(d.intermediate, d.hidden, vb.pp("linear2"))?,
+            linear1: linear(d.hidden, d.intermediate, vb.pp("linear1"))?,
+            linear2: linear(d.intermediate, d.hidden, vb.pp("linear2"))?,
             norm1: LayerNorm::new(d.hidden, d.eps, vb.pp("norm1"))?,
             norm2: LayerNorm::new(d.hidden, d.eps, vb.pp("norm2"))?,
             act: d.act,

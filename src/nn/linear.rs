@@ -1,0 +1,69 @@
+//! A linear layer that runs as one 2-D matrix product.
+//!
+//! `candle_nn::Linear` multiplies a `[b, n, d]` input batch by batch; flattening the
+//! leading dimensions into one `[b·n, d]` product is about twice as fast on CPU and
+//! differentiable all the same (reshape, matmul and add all record a backward).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// `y = x Wᵀ + b` over the last dimension, with PyTorch's `weight` `[out, in]` layout.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl From<candle_nn::Linear> for Linear {
+    fn from(l: candle_nn::Linear) -> Self {
+        Self::new(l.weight().clone(), l.bias().cloned())
+    }
+}
+
+/// Loads `weight` `[out, in]` and `bias` `[out]`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(
+        vb.get((out_dim, in_dim), "weight")?,
+        Some(vb.get(out_dim, "bias")?),
+    ))
+}
+
+/// Loads `weight` `[out, in]` only.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = *dims
+            .last()
+            .ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        let w = self.weight.to_dtype(x.dtype())?;
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+        }
+        let mut out_shape = dims.to_vec();
+        if let Some(last) = out_shape.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        y.reshape(out_shape)
+    }
+}
