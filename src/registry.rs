@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::models::siglip2::{self, SiglipConfig, SiglipEncoder};
+use crate::models::siglip2::{self, SiglipEncoder};
 use crate::models::{DualEncoder, Family, LoadOptions};
 
 /// A published checkpoint.
@@ -100,7 +100,7 @@ pub fn download_preset(p: &Preset) -> Result<PathBuf> {
     match p.family {
         Family::Siglip | Family::Siglip2Naflex => {
             let config = hub::fetch(&p.repo, "config.json", true)?;
-            if SiglipConfig::from_json_file(&config).is_err() {
+            if siglip2::SiglipConfig::from_json_file(&config).is_err() {
                 return Err(Error::Config(format!(
                     "{}: config.json is not a SigLIP config",
                     p.repo
