@@ -1,4 +1,5 @@
 //! Integration tests: parity with the reference implementations, preprocessing, loading,
 //! bad inputs. One test binary keeps link time low.
 
+mod brivl;
 mod common;
