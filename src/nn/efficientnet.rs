@@ -23,10 +23,15 @@
 //!
 //! Depthwise convolutions are not sent to candle's grouped `conv2d`, which runs one
 //! convolution per channel: they are a sum of `k²` shifted, per-channel-scaled views of the
-//! padded input (differentiable, any device), with a direct multi-threaded kernel for `f32`
-//! on the CPU whose backward pass is the composed version's.
+//! padded input (differentiable, any device and dtype). For inference in `f32` on the CPU
+//! (no tensor tracking gradients) direct multi-threaded kernels take over: the depthwise
+//! convolution with its padding, BN shift and SiLU fused, and the BN shift plus SiLU applied
+//! in place after the 1×1 convolutions.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Module, Result, Shape,
+    Tensor, D,
+};
 use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -288,12 +293,17 @@ enum ConvKind {
 }
 
 /// A bias-free convolution, its BatchNorm, and optionally SiLU.
+///
+/// The BN's scale is folded into the convolution's weights and its shift becomes a bias:
+/// once at construction when nothing trains, on every forward otherwise (so that the conv
+/// weight and the BN weight and bias all get their gradients).
 #[derive(Debug, Clone)]
 struct ConvBn {
     weight: Tensor,
     bn: BatchNorm,
     kind: ConvKind,
     act: bool,
+    folded: Option<(Tensor, Tensor)>,
 }
 
 impl ConvBn {
@@ -317,47 +327,131 @@ impl ConvBn {
                 vb.get((out_chs, in_chs, kernel, kernel), &format!("{conv}.weight"))?
             }
         };
-        Ok(Self {
+        let mut this = Self {
             weight,
             bn: BatchNorm::new(out_chs, eps, vb.pp(bn))?,
             kind,
             act,
-        })
+            folded: None,
+        };
+        let frozen = ![&this.weight, &this.bn.weight, &this.bn.bias]
+            .iter()
+            .any(|t| t.track_op());
+        if frozen {
+            this.folded = Some(this.fold()?);
+        }
+        Ok(this)
+    }
+
+    /// The BN-scaled weights (`[out, in]`, `[out, k·k]` or `[out, in, k, k]`) and the shift.
+    fn fold(&self) -> Result<(Tensor, Tensor)> {
+        let (scale, shift) = self.bn.scale_shift()?;
+        let o = scale.dim(0)?;
+        let w = match self.kind {
+            ConvKind::Pointwise => self
+                .weight
+                .flatten_from(1)?
+                .broadcast_mul(&scale.unsqueeze(1)?)?,
+            ConvKind::Depthwise { kernel, .. } => self
+                .weight
+                .reshape((o, kernel * kernel))?
+                .broadcast_mul(&scale.unsqueeze(1)?)?,
+            ConvKind::Dense { .. } => self.weight.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?,
+        };
+        Ok((w, shift))
+    }
+
+    fn folded(&self) -> Result<(Tensor, Tensor)> {
+        match &self.folded {
+            Some(f) => Ok(f.clone()),
+            None => self.fold(),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (scale, shift) = self.bn.scale_shift()?;
-        let out_chs = scale.dim(0)?;
-        let y = match self.kind {
+        self.forward_with(x, None, None)
+    }
+
+    /// The convolution with, for 1×1 convolutions, a per-image channel gate `[b, in]`
+    /// applied to the input (squeeze-excitation) and a residual added to the output.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        gate: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (w, shift) = self.folded()?;
+        let out_chs = shift.dim(0)?;
+        let (b, c, h, wd) = x.dims4()?;
+        match self.kind {
             ConvKind::Pointwise => {
-                let (b, c, h, w) = x.dims4()?;
-                let wt = self
-                    .weight
-                    .reshape((out_chs, c))?
-                    .broadcast_mul(&scale.unsqueeze(1)?)?;
-                let y = wt
-                    .broadcast_matmul(&x.reshape((b, c, h * w))?)?
-                    .broadcast_add(&shift.unsqueeze(1)?)?;
-                y.reshape((b, out_chs, h, w))?
+                let xr = x.reshape((b, c, h * wd))?;
+                let y = match gate {
+                    None => w.broadcast_matmul(&xr)?,
+                    // Gate the weights when they are smaller than the activations.
+                    Some(g) if out_chs * c <= c * h * wd => w
+                        .unsqueeze(0)?
+                        .broadcast_mul(&g.unsqueeze(1)?)?
+                        .matmul(&xr)?,
+                    Some(g) => w.broadcast_matmul(&xr.broadcast_mul(&g.unsqueeze(2)?)?)?,
+                };
+                let residual = match residual {
+                    Some(r) => Some(r.reshape((b, out_chs, h * wd))?),
+                    None => None,
+                };
+                self.epilogue(y, &shift, residual.as_ref())?
+                    .reshape((b, out_chs, h, wd))
             }
             ConvKind::Depthwise { kernel, stride } => {
-                let wt = self
-                    .weight
-                    .reshape((out_chs, kernel * kernel))?
-                    .broadcast_mul(&scale.unsqueeze(1)?)?;
-                let xp = pad_same(x, kernel, stride)?;
-                depthwise_conv2d(&xp, &wt, kernel, stride)?
-                    .broadcast_add(&shift.reshape((1, out_chs, 1, 1))?)?
+                if gate.is_some() || residual.is_some() {
+                    candle_core::bail!("depthwise convolutions take no gate or residual")
+                }
+                if fast_cpu(&[x, &w, &shift]) {
+                    let (top, bottom) = same_padding(h, kernel, stride);
+                    let (left, right) = same_padding(wd, kernel, stride);
+                    let op = DepthwiseCpu {
+                        kernel,
+                        stride,
+                        pad: [top, bottom, left, right],
+                        act: self.act,
+                    };
+                    return x.contiguous()?.apply_op3_no_bwd(&w, &shift, &op);
+                }
+                let y =
+                    depthwise_conv2d_composed(&pad_same(x, kernel, stride)?, &w, kernel, stride)?;
+                self.epilogue(y, &shift, None)
             }
             ConvKind::Dense { kernel, stride } => {
-                let wt = self
-                    .weight
-                    .broadcast_mul(&scale.reshape((out_chs, 1, 1, 1))?)?;
-                let xp = pad_same(x, kernel, stride)?;
-                xp.conv2d(&wt, 0, stride, 1, 1)?
-                    .broadcast_add(&shift.reshape((1, out_chs, 1, 1))?)?
+                if gate.is_some() || residual.is_some() {
+                    candle_core::bail!("the stem convolution takes no gate or residual")
+                }
+                let y = pad_same(x, kernel, stride)?.conv2d(&w, 0, stride, 1, 1)?;
+                self.epilogue(y, &shift, None)
             }
-        };
+        }
+    }
+
+    /// `act(y + shift[c] (+ residual))` over channel dim 1: in place by the CPU kernels for
+    /// `f32` without gradients, composed otherwise.
+    fn epilogue(&self, y: Tensor, shift: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let op = BiasActCpu { act: self.act };
+        match residual {
+            None if fast_cpu(&[&y, shift]) && y.is_contiguous() => {
+                y.inplace_op2(shift, &op)?;
+                return Ok(y);
+            }
+            Some(r) if fast_cpu(&[&y, shift, r]) && y.is_contiguous() => {
+                y.inplace_op3(shift, &r.contiguous()?, &op)?;
+                return Ok(y);
+            }
+            _ => {}
+        }
+        let mut dims = vec![1usize; y.rank()];
+        dims[1] = shift.dim(0)?;
+        let mut y = y.broadcast_add(&shift.reshape(dims)?)?;
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
         if self.act {
             y.silu()
         } else {
@@ -366,11 +460,172 @@ impl ConvBn {
     }
 }
 
+/// Whether the direct CPU kernels apply: every tensor `f32` on the CPU, none tracking
+/// gradients.
+fn fast_cpu(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && !t.track_op())
+}
+
+/// `e^x` for `x` in f32 (Cephes' `expf`: about 1 ulp), written without branches or library
+/// calls so that loops over it vectorise.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // Round to nearest by adding and subtracting 1.5 · 2^23.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let p = p * r * r + r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + exp_f32(-v))
+}
+
+/// Whether the CPU has AVX2 and FMA: the kernels then run copies compiled for them
+/// (8-wide vectors, fused multiply-adds).
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `plane += residual; plane = act(plane + shift)`, compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bias_act_avx2(p: &mut [f32], res: Option<&[f32]>, sh: f32, act: bool) {
+    bias_act(p, res, sh, act)
+}
+
+#[inline(always)]
+fn bias_act(p: &mut [f32], res: Option<&[f32]>, sh: f32, act: bool) {
+    if let Some(r) = res {
+        p.iter_mut().zip(r.iter()).for_each(|(v, r)| *v += r);
+    }
+    bias_act_plane(p, sh, act)
+}
+
+fn bias_act_dispatch(p: &mut [f32], res: Option<&[f32]>, sh: f32, act: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { bias_act_avx2(p, res, sh, act) };
+    }
+    bias_act(p, res, sh, act)
+}
+
+#[inline(always)]
+fn bias_act_plane(p: &mut [f32], sh: f32, act: bool) {
+    if act {
+        p.iter_mut().for_each(|v| *v = silu(*v + sh));
+    } else if sh != 0.0 {
+        p.iter_mut().for_each(|v| *v += sh);
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: contiguous input only"),
+    }
+}
+
+/// In place `y = act(y + shift[c] + residual)` over `[b, c, ...]`, parallel over planes.
+struct BiasActCpu {
+    act: bool,
+}
+
+impl BiasActCpu {
+    fn run(
+        &self,
+        y: &mut CpuStorage,
+        l: &Layout,
+        shift: &[f32],
+        res: Option<&[f32]>,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let dims = l.dims();
+        let c = dims.get(1).copied().unwrap_or(1);
+        let plane: usize = dims.iter().skip(2).product();
+        let (Some((a, b)), CpuStorage::F32(y)) = (l.contiguous_offsets(), y) else {
+            candle_core::bail!("bias-act: contiguous f32 output only")
+        };
+        let y = &mut y[a..b];
+        if shift.len() != c || plane == 0 || res.is_some_and(|r| r.len() != y.len()) {
+            candle_core::bail!("bias-act: shapes do not fit {:?}", dims)
+        }
+        let act = self.act;
+        y.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
+            let r = res.map(|r| &r[i * plane..(i + 1) * plane]);
+            bias_act_dispatch(p, r, shift[i % c], act)
+        });
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for BiasActCpu {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let shift = contiguous_f32(s2, l2, "bias-act")?;
+        self.run(s1, l1, shift, None)
+    }
+}
+
+impl InplaceOp3 for BiasActCpu {
+    fn name(&self) -> &'static str {
+        "bias-residual-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let shift = contiguous_f32(s2, l2, "bias-act")?;
+        let res = contiguous_f32(s3, l3, "bias-act")?;
+        self.run(s1, l1, shift, Some(res))
+    }
+}
+
 /// Depthwise convolution without padding: `x` `[b, c, h, w]` (already padded), `weight`
-/// `[c, k·k]`, stride `s`; output `[b, c, (h − k)/s + 1, (w − k)/s + 1]`.
-///
-/// `f32` on the CPU without gradient tracking runs a direct kernel; everything else is the
-/// differentiable sum of shifted views.
+/// `[c, k·k]`, stride `s`; output `[b, c, (h − k)/s + 1, (w − k)/s + 1]`. Differentiable (a
+/// sum of `k²` shifted views scaled per channel); `f32` on the CPU without gradients runs
+/// the direct kernel.
 pub fn depthwise_conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -388,14 +643,16 @@ pub fn depthwise_conv2d(
     if h < kernel || w < kernel || stride == 0 {
         candle_core::bail!("depthwise input {h}x{w} is smaller than the kernel {kernel}")
     }
-    let fast = matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && !x.track_op()
-        && !weight.track_op();
-    if fast {
-        let op = DepthwiseCpu { kernel, stride };
-        x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+    if fast_cpu(&[x, weight]) {
+        let zeros = Tensor::zeros(c, DType::F32, &Device::Cpu)?;
+        let op = DepthwiseCpu {
+            kernel,
+            stride,
+            pad: [0; 4],
+            act: false,
+        };
+        x.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &zeros, &op)
     } else {
         depthwise_conv2d_composed(x, weight, kernel, stride)
     }
@@ -454,13 +711,106 @@ pub fn depthwise_conv2d_composed(
     acc.ok_or_else(|| candle_core::Error::Msg("depthwise kernel of size 0".into()))
 }
 
-/// The direct CPU kernel for [`depthwise_conv2d`] (`f32`, contiguous, no padding).
+/// The direct CPU kernel: a depthwise convolution with zero padding `[top, bottom, left,
+/// right]`, then `act(y + shift[c])`; parallel over the `b·c` planes. Strided rows are split
+/// into phases first so that every tap is a contiguous multiply-add.
 struct DepthwiseCpu {
     kernel: usize,
     stride: usize,
+    pad: [usize; 4],
+    act: bool,
 }
 
-impl CustomOp2 for DepthwiseCpu {
+/// The geometry of one depthwise plane.
+#[derive(Clone, Copy)]
+struct DwGeom {
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    k: usize,
+    s: usize,
+    pt: usize,
+    pl: usize,
+}
+
+/// [`dw_plane`] compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_plane_avx2(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool) {
+    dw_plane(g, src, taps, o, sh, act, true)
+}
+
+#[inline(always)]
+fn dw_plane(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool, fma: bool) {
+    let DwGeom {
+        h,
+        w,
+        ho,
+        wo,
+        k,
+        s,
+        pt,
+        pl,
+    } = g;
+    // Phase p of a row holds its columns p, p + s, p + 2s, ...
+    let phase_len = |p: usize| (w + s - 1 - p.min(w)) / s;
+    let phased: Vec<Vec<f32>> = if s == 1 {
+        Vec::new()
+    } else {
+        (0..s)
+            .map(|p| {
+                let mut v = Vec::with_capacity(h * phase_len(p));
+                for row in src.chunks_exact(w) {
+                    v.extend(row.iter().skip(p).step_by(s));
+                }
+                v
+            })
+            .collect()
+    };
+    for oy in 0..ho {
+        let orow = &mut o[oy * wo..(oy + 1) * wo];
+        for dy in 0..k {
+            let iy = (oy * s + dy) as isize - pt as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            let iy = iy as usize;
+            for dx in 0..k {
+                let t = taps[dy * k + dx];
+                let off = dx as isize - pl as isize;
+                let p = off.rem_euclid(s as isize);
+                let q = (off - p) / s as isize;
+                let (row, len): (&[f32], usize) = if s == 1 {
+                    (&src[iy * w..(iy + 1) * w], w)
+                } else {
+                    let len = phase_len(p as usize);
+                    (&phased[p as usize][iy * len..(iy + 1) * len], len)
+                };
+                let lo = (-q).max(0) as usize;
+                let hi = (len as isize - q).clamp(0, wo as isize) as usize;
+                if lo >= hi {
+                    continue;
+                }
+                let start = (lo as isize + q) as usize;
+                let dst = &mut orow[lo..hi];
+                let src = &row[start..start + (hi - lo)];
+                if fma {
+                    dst.iter_mut()
+                        .zip(src.iter())
+                        .for_each(|(d, v)| *d = t.mul_add(*v, *d));
+                } else {
+                    dst.iter_mut()
+                        .zip(src.iter())
+                        .for_each(|(d, v)| *d += t * v);
+                }
+            }
+        }
+        bias_act_plane(orow, sh, act);
+    }
+}
+
+impl CustomOp3 for DepthwiseCpu {
     fn name(&self) -> &'static str {
         "depthwise-conv2d"
     }
@@ -471,52 +821,54 @@ impl CustomOp2 for DepthwiseCpu {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (CpuStorage::F32(x), CpuStorage::F32(wt)) = (s1, s2) else {
-            candle_core::bail!("depthwise-conv2d: f32 only")
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("depthwise-conv2d: contiguous inputs only")
-        };
-        let x = &x[x0..x1];
-        let wt = &wt[w0..w1];
+        let x = contiguous_f32(s1, l1, "depthwise-conv2d")?;
+        let wt = contiguous_f32(s2, l2, "depthwise-conv2d")?;
+        let shift = contiguous_f32(s3, l3, "depthwise-conv2d")?;
         let (b, c, h, w) = l1.shape().dims4()?;
         let (k, s) = (self.kernel, self.stride);
-        let ho = (h - k) / s + 1;
-        let wo = (w - k) / s + 1;
-        let mut out = vec![0f32; b * c * ho * wo];
-        out.par_chunks_mut(ho * wo)
+        let [pt, pb, pl, pr] = self.pad;
+        if h + pt + pb < k || w + pl + pr < k || s == 0 {
+            candle_core::bail!("depthwise-conv2d: input {h}x{w} smaller than kernel {k}")
+        }
+        if wt.len() != c * k * k || shift.len() != c {
+            candle_core::bail!("depthwise-conv2d: weights do not fit {c} channels")
+        }
+        let g = DwGeom {
+            h,
+            w,
+            ho: (h + pt + pb - k) / s + 1,
+            wo: (w + pl + pr - k) / s + 1,
+            k,
+            s,
+            pt,
+            pl,
+        };
+        let act = self.act;
+        let mut out = vec![0f32; b * c * g.ho * g.wo];
+        out.par_chunks_mut(g.ho * g.wo)
             .enumerate()
             .for_each(|(plane, o)| {
                 let ch = plane % c;
                 let src = &x[plane * h * w..(plane + 1) * h * w];
                 let taps = &wt[ch * k * k..(ch + 1) * k * k];
-                for dy in 0..k {
-                    for dx in 0..k {
-                        let t = taps[dy * k + dx];
-                        for oy in 0..ho {
-                            let row = &src[(oy * s + dy) * w + dx..];
-                            let dst = &mut o[oy * wo..(oy + 1) * wo];
-                            if s == 1 {
-                                for (d, v) in dst.iter_mut().zip(row[..wo].iter()) {
-                                    *d += t * v;
-                                }
-                            } else {
-                                for (ox, d) in dst.iter_mut().enumerate() {
-                                    *d += t * row[ox * s];
-                                }
-                            }
-                        }
-                    }
+                #[cfg(target_arch = "x86_64")]
+                if avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    unsafe { dw_plane_avx2(g, src, taps, o, shift[ch], act) };
+                    return;
                 }
+                dw_plane(g, src, taps, o, shift[ch], act, false);
             });
-        Ok((CpuStorage::F32(out), Shape::from((b, c, ho, wo))))
+        Ok((CpuStorage::F32(out), Shape::from((b, c, g.ho, g.wo))))
     }
 }
 
-/// Squeeze-excitation: `x · sigmoid(expand(silu(reduce(mean_hw(x)))))`.
+/// Squeeze-excitation's gate `sigmoid(expand(silu(reduce(mean_hw(x)))))`, `[b, c]`; the
+/// block multiplies it into the next 1×1 convolution.
 #[derive(Debug, Clone)]
 struct SqueezeExcite {
     reduce: Linear,
@@ -538,12 +890,10 @@ impl SqueezeExcite {
         Ok(Self { reduce, expand })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, _, _) = x.dims4()?;
+    fn gate(&self, x: &Tensor) -> Result<Tensor> {
         let s = x.flatten_from(2)?.mean(D::Minus1)?;
         let s = self.reduce.forward(&s)?.silu()?;
-        let gate = crate::nn::ops::sigmoid(&self.expand.forward(&s)?)?;
-        x.broadcast_mul(&gate.reshape((b, c, 1, 1))?)
+        crate::nn::ops::sigmoid(&self.expand.forward(&s)?)
     }
 }
 
@@ -563,6 +913,7 @@ impl Block {
             kernel: spec.kernel,
             stride: spec.stride,
         };
+        let pw = ConvKind::Pointwise;
         let (conv_pw, conv_dw, conv_out) = match spec.kind {
             BlockKind::DepthwiseSeparable => (
                 None,
@@ -579,7 +930,7 @@ impl Block {
                 ConvBn::new(
                     spec.in_chs,
                     spec.out_chs,
-                    ConvKind::Pointwise,
+                    pw,
                     false,
                     eps,
                     "conv_pw",
@@ -591,7 +942,7 @@ impl Block {
                 Some(ConvBn::new(
                     spec.in_chs,
                     spec.mid_chs,
-                    ConvKind::Pointwise,
+                    pw,
                     true,
                     eps,
                     "conv_pw",
@@ -611,7 +962,7 @@ impl Block {
                 ConvBn::new(
                     spec.mid_chs,
                     spec.out_chs,
-                    ConvKind::Pointwise,
+                    pw,
                     false,
                     eps,
                     "conv_pwl",
@@ -636,17 +987,14 @@ impl Block {
 
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = match &self.conv_pw {
+        let y = match &self.conv_pw {
             Some(pw) => pw.forward(x)?,
             None => x.clone(),
         };
-        y = self.conv_dw.forward(&y)?;
-        y = self.se.forward(&y)?;
-        y = self.conv_out.forward(&y)?;
-        if self.spec.has_skip {
-            y = (y + x)?;
-        }
-        Ok(y)
+        let y = self.conv_dw.forward(&y)?;
+        let gate = self.se.gate(&y)?;
+        let residual = self.spec.has_skip.then_some(x);
+        self.conv_out.forward_with(&y, Some(&gate), residual)
     }
 }
 
@@ -803,6 +1151,40 @@ mod tests {
         assert_eq!(same_padding(90, 3, 2), (0, 1));
         assert_eq!(same_padding(96, 5, 2), (1, 2));
         assert_eq!(same_padding(10, 5, 1), (2, 2));
+    }
+
+    #[test]
+    fn fused_depthwise_matches_composed() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, s, h, w) in [(3, 1, 7, 9), (5, 2, 11, 8), (3, 2, 6, 7), (5, 2, 2, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (3, k * k), &dev)?;
+            let shift = Tensor::randn(0f32, 1.0, 3, &dev)?;
+            let (t, b) = same_padding(h, k, s);
+            let (l, r) = same_padding(w, k, s);
+            for act in [false, true] {
+                let op = DepthwiseCpu {
+                    kernel: k,
+                    stride: s,
+                    pad: [t, b, l, r],
+                    act,
+                };
+                let fast = x.apply_op3_no_bwd(&wt, &shift, &op)?;
+                let mut slow = depthwise_conv2d_composed(&pad_same(&x, k, s)?, &wt, k, s)?
+                    .broadcast_add(&shift.reshape((1, 3, 1, 1))?)?;
+                if act {
+                    slow = slow.silu()?;
+                }
+                assert_eq!(fast.dims(), slow.dims());
+                let d = (fast - slow)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(d < 1e-5, "k{k} s{s} {h}x{w} act {act}: {d}");
+            }
+        }
+        Ok(())
     }
 
     #[test]
