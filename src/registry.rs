@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::models::brivl::{self, BrivlEncoder};
 use crate::models::siglip2::{self, SiglipEncoder};
 use crate::models::{DualEncoder, Family, LoadOptions};
 
@@ -31,6 +32,12 @@ pub fn presets() -> Vec<Preset> {
             repo: format!("google/{n}"),
         })
         .collect();
+    out.extend(brivl::PRESETS.iter().map(|p| Preset {
+        name: p.name.to_string(),
+        family: Family::Brivl,
+        // Empty when there is no Hub mirror (see `brivl::PRESETS` for where it comes from).
+        repo: p.hub.map(|(repo, _)| repo.to_string()).unwrap_or_default(),
+    }));
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
@@ -58,12 +65,21 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
         return load_path(path, opts);
     }
     let p = preset(spec)?;
+    if p.family == Family::Brivl {
+        // The weights (a .pth) and the tokenizer live in different repositories.
+        return Ok(Box::new(BrivlEncoder::from_preset(&p.name, opts)?));
+    }
     let dir = download_preset(&p)?;
     load_path(&dir, opts)
 }
 
-/// Opens a model from a local directory.
+/// Opens a model from a local directory, or a checkpoint file of a family that can be
+/// recognised by its tensor names (BriVL: a `.pth` with `learnable`, or a `.safetensors`
+/// with `imgencoder.*` tensors).
 pub fn load_path(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
+    if brivl::is_brivl_path(path) {
+        return Ok(Box::new(BrivlEncoder::from_path(path, opts)?));
+    }
     if path.is_dir() && path.join("config.json").exists() {
         let model_type = read_model_type(&path.join("config.json"))?;
         if model_type == "siglip" || model_type == "siglip2" {

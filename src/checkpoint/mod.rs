@@ -10,6 +10,7 @@
 //! * [`save_safetensors`] writes atomically (temporary file, fsync, rename), so an
 //!   interrupted save never damages the previous file.
 
+pub mod convert;
 #[cfg(feature = "hub")]
 pub mod hub;
 

@@ -5,6 +5,8 @@
 
 pub mod attention;
 pub mod bert;
+pub mod efficientnet;
+pub mod grid_sample;
 pub mod linear;
 pub mod ops;
 pub mod transformer;

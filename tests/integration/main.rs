@@ -1,6 +1,7 @@
 //! Integration tests: parity with the reference implementations, preprocessing, loading,
 //! bad inputs. One test binary keeps link time low.
 
+mod brivl;
 mod common;
 mod examples;
 #[cfg(feature = "hub")]

@@ -1,0 +1,1211 @@
+//! timm's TensorFlow-ported EfficientNets (`tf_efficientnet_b0` … `b8`, `l2`, and the `_ns` /
+//! `_ap` weights of the same shapes), built from **one** architecture definition (b0's) scaled
+//! by a channel and a depth multiplier, with timm's parameter names.
+//!
+//! What makes the `tf_` variants differ from timm's own EfficientNets, and what this port
+//! reproduces:
+//!
+//! * **TF "same" padding.** A stride-2 convolution pads dynamically and asymmetrically, as
+//!   timm's `Conv2dSame`: per axis `pad = max((⌈i/s⌉ − 1)·s + (k − 1) + 1 − i, 0)`, split
+//!   `pad / 2` before and the rest after. A stride-1 convolution pads `(k − 1) / 2` on each
+//!   side (timm makes it a plain `Conv2d` with static padding, which is the same thing for the
+//!   odd kernels used here).
+//! * **BatchNorm eps 1e-3**, in inference mode: `y = (x − running_mean) / √(running_var + eps) ·
+//!   weight + bias`. The running statistics are constants (detached); `weight` and `bias`
+//!   stay parameters, so the blocks can be fine-tuned (BriVL trains `blocks.3`–`blocks.6`).
+//!   The per-channel scale is folded into the preceding convolution's weights on every
+//!   forward, which is exact up to rounding and keeps gradients for both.
+//! * SiLU everywhere, squeeze-excitation with `round(0.25 · block input channels)` reduced
+//!   channels, a residual only when the stride is 1 and the width does not change.
+//!
+//! Channel rounding is timm's `round_channels`: `make_divisible(c · multiplier, 8)` with the
+//! 0.9 rule; depth is `⌈repeats · depth_multiplier⌉` per stage.
+//!
+//! Depthwise convolutions are not sent to candle's grouped `conv2d`, which runs one
+//! convolution per channel: they are a sum of `k²` shifted, per-channel-scaled views of the
+//! padded input (differentiable, any device and dtype). For inference in `f32` on the CPU
+//! (no tensor tracking gradients) direct multi-threaded kernels take over: the depthwise
+//! convolution with its padding, BN shift and SiLU fused, and the BN shift plus SiLU applied
+//! in place after the 1×1 convolutions.
+
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Module, Result, Shape,
+    Tensor, D,
+};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// The b0 architecture every `tf_efficientnet_bN` scales: per stage the block kind, repeats,
+/// kernel, stride, expansion ratio and output channels (squeeze-excitation 0.25 throughout).
+const ARCH_B0: [(BlockKind, usize, usize, usize, usize, usize); 7] = [
+    (BlockKind::DepthwiseSeparable, 1, 3, 1, 1, 16),
+    (BlockKind::InvertedResidual, 2, 3, 2, 6, 24),
+    (BlockKind::InvertedResidual, 2, 5, 2, 6, 40),
+    (BlockKind::InvertedResidual, 3, 3, 2, 6, 80),
+    (BlockKind::InvertedResidual, 3, 5, 1, 6, 112),
+    (BlockKind::InvertedResidual, 4, 5, 2, 6, 192),
+    (BlockKind::InvertedResidual, 1, 3, 1, 6, 320),
+];
+const STEM_BASE: usize = 32;
+const FEATURES_BASE: usize = 1280;
+const SE_RATIO: f64 = 0.25;
+const CHANNEL_DIVISOR: usize = 8;
+
+/// timm's `make_divisible`: round `v` to a multiple of `divisor` (at least `divisor`), going
+/// up one step when rounding would lose more than 10%.
+pub fn make_divisible(v: f64, divisor: usize) -> usize {
+    let d = divisor as f64;
+    let mut new_v = (((v + d / 2.0).trunc() / d).floor() * d).max(d);
+    if new_v < 0.9 * v {
+        new_v += d;
+    }
+    new_v as usize
+}
+
+/// timm's `round_channels` for a channel multiplier (a zero multiplier keeps the channels).
+pub fn round_channels(channels: usize, multiplier: f64) -> usize {
+    if multiplier == 0.0 {
+        return channels;
+    }
+    make_divisible(channels as f64 * multiplier, CHANNEL_DIVISOR)
+}
+
+fn default_bn_eps() -> f64 {
+    1e-3
+}
+
+/// The two multipliers that pick an EfficientNet out of the b0 definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EfficientNetConfig {
+    pub channel_multiplier: f64,
+    pub depth_multiplier: f64,
+    /// BatchNorm epsilon: 1e-3 for the TF ports.
+    #[serde(default = "default_bn_eps")]
+    pub bn_eps: f64,
+    /// The width of the features, if the writer of the config stated it; it is derived from
+    /// the channel multiplier and checked against this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_features: Option<usize>,
+}
+
+/// The kind of an EfficientNet block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// `conv_dw, bn1, se, conv_pw, bn2` (timm `DepthwiseSeparableConv`, stage 0).
+    DepthwiseSeparable,
+    /// `conv_pw, bn1, conv_dw, bn2, se, conv_pwl, bn3` (timm `InvertedResidual`).
+    InvertedResidual,
+}
+
+/// The derived shape of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSpec {
+    pub kind: BlockKind,
+    pub in_chs: usize,
+    /// Width of the depthwise convolution (`in_chs` for depthwise-separable blocks).
+    pub mid_chs: usize,
+    pub out_chs: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub se_chs: usize,
+    pub has_skip: bool,
+}
+
+impl EfficientNetConfig {
+    /// Multipliers of the timm `tf_efficientnet_*` models (`_ns` and `_ap` weights share the
+    /// shapes of the plain ones), e.g. `tf_efficientnet_b5_ns`.
+    pub fn tf_variant(name: &str) -> Option<Self> {
+        let base = name.strip_prefix("tf_efficientnet_")?;
+        let base = base
+            .strip_suffix("_ns")
+            .or_else(|| base.strip_suffix("_ap"))
+            .unwrap_or(base);
+        let (c, d) = match base {
+            "b0" => (1.0, 1.0),
+            "b1" => (1.0, 1.1),
+            "b2" => (1.1, 1.2),
+            "b3" => (1.2, 1.4),
+            "b4" => (1.4, 1.8),
+            "b5" => (1.6, 2.2),
+            "b6" => (1.8, 2.6),
+            "b7" => (2.0, 3.1),
+            "b8" => (2.2, 3.6),
+            "l2" => (4.3, 5.3),
+            _ => return None,
+        };
+        Some(Self {
+            channel_multiplier: c,
+            depth_multiplier: d,
+            bn_eps: 1e-3,
+            num_features: None,
+        })
+    }
+
+    /// Output channels of the stem.
+    pub fn stem_channels(&self) -> usize {
+        round_channels(STEM_BASE, self.channel_multiplier)
+    }
+
+    /// Width of `forward_features`' output (`conv_head`).
+    pub fn feature_channels(&self) -> usize {
+        round_channels(FEATURES_BASE, self.channel_multiplier)
+    }
+
+    /// Every block's shape, stage by stage.
+    pub fn stages(&self) -> Vec<Vec<BlockSpec>> {
+        let mut in_chs = self.stem_channels();
+        let mut stages = Vec::with_capacity(ARCH_B0.len());
+        for &(kind, repeats, kernel, stride, exp, chs) in &ARCH_B0 {
+            let n = (repeats as f64 * self.depth_multiplier).ceil().max(1.0) as usize;
+            let out_chs = round_channels(chs, self.channel_multiplier);
+            let mut blocks = Vec::with_capacity(n);
+            for i in 0..n {
+                let stride = if i == 0 { stride } else { 1 };
+                let (mid_chs, se_chs) = match kind {
+                    BlockKind::DepthwiseSeparable => (
+                        in_chs,
+                        (in_chs as f64 * SE_RATIO).round_ties_even() as usize,
+                    ),
+                    BlockKind::InvertedResidual => {
+                        let mid = make_divisible(in_chs as f64 * exp as f64, CHANNEL_DIVISOR);
+                        // timm: SE on mid channels with ratio 0.25 / exp_ratio.
+                        (
+                            mid,
+                            (mid as f64 * (SE_RATIO / exp as f64)).round_ties_even() as usize,
+                        )
+                    }
+                };
+                blocks.push(BlockSpec {
+                    kind,
+                    in_chs,
+                    mid_chs,
+                    out_chs,
+                    kernel,
+                    stride,
+                    se_chs: se_chs.max(1),
+                    has_skip: stride == 1 && in_chs == out_chs,
+                });
+                in_chs = out_chs;
+            }
+            stages.push(blocks);
+        }
+        stages
+    }
+
+    /// Checks the multipliers and a stated `num_features`.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.channel_multiplier > 0.0 && self.channel_multiplier.is_finite()) {
+            return Err(format!(
+                "EfficientNet channel multiplier {} must be positive",
+                self.channel_multiplier
+            ));
+        }
+        if !(self.depth_multiplier > 0.0 && self.depth_multiplier.is_finite()) {
+            return Err(format!(
+                "EfficientNet depth multiplier {} must be positive",
+                self.depth_multiplier
+            ));
+        }
+        if let Some(n) = self.num_features {
+            if n != self.feature_channels() {
+                return Err(format!(
+                    "EfficientNet num_features {n} does not match the channel multiplier {} \
+                     (which gives {})",
+                    self.channel_multiplier,
+                    self.feature_channels()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Padding `(before, after)` of TF "same" for one axis.
+pub fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    if stride == 1 {
+        // timm's static padding for stride-1 convolutions.
+        let p = (kernel - 1) / 2;
+        return (p, kernel - 1 - p);
+    }
+    let out = size.div_ceil(stride);
+    let total = ((out.saturating_sub(1)) * stride + kernel).saturating_sub(size);
+    (total / 2, total - total / 2)
+}
+
+/// Zero-pads a `[b, c, h, w]` tensor for a TF "same" convolution.
+pub fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (top, bottom) = same_padding(h, kernel, stride);
+    let (left, right) = same_padding(w, kernel, stride);
+    x.pad_with_zeros(2, top, bottom)?
+        .pad_with_zeros(3, left, right)
+}
+
+/// Inference-mode BatchNorm with trainable affine parameters and constant statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: f64,
+}
+
+impl BatchNorm {
+    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            running_mean: vb.get(channels, "running_mean")?,
+            running_var: vb.get(channels, "running_var")?,
+            eps,
+        })
+    }
+
+    /// The BN as a per-channel affine map `x · scale + shift` (both `[c]`).
+    pub fn scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let var = self.running_var.detach();
+        let mean = self.running_mean.detach();
+        let scale = self.weight.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let shift = (&self.bias - mean.mul(&scale)?)?;
+        Ok((scale, shift))
+    }
+}
+
+impl Module for BatchNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (scale, shift) = self.scale_shift()?;
+        let c = scale.dim(0)?;
+        x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&shift.reshape((1, c, 1, 1))?)
+    }
+}
+
+/// How a [`ConvBn`] convolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConvKind {
+    /// 1×1, stride 1, a matrix product.
+    Pointwise,
+    /// One `k×k` filter per channel.
+    Depthwise { kernel: usize, stride: usize },
+    /// A dense `k×k` convolution (the stem).
+    Dense { kernel: usize, stride: usize },
+}
+
+/// A bias-free convolution, its BatchNorm, and optionally SiLU.
+///
+/// The BN's scale is folded into the convolution's weights and its shift becomes a bias:
+/// once at construction when nothing trains, on every forward otherwise (so that the conv
+/// weight and the BN weight and bias all get their gradients).
+#[derive(Debug, Clone)]
+struct ConvBn {
+    weight: Tensor,
+    bn: BatchNorm,
+    kind: ConvKind,
+    act: bool,
+    folded: Option<(Tensor, Tensor)>,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        in_chs: usize,
+        out_chs: usize,
+        kind: ConvKind,
+        act: bool,
+        eps: f64,
+        conv: &str,
+        bn: &str,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let weight = match kind {
+            ConvKind::Pointwise => vb.get((out_chs, in_chs, 1, 1), &format!("{conv}.weight"))?,
+            ConvKind::Depthwise { kernel, .. } => {
+                vb.get((out_chs, 1, kernel, kernel), &format!("{conv}.weight"))?
+            }
+            ConvKind::Dense { kernel, .. } => {
+                vb.get((out_chs, in_chs, kernel, kernel), &format!("{conv}.weight"))?
+            }
+        };
+        let mut this = Self {
+            weight,
+            bn: BatchNorm::new(out_chs, eps, vb.pp(bn))?,
+            kind,
+            act,
+            folded: None,
+        };
+        let frozen = ![&this.weight, &this.bn.weight, &this.bn.bias]
+            .iter()
+            .any(|t| t.track_op());
+        if frozen {
+            this.folded = Some(this.fold()?);
+        }
+        Ok(this)
+    }
+
+    /// The BN-scaled weights (`[out, in]`, `[out, k·k]` or `[out, in, k, k]`) and the shift.
+    fn fold(&self) -> Result<(Tensor, Tensor)> {
+        let (scale, shift) = self.bn.scale_shift()?;
+        let o = scale.dim(0)?;
+        let w = match self.kind {
+            ConvKind::Pointwise => self
+                .weight
+                .flatten_from(1)?
+                .broadcast_mul(&scale.unsqueeze(1)?)?,
+            ConvKind::Depthwise { kernel, .. } => self
+                .weight
+                .reshape((o, kernel * kernel))?
+                .broadcast_mul(&scale.unsqueeze(1)?)?,
+            ConvKind::Dense { .. } => self.weight.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?,
+        };
+        Ok((w, shift))
+    }
+
+    fn folded(&self) -> Result<(Tensor, Tensor)> {
+        match &self.folded {
+            Some(f) => Ok(f.clone()),
+            None => self.fold(),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None, None)
+    }
+
+    /// The convolution with, for 1×1 convolutions, a per-image channel gate `[b, in]`
+    /// applied to the input (squeeze-excitation) and a residual added to the output.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        gate: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (w, shift) = self.folded()?;
+        let out_chs = shift.dim(0)?;
+        let (b, c, h, wd) = x.dims4()?;
+        match self.kind {
+            ConvKind::Pointwise => {
+                let xr = x.reshape((b, c, h * wd))?;
+                let y = match gate {
+                    None => w.broadcast_matmul(&xr)?,
+                    // Gate the weights when they are smaller than the activations.
+                    Some(g) if out_chs * c <= c * h * wd => w
+                        .unsqueeze(0)?
+                        .broadcast_mul(&g.unsqueeze(1)?)?
+                        .matmul(&xr)?,
+                    Some(g) => w.broadcast_matmul(&xr.broadcast_mul(&g.unsqueeze(2)?)?)?,
+                };
+                let residual = match residual {
+                    Some(r) => Some(r.reshape((b, out_chs, h * wd))?),
+                    None => None,
+                };
+                self.epilogue(y, &shift, residual.as_ref())?
+                    .reshape((b, out_chs, h, wd))
+            }
+            ConvKind::Depthwise { kernel, stride } => {
+                if gate.is_some() || residual.is_some() {
+                    candle_core::bail!("depthwise convolutions take no gate or residual")
+                }
+                if fast_cpu(&[x, &w, &shift]) {
+                    let (top, bottom) = same_padding(h, kernel, stride);
+                    let (left, right) = same_padding(wd, kernel, stride);
+                    let op = DepthwiseCpu {
+                        kernel,
+                        stride,
+                        pad: [top, bottom, left, right],
+                        act: self.act,
+                    };
+                    return x.contiguous()?.apply_op3_no_bwd(&w, &shift, &op);
+                }
+                let y =
+                    depthwise_conv2d_composed(&pad_same(x, kernel, stride)?, &w, kernel, stride)?;
+                self.epilogue(y, &shift, None)
+            }
+            ConvKind::Dense { kernel, stride } => {
+                if gate.is_some() || residual.is_some() {
+                    candle_core::bail!("the stem convolution takes no gate or residual")
+                }
+                let y = pad_same(x, kernel, stride)?.conv2d(&w, 0, stride, 1, 1)?;
+                self.epilogue(y, &shift, None)
+            }
+        }
+    }
+
+    /// `act(y + shift[c] (+ residual))` over channel dim 1: in place by the CPU kernels for
+    /// `f32` without gradients, composed otherwise.
+    fn epilogue(&self, y: Tensor, shift: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let op = BiasActCpu { act: self.act };
+        match residual {
+            None if fast_cpu(&[&y, shift]) && y.is_contiguous() => {
+                y.inplace_op2(shift, &op)?;
+                return Ok(y);
+            }
+            Some(r) if fast_cpu(&[&y, shift, r]) && y.is_contiguous() => {
+                y.inplace_op3(shift, &r.contiguous()?, &op)?;
+                return Ok(y);
+            }
+            _ => {}
+        }
+        let mut dims = vec![1usize; y.rank()];
+        dims[1] = shift.dim(0)?;
+        let mut y = y.broadcast_add(&shift.reshape(dims)?)?;
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
+        if self.act {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// Whether the direct CPU kernels apply: every tensor `f32` on the CPU, none tracking
+/// gradients.
+fn fast_cpu(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && !t.track_op())
+}
+
+/// `e^x` for `x` in f32 (Cephes' `expf`: about 1 ulp), written without branches or library
+/// calls so that loops over it vectorise.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // Round to nearest by adding and subtracting 1.5 · 2^23.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let p = p * r * r + r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + exp_f32(-v))
+}
+
+/// Whether the CPU has AVX2 and FMA: the kernels then run copies compiled for them
+/// (8-wide vectors, fused multiply-adds).
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `plane += residual; plane = act(plane + shift)`, compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bias_act_avx2(p: &mut [f32], res: Option<&[f32]>, sh: f32, act: bool) {
+    bias_act(p, res, sh, act)
+}
+
+#[inline(always)]
+fn bias_act(p: &mut [f32], res: Option<&[f32]>, sh: f32, act: bool) {
+    if let Some(r) = res {
+        p.iter_mut().zip(r.iter()).for_each(|(v, r)| *v += r);
+    }
+    bias_act_plane(p, sh, act)
+}
+
+fn bias_act_dispatch(p: &mut [f32], res: Option<&[f32]>, sh: f32, act: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { bias_act_avx2(p, res, sh, act) };
+    }
+    bias_act(p, res, sh, act)
+}
+
+#[inline(always)]
+fn bias_act_plane(p: &mut [f32], sh: f32, act: bool) {
+    if act {
+        p.iter_mut().for_each(|v| *v = silu(*v + sh));
+    } else if sh != 0.0 {
+        p.iter_mut().for_each(|v| *v += sh);
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: contiguous input only"),
+    }
+}
+
+/// In place `y = act(y + shift[c] + residual)` over `[b, c, ...]`, parallel over planes.
+struct BiasActCpu {
+    act: bool,
+}
+
+impl BiasActCpu {
+    fn run(
+        &self,
+        y: &mut CpuStorage,
+        l: &Layout,
+        shift: &[f32],
+        res: Option<&[f32]>,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let dims = l.dims();
+        let c = dims.get(1).copied().unwrap_or(1);
+        let plane: usize = dims.iter().skip(2).product();
+        let (Some((a, b)), CpuStorage::F32(y)) = (l.contiguous_offsets(), y) else {
+            candle_core::bail!("bias-act: contiguous f32 output only")
+        };
+        let y = &mut y[a..b];
+        if shift.len() != c || plane == 0 || res.is_some_and(|r| r.len() != y.len()) {
+            candle_core::bail!("bias-act: shapes do not fit {:?}", dims)
+        }
+        let act = self.act;
+        y.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
+            let r = res.map(|r| &r[i * plane..(i + 1) * plane]);
+            bias_act_dispatch(p, r, shift[i % c], act)
+        });
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for BiasActCpu {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let shift = contiguous_f32(s2, l2, "bias-act")?;
+        self.run(s1, l1, shift, None)
+    }
+}
+
+impl InplaceOp3 for BiasActCpu {
+    fn name(&self) -> &'static str {
+        "bias-residual-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let shift = contiguous_f32(s2, l2, "bias-act")?;
+        let res = contiguous_f32(s3, l3, "bias-act")?;
+        self.run(s1, l1, shift, Some(res))
+    }
+}
+
+/// Depthwise convolution without padding: `x` `[b, c, h, w]` (already padded), `weight`
+/// `[c, k·k]`, stride `s`; output `[b, c, (h − k)/s + 1, (w − k)/s + 1]`. Differentiable (a
+/// sum of `k²` shifted views scaled per channel); `f32` on the CPU without gradients runs
+/// the direct kernel.
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    kernel: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let (wc, kk) = weight.dims2()?;
+    if wc != c || kk != kernel * kernel {
+        candle_core::bail!(
+            "depthwise weight {:?} does not fit {c} channels and kernel {kernel}",
+            weight.dims()
+        )
+    }
+    if h < kernel || w < kernel || stride == 0 {
+        candle_core::bail!("depthwise input {h}x{w} is smaller than the kernel {kernel}")
+    }
+    if fast_cpu(&[x, weight]) {
+        let zeros = Tensor::zeros(c, DType::F32, &Device::Cpu)?;
+        let op = DepthwiseCpu {
+            kernel,
+            stride,
+            pad: [0; 4],
+            act: false,
+        };
+        x.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &zeros, &op)
+    } else {
+        depthwise_conv2d_composed(x, weight, kernel, stride)
+    }
+}
+
+/// The differentiable depthwise convolution: `Σ_taps view(x) · weight[:, tap]`.
+pub fn depthwise_conv2d_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    kernel: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let ho = (h - kernel) / stride + 1;
+    let wo = (w - kernel) / stride + 1;
+    // For stride s, split the input into s×s phases so every tap is a plain window.
+    let phases: Vec<Tensor> = if stride == 1 {
+        vec![x.clone()]
+    } else {
+        let hp = h.div_ceil(stride) * stride;
+        let wp = w.div_ceil(stride) * stride;
+        let xp = x
+            .pad_with_zeros(2, 0, hp - h)?
+            .pad_with_zeros(3, 0, wp - w)?
+            .reshape((b, c, hp / stride, stride, wp / stride, stride))?;
+        let mut v = Vec::with_capacity(stride * stride);
+        for py in 0..stride {
+            for px in 0..stride {
+                v.push(xp.narrow(3, py, 1)?.narrow(5, px, 1)?.reshape((
+                    b,
+                    c,
+                    hp / stride,
+                    wp / stride,
+                ))?);
+            }
+        }
+        v
+    };
+    let mut acc: Option<Tensor> = None;
+    for dy in 0..kernel {
+        for dx in 0..kernel {
+            let phase = &phases[(dy % stride) * stride + dx % stride];
+            let view = phase
+                .narrow(2, dy / stride, ho)?
+                .narrow(3, dx / stride, wo)?;
+            let tap = weight
+                .narrow(1, dy * kernel + dx, 1)?
+                .reshape((1, c, 1, 1))?;
+            let term = view.broadcast_mul(&tap)?;
+            acc = Some(match acc {
+                None => term,
+                Some(a) => (a + term)?,
+            });
+        }
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("depthwise kernel of size 0".into()))
+}
+
+/// The direct CPU kernel: a depthwise convolution with zero padding `[top, bottom, left,
+/// right]`, then `act(y + shift[c])`; parallel over the `b·c` planes. Strided rows are split
+/// into phases first so that every tap is a contiguous multiply-add.
+struct DepthwiseCpu {
+    kernel: usize,
+    stride: usize,
+    pad: [usize; 4],
+    act: bool,
+}
+
+/// The geometry of one depthwise plane.
+#[derive(Clone, Copy)]
+struct DwGeom {
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    k: usize,
+    s: usize,
+    pt: usize,
+    pl: usize,
+}
+
+/// [`dw_plane`] compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_plane_avx2(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool) {
+    dw_plane(g, src, taps, o, sh, act, true)
+}
+
+#[inline(always)]
+fn dw_plane(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool, fma: bool) {
+    let DwGeom {
+        h,
+        w,
+        ho,
+        wo,
+        k,
+        s,
+        pt,
+        pl,
+    } = g;
+    // Phase p of a row holds its columns p, p + s, p + 2s, ...
+    let phase_len = |p: usize| (w + s - 1 - p.min(w)) / s;
+    let phased: Vec<Vec<f32>> = if s == 1 {
+        Vec::new()
+    } else {
+        (0..s)
+            .map(|p| {
+                let mut v = Vec::with_capacity(h * phase_len(p));
+                for row in src.chunks_exact(w) {
+                    v.extend(row.iter().skip(p).step_by(s));
+                }
+                v
+            })
+            .collect()
+    };
+    for oy in 0..ho {
+        let orow = &mut o[oy * wo..(oy + 1) * wo];
+        for dy in 0..k {
+            let iy = (oy * s + dy) as isize - pt as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            let iy = iy as usize;
+            for dx in 0..k {
+                let t = taps[dy * k + dx];
+                let off = dx as isize - pl as isize;
+                let p = off.rem_euclid(s as isize);
+                let q = (off - p) / s as isize;
+                let (row, len): (&[f32], usize) = if s == 1 {
+                    (&src[iy * w..(iy + 1) * w], w)
+                } else {
+                    let len = phase_len(p as usize);
+                    (&phased[p as usize][iy * len..(iy + 1) * len], len)
+                };
+                let lo = (-q).max(0) as usize;
+                let hi = (len as isize - q).clamp(0, wo as isize) as usize;
+                if lo >= hi {
+                    continue;
+                }
+                let start = (lo as isize + q) as usize;
+                let dst = &mut orow[lo..hi];
+                let src = &row[start..start + (hi - lo)];
+                if fma {
+                    dst.iter_mut()
+                        .zip(src.iter())
+                        .for_each(|(d, v)| *d = t.mul_add(*v, *d));
+                } else {
+                    dst.iter_mut()
+                        .zip(src.iter())
+                        .for_each(|(d, v)| *d += t * v);
+                }
+            }
+        }
+        bias_act_plane(orow, sh, act);
+    }
+}
+
+impl CustomOp3 for DepthwiseCpu {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous_f32(s1, l1, "depthwise-conv2d")?;
+        let wt = contiguous_f32(s2, l2, "depthwise-conv2d")?;
+        let shift = contiguous_f32(s3, l3, "depthwise-conv2d")?;
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let (k, s) = (self.kernel, self.stride);
+        let [pt, pb, pl, pr] = self.pad;
+        if h + pt + pb < k || w + pl + pr < k || s == 0 {
+            candle_core::bail!("depthwise-conv2d: input {h}x{w} smaller than kernel {k}")
+        }
+        if wt.len() != c * k * k || shift.len() != c {
+            candle_core::bail!("depthwise-conv2d: weights do not fit {c} channels")
+        }
+        let g = DwGeom {
+            h,
+            w,
+            ho: (h + pt + pb - k) / s + 1,
+            wo: (w + pl + pr - k) / s + 1,
+            k,
+            s,
+            pt,
+            pl,
+        };
+        let act = self.act;
+        let mut out = vec![0f32; b * c * g.ho * g.wo];
+        out.par_chunks_mut(g.ho * g.wo)
+            .enumerate()
+            .for_each(|(plane, o)| {
+                let ch = plane % c;
+                let src = &x[plane * h * w..(plane + 1) * h * w];
+                let taps = &wt[ch * k * k..(ch + 1) * k * k];
+                #[cfg(target_arch = "x86_64")]
+                if avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    unsafe { dw_plane_avx2(g, src, taps, o, shift[ch], act) };
+                    return;
+                }
+                dw_plane(g, src, taps, o, shift[ch], act, false);
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, g.ho, g.wo))))
+    }
+}
+
+/// Squeeze-excitation's gate `sigmoid(expand(silu(reduce(mean_hw(x)))))`, `[b, c]`; the
+/// block multiplies it into the next 1×1 convolution.
+#[derive(Debug, Clone)]
+struct SqueezeExcite {
+    reduce: Linear,
+    expand: Linear,
+}
+
+impl SqueezeExcite {
+    fn new(chs: usize, rd: usize, vb: VarBuilder) -> Result<Self> {
+        let reduce = Linear::new(
+            vb.get((rd, chs, 1, 1), "conv_reduce.weight")?
+                .reshape((rd, chs))?,
+            Some(vb.get(rd, "conv_reduce.bias")?),
+        );
+        let expand = Linear::new(
+            vb.get((chs, rd, 1, 1), "conv_expand.weight")?
+                .reshape((chs, rd))?,
+            Some(vb.get(chs, "conv_expand.bias")?),
+        );
+        Ok(Self { reduce, expand })
+    }
+
+    fn gate(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.flatten_from(2)?.mean(D::Minus1)?;
+        let s = self.reduce.forward(&s)?.silu()?;
+        crate::nn::ops::sigmoid(&self.expand.forward(&s)?)
+    }
+}
+
+/// One block (depthwise-separable or inverted residual).
+#[derive(Debug, Clone)]
+pub struct Block {
+    spec: BlockSpec,
+    conv_pw: Option<ConvBn>,
+    conv_dw: ConvBn,
+    se: SqueezeExcite,
+    conv_out: ConvBn,
+}
+
+impl Block {
+    pub fn new(spec: &BlockSpec, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let dw = ConvKind::Depthwise {
+            kernel: spec.kernel,
+            stride: spec.stride,
+        };
+        let pw = ConvKind::Pointwise;
+        let (conv_pw, conv_dw, conv_out) = match spec.kind {
+            BlockKind::DepthwiseSeparable => (
+                None,
+                ConvBn::new(
+                    spec.in_chs,
+                    spec.in_chs,
+                    dw,
+                    true,
+                    eps,
+                    "conv_dw",
+                    "bn1",
+                    &vb,
+                )?,
+                ConvBn::new(
+                    spec.in_chs,
+                    spec.out_chs,
+                    pw,
+                    false,
+                    eps,
+                    "conv_pw",
+                    "bn2",
+                    &vb,
+                )?,
+            ),
+            BlockKind::InvertedResidual => (
+                Some(ConvBn::new(
+                    spec.in_chs,
+                    spec.mid_chs,
+                    pw,
+                    true,
+                    eps,
+                    "conv_pw",
+                    "bn1",
+                    &vb,
+                )?),
+                ConvBn::new(
+                    spec.mid_chs,
+                    spec.mid_chs,
+                    dw,
+                    true,
+                    eps,
+                    "conv_dw",
+                    "bn2",
+                    &vb,
+                )?,
+                ConvBn::new(
+                    spec.mid_chs,
+                    spec.out_chs,
+                    pw,
+                    false,
+                    eps,
+                    "conv_pwl",
+                    "bn3",
+                    &vb,
+                )?,
+            ),
+        };
+        Ok(Self {
+            spec: *spec,
+            conv_pw,
+            conv_dw,
+            se: SqueezeExcite::new(spec.mid_chs, spec.se_chs, vb.pp("se"))?,
+            conv_out,
+        })
+    }
+
+    pub fn spec(&self) -> &BlockSpec {
+        &self.spec
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.conv_pw {
+            Some(pw) => pw.forward(x)?,
+            None => x.clone(),
+        };
+        let y = self.conv_dw.forward(&y)?;
+        let gate = self.se.gate(&y)?;
+        let residual = self.spec.has_skip.then_some(x);
+        self.conv_out.forward_with(&y, Some(&gate), residual)
+    }
+}
+
+/// An EfficientNet backbone up to `forward_features` (`conv_stem`, `bn1`, `blocks.S.B`,
+/// `conv_head`, `bn2`); the classifier is not built.
+#[derive(Debug, Clone)]
+pub struct EfficientNet {
+    stem: ConvBn,
+    stages: Vec<Vec<Block>>,
+    head: ConvBn,
+    cfg: EfficientNetConfig,
+}
+
+impl EfficientNet {
+    pub fn new(cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::Msg)?;
+        let eps = cfg.bn_eps;
+        let stem = ConvBn::new(
+            3,
+            cfg.stem_channels(),
+            ConvKind::Dense {
+                kernel: 3,
+                stride: 2,
+            },
+            true,
+            eps,
+            "conv_stem",
+            "bn1",
+            &vb,
+        )?;
+        let vbb = vb.pp("blocks");
+        let mut last = cfg.stem_channels();
+        let stages = cfg
+            .stages()
+            .iter()
+            .enumerate()
+            .map(|(si, specs)| {
+                specs
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, spec)| {
+                        last = spec.out_chs;
+                        Block::new(spec, eps, vbb.pp(si).pp(bi))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = ConvBn::new(
+            last,
+            cfg.feature_channels(),
+            ConvKind::Pointwise,
+            true,
+            eps,
+            "conv_head",
+            "bn2",
+            &vb,
+        )?;
+        Ok(Self {
+            stem,
+            stages,
+            head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &EfficientNetConfig {
+        &self.cfg
+    }
+
+    /// Width of the features.
+    pub fn num_features(&self) -> usize {
+        self.cfg.feature_channels()
+    }
+
+    pub fn num_stages(&self) -> usize {
+        self.stages.len()
+    }
+
+    pub fn stage(&self, i: usize) -> Option<&[Block]> {
+        self.stages.get(i).map(|s| s.as_slice())
+    }
+
+    /// `conv_stem`, `bn1`, SiLU.
+    pub fn forward_stem(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c, _, _) = x.dims4()?;
+        if c != 3 {
+            candle_core::bail!("EfficientNet expects 3 input channels, got {c}")
+        }
+        self.stem.forward(&x.to_dtype(self.stem.weight.dtype())?)
+    }
+
+    /// The blocks of stage `i` (timm `blocks[i]`).
+    pub fn forward_stage(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        let stage = self
+            .stages
+            .get(i)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no stage {i}")))?;
+        let mut x = x.clone();
+        for b in stage {
+            x = b.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// `conv_head`, `bn2`, SiLU.
+    pub fn forward_conv_head(&self, x: &Tensor) -> Result<Tensor> {
+        self.head.forward(x)
+    }
+
+    /// timm's `forward_features`: `[b, 3, h, w]` to `[b, num_features, ⌈h/32⌉, ⌈w/32⌉]`.
+    pub fn forward_features(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.forward_stem(x)?;
+        for i in 0..self.stages.len() {
+            x = self.forward_stage(i, &x)?;
+        }
+        self.forward_conv_head(&x)
+    }
+}
+
+impl Module for EfficientNet {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_features(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_matches_timm() {
+        // b5: stem 48, head 2048, first stages 24 and 40 (see the BriVL manifest).
+        let b5 = EfficientNetConfig::tf_variant("tf_efficientnet_b5_ns").unwrap();
+        assert_eq!(b5.stem_channels(), 48);
+        assert_eq!(b5.feature_channels(), 2048);
+        let st = b5.stages();
+        let depths: Vec<usize> = st.iter().map(|s| s.len()).collect();
+        assert_eq!(depths, vec![3, 5, 5, 7, 7, 9, 3]);
+        assert_eq!(st[0][0].out_chs, 24);
+        assert_eq!(st[0][0].se_chs, 12);
+        assert_eq!(st[1][0].mid_chs, 144);
+        assert_eq!(st[6][2].out_chs, 512);
+        // 32 * 0.3 = 9.6 rounds to 8 < 0.9 * 9.6, so it goes up to 16.
+        assert_eq!(round_channels(32, 0.3), 16);
+        assert_eq!(round_channels(32, 0.125), 8);
+        assert!(EfficientNetConfig::tf_variant("efficientnet_b5").is_none());
+    }
+
+    #[test]
+    fn same_padding_matches_tf() {
+        // 67 with k3 s2: out 34, total pad (33*2 + 3) - 67 = 2 -> (1, 1).
+        assert_eq!(same_padding(67, 3, 2), (1, 1));
+        // 90 with k3 s2: out 45, total (44*2+3) - 90 = 1 -> (0, 1).
+        assert_eq!(same_padding(90, 3, 2), (0, 1));
+        assert_eq!(same_padding(96, 5, 2), (1, 2));
+        assert_eq!(same_padding(10, 5, 1), (2, 2));
+    }
+
+    #[test]
+    fn fused_depthwise_matches_composed() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, s, h, w) in [(3, 1, 7, 9), (5, 2, 11, 8), (3, 2, 6, 7), (5, 2, 2, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (3, k * k), &dev)?;
+            let shift = Tensor::randn(0f32, 1.0, 3, &dev)?;
+            let (t, b) = same_padding(h, k, s);
+            let (l, r) = same_padding(w, k, s);
+            for act in [false, true] {
+                let op = DepthwiseCpu {
+                    kernel: k,
+                    stride: s,
+                    pad: [t, b, l, r],
+                    act,
+                };
+                let fast = x.apply_op3_no_bwd(&wt, &shift, &op)?;
+                let mut slow = depthwise_conv2d_composed(&pad_same(&x, k, s)?, &wt, k, s)?
+                    .broadcast_add(&shift.reshape((1, 3, 1, 1))?)?;
+                if act {
+                    slow = slow.silu()?;
+                }
+                assert_eq!(fast.dims(), slow.dims());
+                let d = (fast - slow)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(d < 1e-5, "k{k} s{s} {h}x{w} act {act}: {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn depthwise_paths_agree_with_grouped_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, s, h, w) in [(3, 1, 7, 9), (5, 2, 11, 8), (3, 2, 6, 6), (5, 1, 5, 5)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 4, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (4, 1, k, k), &dev)?;
+            let reference = x.conv2d(&wt, 0, s, 1, 4)?;
+            let w2 = wt.reshape((4, k * k))?;
+            let fast = depthwise_conv2d(&x, &w2, k, s)?;
+            let composed = depthwise_conv2d_composed(&x, &w2, k, s)?;
+            for y in [fast, composed] {
+                let d = (y - &reference)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(d < 1e-5, "k{k} s{s} {h}x{w}: {d}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,809 @@
+//! BriVL: parity with the original code's tiny fixture and the extra references of
+//! `tests/fixtures/gen_brivl.py`, timm EfficientNet parity, the published tensor list,
+//! bad inputs, and gradients.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use tuwen::checkpoint::convert::{convert_pth, ConvertOptions, TargetDtype};
+use tuwen::checkpoint::{Loader, TensorSource};
+use tuwen::models::brivl::{
+    self, prepare_boxes, Brivl, BrivlConfig, BrivlEncoder, BrivlResize, IGNORED_KEYS,
+};
+use tuwen::nn::efficientnet::{EfficientNet, EfficientNetConfig};
+use tuwen::nn::grid_sample::{affine_grid, grid_sample};
+use tuwen::nn::ops;
+use tuwen::{DualEncoder, Error, Family, ImageInput, LoadOptions};
+
+use crate::common::{assert_close, fixture, get, load_st, max_abs_diff, shared};
+
+const TINY_PTH: &str = "fixtures/original/brivl_tiny.pth";
+const TINY_IO: &str = "fixtures/original/brivl_tiny_io.safetensors";
+const TINY_JSON: &str = "fixtures/original/brivl_tiny.json";
+const TOKENIZER: &str = "data/hfl-roberta-wwm-ext/tokenizer.json";
+
+fn tiny_config() -> BrivlConfig {
+    BrivlConfig::from_file(&shared(TINY_JSON)).expect("tiny config")
+}
+
+fn tiny_json() -> serde_json::Value {
+    let s = std::fs::read_to_string(shared(TINY_JSON)).unwrap();
+    serde_json::from_str(&s).unwrap()
+}
+
+fn tiny_from(checkpoint: &Path) -> BrivlEncoder {
+    BrivlEncoder::from_checkpoint(
+        &tiny_config(),
+        checkpoint,
+        Some(&shared(TOKENIZER)),
+        &LoadOptions::default(),
+    )
+    .expect("load tiny BriVL")
+}
+
+fn extra() -> HashMap<String, Tensor> {
+    load_st(&fixture("brivl/brivl_extra.safetensors"))
+}
+
+/// Checks the tiny model against the original fixture's outputs (and reports the keys).
+fn check_fixture_outputs(enc: &BrivlEncoder, what: &str) {
+    let io = load_st(&shared(TINY_IO));
+    let img = enc
+        .image_embeds_from_pixels(
+            get(&io, "pixel_values"),
+            get(&io, "boxes"),
+            get(&io, "box_mask"),
+        )
+        .unwrap();
+    assert_close(
+        &format!("brivl tiny image_embeds ({what})"),
+        &img,
+        get(&io, "image_embeds"),
+        1e-4,
+    );
+    let txt = enc.text_embeds_from_ids(get(&io, "input_ids")).unwrap();
+    assert_close(
+        &format!("brivl tiny text_embeds ({what})"),
+        &txt,
+        get(&io, "text_embeds"),
+        1e-4,
+    );
+    let report = enc.load_report();
+    assert!(
+        report.unexpected.is_empty(),
+        "unexpected keys: {:?}",
+        report.unexpected
+    );
+    // Every ignored key is one of the documented kinds.
+    for k in &report.ignored {
+        assert!(
+            IGNORED_KEYS
+                .iter()
+                .any(|p| tuwen::checkpoint::matches_pattern(k, p)),
+            "{k}"
+        );
+    }
+    assert!(report.ignored.iter().any(|k| k.contains("classifier")));
+}
+
+#[test]
+fn brivl_tiny_pth_matches_original() {
+    let enc = tiny_from(&shared(TINY_PTH));
+    check_fixture_outputs(&enc, ".pth");
+    assert_eq!(enc.family(), Family::Brivl);
+    assert_eq!(enc.embed_dim(), 160);
+}
+
+#[test]
+fn brivl_tiny_safetensors_after_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("brivl_tiny.safetensors");
+    let report = convert_pth(
+        &shared(TINY_PTH),
+        &out,
+        &ConvertOptions {
+            key: None,
+            dtype: TargetDtype::Keep,
+            skip: vec!["_mom.".into()],
+        },
+    )
+    .unwrap();
+    assert_eq!(report.key.as_deref(), Some("learnable"));
+    assert!(report.skipped.iter().all(|k| k.contains("_mom.")));
+    assert!(!report.skipped.is_empty());
+    let enc = tiny_from(&out);
+    check_fixture_outputs(&enc, "converted .safetensors");
+
+    // The same file through the registry: a directory with the checkpoint, the config
+    // (the fixture's JSON) and the tokenizer.
+    std::fs::copy(shared(TINY_JSON), dir.path().join("config.json")).unwrap();
+    std::fs::copy(shared(TOKENIZER), dir.path().join("tokenizer.json")).unwrap();
+    let model = tuwen::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(model.family(), Family::Brivl);
+    let texts: Vec<String> = tiny_json()["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let io = load_st(&shared(TINY_IO));
+    assert_close(
+        "brivl tiny text_embeds (registry directory)",
+        &model.embed_texts(&refs).unwrap(),
+        get(&io, "text_embeds"),
+        1e-4,
+    );
+
+    // f16 conversion keeps integer tensors and halves the floats.
+    let half = dir.path().join("half.safetensors");
+    convert_pth(
+        &shared(TINY_PTH),
+        &half,
+        &ConvertOptions {
+            dtype: TargetDtype::F16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let st = load_st(&half);
+    assert_eq!(
+        st["imgencoder.backbone.conv_stem.weight"].dtype(),
+        DType::F16
+    );
+    assert_eq!(
+        st["imgencoder.backbone.bn1.num_batches_tracked"].dtype(),
+        DType::I64
+    );
+}
+
+#[test]
+fn brivl_masks_padding_and_grid_boxes_match_reference() {
+    let enc = tiny_from(&shared(TINY_PTH));
+    let io = load_st(&shared(TINY_IO));
+    let ex = extra();
+    let txt = enc
+        .text_embeds_from_ids(get(&ex, "input_ids_padded"))
+        .unwrap();
+    assert_close(
+        "brivl tiny text_embeds (padded texts)",
+        &txt,
+        get(&ex, "text_embeds_padded"),
+        1e-4,
+    );
+    for case in ["fewboxes", "grid"] {
+        let img = enc
+            .image_embeds_from_pixels(
+                get(&io, "pixel_values"),
+                get(&ex, &format!("boxes_{case}")),
+                get(&ex, &format!("box_mask_{case}")),
+            )
+            .unwrap();
+        assert_close(
+            &format!("brivl tiny image_embeds ({case})"),
+            &img,
+            get(&ex, &format!("image_embeds_{case}")),
+            1e-4,
+        );
+    }
+    // The box-free grid of the public API is the reference's 2x2 grid (x outer, y inner).
+    let grid = prepare_boxes(None, 640, 480, 96, 6, 2, "test").unwrap();
+    let flat: Vec<f32> = grid.iter().flatten().copied().collect();
+    let want = get(&ex, "boxes_grid")
+        .get(0)
+        .unwrap()
+        .narrow(0, 0, 5)
+        .unwrap();
+    let got = Tensor::from_vec(flat, (5, 4), &Device::Cpu).unwrap();
+    assert_close("brivl grid boxes", &got, &want, 0.0);
+}
+
+fn jsonl_boxes(stem: &str, keep: usize) -> Vec<[f32; 4]> {
+    let text = std::fs::read_to_string(shared("data/images/brivl_example.jsonl")).unwrap();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["image_id"].as_str().unwrap().ends_with(stem) {
+            return v["bbox"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .take(keep)
+                .map(|b| {
+                    let b: Vec<f32> = b
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect();
+                    [b[0], b[1], b[2], b[3]]
+                })
+                .collect();
+        }
+    }
+    panic!("no boxes for {stem} in brivl_example.jsonl");
+}
+
+fn raw_inputs() -> Vec<ImageInput> {
+    let names = tiny_json()["images"].as_array().unwrap().clone();
+    names
+        .iter()
+        .map(|n| {
+            let n = n.as_str().unwrap();
+            ImageInput::path(shared(&format!("data/images/{n}"))).with_boxes(jsonl_boxes(n, 5))
+        })
+        .collect()
+}
+
+#[test]
+fn brivl_raw_inputs_through_public_api() {
+    let mut enc = tiny_from(&shared(TINY_PTH));
+    let io = load_st(&shared(TINY_IO));
+    let ex = extra();
+    let inputs = raw_inputs();
+
+    // Boxes: scaled from original pixels, whole image appended, exactly the fixture's.
+    let (_, boxes, mask) = enc.preprocess_images(&inputs).unwrap();
+    assert_close("brivl raw boxes", &boxes, get(&io, "boxes"), 1e-4);
+    assert_close(
+        "brivl raw box mask",
+        &mask,
+        &get(&io, "box_mask").to_dtype(DType::F32).unwrap(),
+        0.0,
+    );
+
+    // Default preprocessing = torchvision 0.9.1 (no antialias). The JPEG decoders differ
+    // (image-rs vs libjpeg-turbo: a few u8 levels on some pixels), which bounds the error.
+    let (pixels, _, _) = enc.preprocess_images(&inputs).unwrap();
+    let d_noaa = max_abs_diff(&pixels, get(&ex, "pixel_values_noaa"));
+    println!(
+        "parity brivl pixel_values (no antialias, torchvision 0.9.1): max abs diff {d_noaa:.3e}"
+    );
+    assert!(d_noaa < 0.1, "{d_noaa}");
+    let mean_noaa = mean_abs_diff(&pixels, get(&ex, "pixel_values_noaa"));
+    println!("parity brivl pixel_values (no antialias): mean abs diff {mean_noaa:.3e}");
+    assert!(mean_noaa < 2e-3, "{mean_noaa}");
+
+    // The fixture resized with antialias (torchvision 0.29): the same path here.
+    enc.image_processor.resize = BrivlResize::BilinearAntialias;
+    let (pixels, _, _) = enc.preprocess_images(&inputs).unwrap();
+    let d_aa = max_abs_diff(&pixels, get(&io, "pixel_values"));
+    println!("parity brivl pixel_values (antialias): max abs diff {d_aa:.3e}");
+    assert!(d_aa < 0.1, "{d_aa}");
+    let img = enc.embed_images(&inputs).unwrap();
+    assert_close(
+        "brivl image_embeds from JPEGs (antialias resize)",
+        &img,
+        get(&io, "image_embeds"),
+        2e-3,
+    );
+
+    // Texts: token ids equal the fixture's, embeddings to 1e-4.
+    let texts: Vec<String> = tiny_json()["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let batch = enc
+        .text_processor
+        .as_ref()
+        .unwrap()
+        .encode_batch(&refs, &Device::Cpu)
+        .unwrap();
+    let want_ids: Vec<Vec<i64>> = get(&io, "input_ids").to_vec2().unwrap();
+    let want_ids: Vec<Vec<u32>> = want_ids
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v as u32).collect())
+        .collect();
+    assert_eq!(batch.ids, want_ids);
+    let txt = enc.embed_texts(&refs).unwrap();
+    assert_close(
+        "brivl text_embeds from strings",
+        &txt,
+        get(&io, "text_embeds"),
+        1e-4,
+    );
+
+    // Scores: softmax over texts of cos / 0.07, rows sum to one.
+    let probs = enc.probabilities(&enc.logits(&img, &txt).unwrap()).unwrap();
+    let sums: Vec<f32> = probs.sum(1).unwrap().to_vec1().unwrap();
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+    let cos = img.matmul(&txt.t().unwrap()).unwrap();
+    assert_close(
+        "brivl logits = cos / T",
+        &enc.logits(&img, &txt).unwrap(),
+        &(cos / 0.07).unwrap(),
+        1e-5,
+    );
+}
+
+fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn brivl_grid_sample_matches_torch() {
+    let ex = extra();
+    let theta = get(&ex, "gs_theta");
+    for (h, w, gk, ok) in [
+        (4, 4, "gs_grid", "gs_output"),
+        (6, 3, "gs_grid_6x3", "gs_output_6x3"),
+    ] {
+        let grid = affine_grid(theta, h, w).unwrap();
+        assert_close(
+            &format!("brivl affine_grid {h}x{w}"),
+            &grid,
+            get(&ex, gk),
+            1e-6,
+        );
+        let out = grid_sample(get(&ex, "gs_input"), &grid).unwrap();
+        assert_close(
+            &format!("brivl grid_sample {h}x{w}"),
+            &out,
+            get(&ex, ok),
+            1e-5,
+        );
+    }
+}
+
+fn check_efficientnet(name: &str, channel: f64, depth: f64) {
+    let dir = "efficientnet";
+    let weights = fixture(&format!("{dir}/{name}.safetensors"));
+    let io = load_st(&fixture(&format!("{dir}/{name}_io.safetensors")));
+    let cfg = EfficientNetConfig {
+        channel_multiplier: channel,
+        depth_multiplier: depth,
+        bn_eps: 1e-3,
+        num_features: None,
+    };
+    let loader = Loader::new(TensorSource::open(&weights, None).unwrap(), name);
+    let vb = loader.var_builder(DType::F32, &Device::Cpu);
+    let net = EfficientNet::new(&cfg, vb)
+        .map_err(|e| loader.error(e))
+        .unwrap();
+    let report = loader.finish(&["classifier.", "num_batches_tracked"]);
+    assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
+
+    let x = get(&io, "input_rect");
+    let mut h = net.forward_stem(x).unwrap();
+    assert_close(
+        &format!("brivl efficientnet {name} stem"),
+        &h,
+        get(&io, "stem_rect"),
+        1e-4,
+    );
+    for i in 0..net.num_stages() {
+        h = net.forward_stage(i, &h).unwrap();
+        assert_close(
+            &format!("brivl efficientnet {name} stage{i}"),
+            &h,
+            get(&io, &format!("stage{i}_rect")),
+            1e-4,
+        );
+    }
+    for key in ["rect", "square"] {
+        let f = net
+            .forward_features(get(&io, &format!("input_{key}")))
+            .unwrap();
+        assert_close(
+            &format!("brivl efficientnet {name} features_{key}"),
+            &f,
+            get(&io, &format!("features_{key}")),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn brivl_efficientnet_matches_timm_c0125_d05() {
+    check_efficientnet("tf_effnet_c0125_d05", 0.125, 0.5);
+}
+
+#[test]
+fn brivl_efficientnet_matches_timm_c03_d06() {
+    check_efficientnet("tf_effnet_c03_d06", 0.3, 0.6);
+}
+
+/// A backend that records every requested tensor's name and shape and hands out a
+/// broadcast zero (no memory per tensor).
+struct Recorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("recorder: unchecked access to {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn brivl_full_size_parameters_match_manifest() {
+    let cfg = BrivlConfig::preset("brivl-1.0").unwrap();
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let vb = VarBuilder::from_backend(Box::new(Recorder(seen.clone())), DType::F32, Device::Cpu);
+    Brivl::new(&cfg, vb).unwrap();
+    let ours = seen.lock().unwrap().clone();
+
+    let text = std::fs::read_to_string(shared("manifests/brivl-1.0.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut theirs = BTreeMap::new();
+    let mut left_out = BTreeMap::<&str, usize>::new();
+    for (k, v) in manifest["tensors"].as_object().unwrap() {
+        // Not part of the inference model: buffers, the unused classifier and pooler, and the
+        // momentum encoders (MoCo training only).
+        let kind = if k.ends_with("position_ids") {
+            Some("position_ids")
+        } else if k.ends_with("num_batches_tracked") {
+            Some("num_batches_tracked")
+        } else if k.starts_with("imgencoder_mom.") || k.starts_with("textencoder_mom.") {
+            Some("_mom")
+        } else if k.contains(".classifier.") {
+            Some("classifier")
+        } else if k.contains(".pooler.") {
+            Some("pooler")
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            *left_out.entry(kind).or_default() += 1;
+            continue;
+        }
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        theirs.insert(k.clone(), shape);
+    }
+    let only_ours: Vec<_> = ours.keys().filter(|k| !theirs.contains_key(*k)).collect();
+    let only_theirs: Vec<_> = theirs.keys().filter(|k| !ours.contains_key(*k)).collect();
+    let mismatched: Vec<_> = ours
+        .iter()
+        .filter(|(k, s)| theirs.get(*k).is_some_and(|t| t != *s))
+        .collect();
+    let params: usize = ours.values().map(|s| s.iter().product::<usize>()).sum();
+    println!(
+        "brivl-1.0: {} tensors, {params} values requested; manifest entries left out: {left_out:?}",
+        ours.len()
+    );
+    assert!(only_ours.is_empty(), "not in the manifest: {only_ours:?}");
+    assert!(only_theirs.is_empty(), "not requested: {only_theirs:?}");
+    assert!(mismatched.is_empty(), "shape mismatches: {mismatched:?}");
+    // The query encoders hold half of the 548M parameters (the _mom copies the other half).
+    assert_eq!(left_out.get("_mom").copied().unwrap_or(0) > 0, true);
+}
+
+fn expect_invalid_box(enc: &BrivlEncoder, boxes: Vec<[f32; 4]>, what: &str) -> String {
+    let input = ImageInput::path(shared("data/images/baike_14361859_0.jpg")).with_boxes(boxes);
+    match enc.embed_images(&[input]) {
+        Err(e @ Error::InvalidBox { .. }) => {
+            println!("{what}: {e}");
+            e.to_string()
+        }
+        other => panic!("{what}: expected InvalidBox, got {other:?}"),
+    }
+}
+
+#[test]
+fn brivl_rejects_bad_boxes() {
+    let enc = tiny_from(&shared(TINY_PTH));
+    // The image is 450x299.
+    let ok = [54.0, 128.0, 187.0, 207.0];
+    let m = expect_invalid_box(&enc, vec![ok, [f32::NAN, 0.0, 10.0, 10.0]], "NaN box");
+    assert!(m.contains("not finite"));
+    let m = expect_invalid_box(&enc, vec![[50.0, 10.0, 40.0, 20.0]], "x2 < x1");
+    assert!(m.contains("inverted"));
+    let m = expect_invalid_box(&enc, vec![[10.0, 50.0, 20.0, 40.0]], "y2 < y1");
+    assert!(m.contains("inverted"));
+    let m = expect_invalid_box(&enc, vec![[5000.0, 10.0, 5100.0, 20.0]], "far outside");
+    assert!(m.contains("outside"));
+    expect_invalid_box(&enc, vec![[460.0, 10.0, 470.0, 20.0]], "outside");
+    let m = expect_invalid_box(&enc, vec![ok; 6], "too many boxes");
+    assert!(m.contains("too many"));
+    // Slightly outside is clipped, not rejected.
+    let clipped = enc
+        .preprocess_images(
+            &[ImageInput::path(shared("data/images/baike_14361859_0.jpg"))
+                .with_boxes(vec![[-3.0, 0.0, 455.0, 100.0]])],
+        )
+        .unwrap()
+        .1;
+    let first: Vec<f32> = clipped.get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
+    assert_eq!(
+        first,
+        vec![0.0, 0.0, 96.0, (100.0f64 * 96.0 / 299.0) as f32]
+    );
+    // A grid that does not fit MAX_IMG_LEN (tiny: 6) is a configuration error.
+    match enc.embed_images(&[ImageInput::path(shared("data/images/test.jpg"))]) {
+        Err(Error::Config(m)) => assert!(m.contains("6x6"), "{m}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn brivl_rejects_bad_images() {
+    let enc = tiny_from(&shared(TINY_PTH));
+    let corrupt =
+        ImageInput::bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg".to_vec()).with_boxes(vec![]);
+    assert!(
+        matches!(enc.embed_images(&[corrupt]), Err(Error::Image { .. })),
+        "corrupt bytes"
+    );
+    let mut bytes = std::fs::read(shared("data/images/baike_14361859_0.jpg")).unwrap();
+    bytes.truncate(bytes.len() / 3);
+    match enc.embed_images(&[ImageInput::bytes(bytes).with_boxes(vec![])]) {
+        Err(Error::Image { .. }) | Ok(_) => {} // truncated JPEGs may decode partially
+        Err(e) => panic!("truncated JPEG: unexpected error {e}"),
+    }
+    let empty = ImageInput::image(image::DynamicImage::new_rgb8(0, 0)).with_boxes(vec![]);
+    match enc.embed_images(&[empty]) {
+        Err(Error::Image { reason, .. }) => assert!(reason.contains("zero size"), "{reason}"),
+        other => panic!("zero-size image: {other:?}"),
+    }
+    assert!(matches!(
+        enc.embed_images(&[]),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+fn tiny_tensors() -> HashMap<String, Tensor> {
+    TensorSource::open(&shared(TINY_PTH), Some("learnable"))
+        .unwrap()
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn brivl_missing_and_misshaped_tensors_are_named() {
+    let cfg = tiny_config();
+    let opts = LoadOptions::default();
+    let key = "imgencoder.learnable.imgAtt.layers.1.linear1.weight";
+
+    let mut m = tiny_tensors();
+    m.remove(key);
+    match BrivlEncoder::from_source(&cfg, TensorSource::Map(m), "map", None, &opts) {
+        Err(e @ Error::MissingTensor { .. }) => {
+            let s = e.to_string();
+            println!("{s}");
+            assert!(s.contains(key), "{s}");
+        }
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+
+    let mut m = tiny_tensors();
+    let dw = "imgencoder.backbone.blocks.3.1.conv_dw.weight";
+    m.insert(
+        dw.into(),
+        Tensor::zeros((96, 1, 5, 5), DType::F32, &Device::Cpu).unwrap(),
+    );
+    match BrivlEncoder::from_source(&cfg, TensorSource::Map(m), "map", None, &opts) {
+        Err(Error::ShapeMismatch {
+            key,
+            expected,
+            found,
+            ..
+        }) => {
+            assert_eq!(key, dw);
+            assert_eq!(expected, vec![96, 1, 3, 3]);
+            assert_eq!(found, vec![96, 1, 5, 5]);
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+
+    // Extra keys are reported, not fatal.
+    let mut m = tiny_tensors();
+    m.insert(
+        "imgencoder.learnable.extra".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let enc = BrivlEncoder::from_source(&cfg, TensorSource::Map(m), "map", None, &opts).unwrap();
+    assert_eq!(
+        enc.load_report().unexpected,
+        vec!["imgencoder.learnable.extra".to_string()]
+    );
+    // No tokenizer: a typed error when texts are embedded.
+    assert!(matches!(
+        enc.embed_texts(&["你好"]),
+        Err(Error::Tokenizer { .. })
+    ));
+}
+
+#[test]
+fn brivl_rejects_other_checkpoints() {
+    let cfg = tiny_config();
+    let opts = LoadOptions::default();
+    match BrivlEncoder::from_checkpoint(
+        &cfg,
+        &shared("fixtures/original/r2d2_tiny.pth"),
+        None,
+        &opts,
+    ) {
+        Err(Error::WrongFamily { found, .. }) => {
+            println!("r2d2_tiny.pth as BriVL: {found}");
+            assert!(found.contains("'model'"), "{found}");
+            assert!(found.contains("visual_encoder"), "{found}");
+            assert!(found.contains("R2D2"), "{found}");
+        }
+        other => panic!("expected WrongFamily, got {other:?}"),
+    }
+    // A SigLIP safetensors file.
+    let siglip = fixture("siglip2/siglip_tiny/model.safetensors");
+    match BrivlEncoder::from_checkpoint(&cfg, &siglip, None, &opts) {
+        Err(Error::WrongFamily { found, .. }) => assert!(found.contains("SigLIP"), "{found}"),
+        other => panic!("expected WrongFamily, got {other:?}"),
+    }
+    assert!(!brivl::is_brivl_path(&shared(
+        "fixtures/original/r2d2_tiny.pth"
+    )));
+    assert!(brivl::is_brivl_path(&shared(TINY_PTH)));
+
+    // A truncated download.
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(shared(TINY_PTH)).unwrap();
+    for n in [bytes.len() / 2, bytes.len() - 100, 10] {
+        let cut: PathBuf = dir.path().join(format!("cut{n}.pth"));
+        std::fs::write(&cut, &bytes[..n]).unwrap();
+        match BrivlEncoder::from_checkpoint(&cfg, &cut, None, &opts) {
+            Err(e @ Error::Checkpoint { .. }) => println!("truncated to {n} bytes: {e}"),
+            other => panic!("truncated .pth ({n} bytes): expected Checkpoint, got {other:?}"),
+        }
+    }
+    // A bare checkpoint whose shapes are not the published ones needs a config.
+    match BrivlEncoder::from_path(&shared(TINY_PTH), &opts) {
+        Err(Error::Config(m)) => assert!(m.contains("config"), "{m}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn brivl_presets_are_registered() {
+    let names: Vec<String> = tuwen::registry::presets()
+        .into_iter()
+        .filter(|p| p.family == Family::Brivl)
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(
+        names,
+        vec!["brivl-1.0".to_string(), "brivl-nmi".to_string()]
+    );
+    assert_eq!(
+        tuwen::registry::preset("brivl-1.0").unwrap().repo,
+        "shunxing1234/BriVL"
+    );
+    match tuwen::load("brivl-nmi", &LoadOptions::default()) {
+        Err(Error::Download { reason, .. }) => {
+            assert!(reason.contains("no Hugging"), "{reason}")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("brivl-nmi cannot be downloaded"),
+    }
+    let nmi = BrivlConfig::preset("brivl-nmi").unwrap();
+    assert_eq!((nmi.img_size, nmi.box_grid, nmi.max_img_len), (456, 6, 37));
+}
+
+#[test]
+fn brivl_gradients_match_reference_and_reach_every_part() {
+    let cfg = tiny_config();
+    let source = TensorSource::open(&shared(TINY_PTH), Some("learnable")).unwrap();
+    let (loader, vars) = Loader::new(source, "brivl_tiny.pth").trainable().unwrap();
+    let vb = loader.var_builder(DType::F32, &Device::Cpu);
+    let model = Brivl::new(&cfg, vb).map_err(|e| loader.error(e)).unwrap();
+    let io = load_st(&shared(TINY_IO));
+    let ex = extra();
+
+    let img = model
+        .image_embeds(
+            get(&io, "pixel_values"),
+            get(&ex, "boxes_fewboxes"),
+            &get(&ex, "box_mask_fewboxes").to_dtype(DType::F32).unwrap(),
+        )
+        .unwrap();
+    let ids = get(&ex, "input_ids_padded");
+    let tmask = get(&ex, "attention_mask_padded")
+        .to_dtype(DType::F32)
+        .unwrap();
+    let txt = model.text_embeds(ids, &tmask).unwrap();
+    let logits = (img.matmul(&txt.t().unwrap()).unwrap() / 0.07).unwrap();
+    let target = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
+    let loss = ((ops::cross_entropy(&logits, &target).unwrap()
+        + ops::cross_entropy(&logits.t().unwrap(), &target).unwrap())
+    .unwrap()
+        / 2.0)
+        .unwrap();
+    assert_close(
+        "brivl contrastive loss",
+        &loss.reshape(1).unwrap(),
+        get(&ex, "grad_loss"),
+        1e-4,
+    );
+    let grads = loss.backward().unwrap();
+
+    let data = vars.data().lock().unwrap();
+    // Gradients equal PyTorch's for parameters across every part of the model.
+    let mut checked = 0;
+    for (k, want) in ex.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let name = &k["grad.".len()..];
+        let var = data
+            .get(name)
+            .unwrap_or_else(|| panic!("no variable {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_keepdim(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_abs_diff(g, want);
+        println!("parity brivl grad {name}: max abs diff {d:.3e} (max |grad| {scale:.3e})");
+        assert!(d <= 1e-3 * scale.max(1e-3), "{name}: {d} vs scale {scale}");
+        checked += 1;
+    }
+    assert_eq!(checked, 22);
+
+    // Every trainable tensor gets a non-zero gradient; BN running statistics get none.
+    let mut without = Vec::new();
+    for (name, var) in data.iter() {
+        let stat = name.ends_with("running_mean") || name.ends_with("running_var");
+        let norm = grads
+            .get(var.as_tensor())
+            .map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .unwrap_or(0.0);
+        if stat {
+            assert_eq!(norm, 0.0, "{name} is a constant but got a gradient");
+        } else if norm == 0.0 {
+            without.push(name.clone());
+        }
+    }
+    assert!(without.is_empty(), "no gradient for: {without:?}");
+    println!(
+        "brivl: {} variables, all trainable ones with gradients",
+        data.len()
+    );
+}
