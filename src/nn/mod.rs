@@ -7,8 +7,10 @@ pub mod attention;
 pub mod bert;
 pub mod ops;
 pub mod transformer;
+pub mod vit;
 
 pub use attention::{scaled_dot_product_attention, AttentionNames, MultiHeadAttention};
 pub use bert::{Bert, BertConfig};
 pub use ops::{Activation, LayerNorm};
 pub use transformer::{LayerDims, Mlp, PostNormLayer, PreNormEncoder, PreNormLayer};
+pub use vit::{ClipVisionConfig, ClipVisionTransformer};
