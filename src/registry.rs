@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::models::r2d2;
 use crate::models::siglip2::{self, SiglipConfig, SiglipEncoder};
 use crate::models::{DualEncoder, Family, LoadOptions};
 
@@ -31,6 +32,12 @@ pub fn presets() -> Vec<Preset> {
             repo: format!("google/{n}"),
         })
         .collect();
+    // R2D2 / PRD2: `repo` is the Google Drive URL (the files must be fetched by hand).
+    out.extend(r2d2::PRESETS.iter().map(|p| Preset {
+        name: p.name.to_string(),
+        family: p.family,
+        repo: p.url.to_string(),
+    }));
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
@@ -58,12 +65,19 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
         return load_path(path, opts);
     }
     let p = preset(spec)?;
+    if matches!(p.family, Family::R2d2 | Family::Prd2) {
+        return load_path(&r2d2::locate_preset(&p.name)?, opts);
+    }
     let dir = download_preset(&p)?;
     load_path(&dir, opts)
 }
 
-/// Opens a model from a local directory.
+/// Opens a model from a local directory (or, for R2D2 / PRD2, a checkpoint file).
 pub fn load_path(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
+    // R2D2 / PRD2: a `.pth` / `.safetensors` checkpoint, or a directory holding one.
+    if let Some(model) = r2d2::try_load_path(path, opts)? {
+        return Ok(Box::new(model));
+    }
     if path.is_dir() && path.join("config.json").exists() {
         let model_type = read_model_type(&path.join("config.json"))?;
         if model_type == "siglip" || model_type == "siglip2" {

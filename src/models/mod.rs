@@ -1,5 +1,6 @@
 //! The model families and the [`DualEncoder`] trait they share.
 
+pub mod r2d2;
 pub mod siglip2;
 
 use candle_core::{DType, Device, Tensor};
