@@ -2,3 +2,4 @@
 //! bad inputs. One test binary keeps link time low.
 
 mod common;
+mod r2d2;
