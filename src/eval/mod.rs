@@ -9,8 +9,8 @@
 pub mod retrieval;
 
 pub use retrieval::{
-    evaluate, recall_at_k, rerank, CosineOnly, Encoded, Recall, RetrievalDataset,
-    RetrievalModel, RetrievalOptions, RetrievalReport,
+    evaluate, recall_at_k, rerank, CosineOnly, Encoded, Recall, RetrievalDataset, RetrievalModel,
+    RetrievalOptions, RetrievalReport,
 };
 
 use crate::error::{Error, Result};

@@ -435,7 +435,11 @@ pub fn cross_scores_image_vs_texts(
         let mut shape = img.dims().to_vec();
         shape[0] = chunk.len();
         let imgs = img.broadcast_as(shape)?.contiguous()?;
-        let s = model.pair_scores(&imgs, &ts.index_select(&idx, 0)?, &tm.index_select(&idx, 0)?)?;
+        let s = model.pair_scores(
+            &imgs,
+            &ts.index_select(&idx, 0)?,
+            &tm.index_select(&idx, 0)?,
+        )?;
         out.extend(s.to_dtype(DType::F32)?.to_vec1::<f32>()?);
     }
     Ok(out)

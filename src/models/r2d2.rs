@@ -212,14 +212,14 @@ impl R2d2Config {
         }
         self.vision_config.validate().map_err(Error::Config)?;
         let t = &self.text_config;
-        if t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads != 0 {
+        if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return Err(Error::Config(format!(
                 "text width {} is not divisible by {} heads",
                 t.hidden_size, t.num_attention_heads
             )));
         }
         if let Some(j) = &self.joint_config {
-            if j.num_attention_heads == 0 || t.hidden_size % j.num_attention_heads != 0 {
+            if j.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(j.num_attention_heads) {
                 return Err(Error::Config(format!(
                     "joint-layer width {} is not divisible by {} heads",
                     t.hidden_size, j.num_attention_heads
@@ -280,7 +280,10 @@ impl R2d2Config {
         };
         let count = |prefix: &str| -> usize {
             let mut n = 0;
-            while shapes.keys().any(|k| k.starts_with(&format!("{prefix}{n}."))) {
+            while shapes
+                .keys()
+                .any(|k| k.starts_with(&format!("{prefix}{n}.")))
+            {
                 n += 1;
             }
             n
@@ -312,10 +315,7 @@ impl R2d2Config {
             hidden_size: tw,
             num_hidden_layers: count("text_encoder.encoder.layer."),
             num_attention_heads: heads(tw),
-            intermediate_size: dim(
-                "text_encoder.encoder.layer.0.intermediate.dense.weight",
-                0,
-            )?,
+            intermediate_size: dim("text_encoder.encoder.layer.0.intermediate.dense.weight", 0)?,
             hidden_act: Activation::Gelu,
             max_position_embeddings: dim("text_encoder.embeddings.position_embeddings.weight", 0)?,
             type_vocab_size: dim("text_encoder.embeddings.token_type_embeddings.weight", 0)?,
@@ -337,7 +337,12 @@ impl R2d2Config {
             None
         };
         let cfg = Self {
-            model_type: if family == Family::R2d2 { "r2d2" } else { "prd2" }.into(),
+            model_type: if family == Family::R2d2 {
+                "r2d2"
+            } else {
+                "prd2"
+            }
+            .into(),
             vision_config: vision,
             text_config: text,
             joint_config: joint,
@@ -762,9 +767,11 @@ impl R2d2 {
         )?;
         // Projected image queries, no self mask; cross-attention over the unpadded text.
         let q = j.img_joint_proj.forward(&image_tokens)?;
-        let i = j
-            .img_joint_layer
-            .forward_embeds(&q, None, Some((text_states, Some(text_mask), neg)))?;
+        let i = j.img_joint_layer.forward_embeds(
+            &q,
+            None,
+            Some((text_states, Some(text_mask), neg)),
+        )?;
         let lt = j.itm_head.forward(&t.i((.., 0))?)?;
         let li = j.itm_head_i.forward(&i.i((.., 0))?)?;
         Ok((lt, li))
@@ -866,8 +873,7 @@ impl R2d2Encoder {
     pub fn from_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let weights = checkpoint_in_dir(dir)?.ok_or_else(|| Error::Checkpoint {
             path: dir.to_path_buf(),
-            reason: "no model.safetensors, .safetensors or .pth checkpoint in the directory"
-                .into(),
+            reason: "no model.safetensors, .safetensors or .pth checkpoint in the directory".into(),
         })?;
         let cfg_path = dir.join("config.json");
         let cfg = if cfg_path.exists() {
@@ -994,9 +1000,10 @@ impl R2d2Encoder {
             .as_ref()
             .ok_or_else(|| Error::Tokenizer {
                 origin: "R2D2 model".into(),
-                reason: self.tokenizer_problem.clone().unwrap_or_else(|| {
-                    "no tokenizer.json was loaded with this model".into()
-                }),
+                reason: self
+                    .tokenizer_problem
+                    .clone()
+                    .unwrap_or_else(|| "no tokenizer.json was loaded with this model".into()),
             })
     }
 
@@ -1041,8 +1048,14 @@ impl R2d2Encoder {
     }
 
     /// Normalised embeddings `[m, embed_dim]` of token ids and the padding mask.
-    pub fn text_embeds_from_ids(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        Ok(self.text_features_from_ids(input_ids, attention_mask)?.embeds)
+    pub fn text_embeds_from_ids(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .text_features_from_ids(input_ids, attention_mask)?
+            .embeds)
     }
 
     /// Decodes, preprocesses and encodes images.
@@ -1304,7 +1317,11 @@ mod tests {
 
     #[test]
     fn family_detection() {
-        let r = ["visual_encoder.embeddings.x", "text_encoder.embeddings.y", "vision_proj.weight"];
+        let r = [
+            "visual_encoder.embeddings.x",
+            "text_encoder.embeddings.y",
+            "vision_proj.weight",
+        ];
         assert_eq!(family_of_keys(r), Some(Family::Prd2));
         let mut r2 = r.to_vec();
         r2.push("text_joint_layer.encoder.layer.0.x");

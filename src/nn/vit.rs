@@ -87,13 +87,15 @@ impl ClipVisionConfig {
 
     /// Checks the dimensions are usable.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(format!(
                 "image size {} is not a multiple of patch size {}",
                 self.image_size, self.patch_size
             ));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(format!(
                 "vision width {} is not divisible by {} heads",
                 self.hidden_size, self.num_attention_heads
