@@ -30,6 +30,23 @@
 //! (`position_ids`, the text pooler, the joint layers' embedding tables, `post_layernorm`)
 //! are reported as ignored; anything else unused is reported as unexpected. The published
 //! files are on Google Drive only (see [`PRESETS`]): download them by hand.
+//!
+//! ```no_run
+//! use tuwen::models::r2d2::R2d2Encoder;
+//! use tuwen::{DualEncoder, ImageInput, LoadOptions};
+//!
+//! # fn main() -> tuwen::Result<()> {
+//! // A preset whose file is in $TUWEN_WEIGHTS_DIR, a .pth / .safetensors file, or a folder.
+//! let model = R2d2Encoder::load("r2d2_pretrain_250m.pth", &LoadOptions::default())?;
+//! let image = [ImageInput::path("jordan.jpg")];
+//! let texts = ["乔丹投篮", "乔丹运球", "詹姆斯投篮"];
+//! // Cross-encoder matching scores in [0, 1], [1, 3].
+//! let itm = model.itm_scores(&image, &texts)?;
+//! // Dual-encoder probabilities: softmax over the texts of cos / temp.
+//! let probs = model.classify(&image, &texts, "{}")?;
+//! println!("{itm:?}\n{probs}");
+//! # Ok(()) }
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
