@@ -987,3 +987,40 @@ fn every_trainable_parameter_gets_a_gradient() {
     assert!(zero.is_empty(), "zero gradients: {zero:?}");
     println!("gradients: {} trainable tensors, all non-zero", data.len());
 }
+
+/// R2D2's preprocessing resizes with PIL's bicubic filter (torchvision on a PIL image). On
+/// a hard-edged image, where bicubic overshoots and the 8-bit intermediate is clipped, our
+/// resize must match PIL to one level (it did not when the vertical pass ran first).
+#[test]
+fn clip_resize_matches_pil() {
+    use tuwen::preprocess::image::{resize_pil, Resample};
+    let refs = load_st(&crate::common::fixture("r2d2/pil_resize.safetensors"));
+    let src = ImageInput::path(crate::common::fixture("r2d2/resize_src.png"))
+        .decode_rgb()
+        .unwrap();
+    assert_eq!(src.dimensions(), (131, 83));
+    assert_eq!(refs.len(), 10);
+    for (name, want) in &refs {
+        let (filter, size) = name.split_once('_').unwrap();
+        let (w, h) = size.split_once('x').unwrap();
+        let (w, h): (u32, u32) = (w.parse().unwrap(), h.parse().unwrap());
+        let filter = match filter {
+            "bicubic" => Resample::Bicubic,
+            "bilinear" => Resample::Bilinear,
+            f => panic!("unknown filter {f}"),
+        };
+        let got = resize_pil(&src, w, h, filter).unwrap();
+        let want = want.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let diffs: Vec<i32> = got
+            .as_raw()
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .collect();
+        assert_eq!(diffs.len(), want.len());
+        let max = diffs.iter().copied().max().unwrap_or(0);
+        let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+        println!("parity PIL resize {name}: max {max} levels, mean {mean:.4}");
+        assert!(max <= 1 && mean < 0.01, "{name}: max {max}, mean {mean}");
+    }
+}
