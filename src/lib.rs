@@ -10,6 +10,7 @@
 //!   it can train.
 //! * [`preprocess`] decodes images, resamples like PIL, builds NaFlex batches, and
 //!   tokenises text.
+//! * [`eval`] runs image–text retrieval with Recall@K and cross-encoder re-ranking.
 //! * [`checkpoint`] reads safetensors and PyTorch `.pth` files in pure Rust, checks every
 //!   tensor's presence and shape, writes atomically, and downloads presets from the Hub.
 //!
@@ -25,6 +26,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod eval;
 pub mod models;
 pub mod nn;
 pub mod preprocess;

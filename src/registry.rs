@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::models::brivl::{self, BrivlEncoder};
+use crate::models::r2d2;
 use crate::models::siglip2::{self, SiglipEncoder};
 use crate::models::{DualEncoder, Family, LoadOptions};
 
@@ -38,6 +39,12 @@ pub fn presets() -> Vec<Preset> {
         // Empty when there is no Hub mirror (see `brivl::PRESETS` for where it comes from).
         repo: p.hub.map(|(repo, _)| repo.to_string()).unwrap_or_default(),
     }));
+    // R2D2 / PRD2: `repo` is the Google Drive URL (the files must be fetched by hand).
+    out.extend(r2d2::PRESETS.iter().map(|p| Preset {
+        name: p.name.to_string(),
+        family: p.family,
+        repo: p.url.to_string(),
+    }));
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
@@ -69,16 +76,23 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
         // The weights (a .pth) and the tokenizer live in different repositories.
         return Ok(Box::new(BrivlEncoder::from_preset(&p.name, opts)?));
     }
+    if matches!(p.family, Family::R2d2 | Family::Prd2) {
+        return load_path(&r2d2::locate_preset(&p.name)?, opts);
+    }
     let dir = download_preset(&p)?;
     load_path(&dir, opts)
 }
 
 /// Opens a model from a local directory, or a checkpoint file of a family that can be
 /// recognised by its tensor names (BriVL: a `.pth` with `learnable`, or a `.safetensors`
-/// with `imgencoder.*` tensors).
+/// with `imgencoder.*` tensors; R2D2 / PRD2: `.pth` with `model`, or `.safetensors` with
+/// `visual_encoder.*` tensors, or a directory holding one).
 pub fn load_path(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
     if brivl::is_brivl_path(path) {
         return Ok(Box::new(BrivlEncoder::from_path(path, opts)?));
+    }
+    if let Some(model) = r2d2::try_load_path(path, opts)? {
+        return Ok(Box::new(model));
     }
     if path.is_dir() && path.join("config.json").exists() {
         let model_type = read_model_type(&path.join("config.json"))?;

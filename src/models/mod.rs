@@ -1,6 +1,7 @@
 //! The model families and the [`DualEncoder`] trait they share.
 
 pub mod brivl;
+pub mod r2d2;
 pub mod siglip2;
 
 use candle_core::{DType, Device, Tensor};

@@ -10,9 +10,11 @@ pub mod grid_sample;
 pub mod linear;
 pub mod ops;
 pub mod transformer;
+pub mod vit;
 
 pub use attention::{scaled_dot_product_attention, AttentionNames, MultiHeadAttention};
 pub use bert::{Bert, BertConfig};
 pub use linear::Linear;
 pub use ops::{Activation, LayerNorm};
 pub use transformer::{LayerDims, Mlp, PostNormLayer, PreNormEncoder, PreNormLayer};
+pub use vit::{ClipVisionConfig, ClipVisionTransformer};

@@ -212,6 +212,19 @@ pub fn resize_pil(img: &RgbImage, width: u32, height: u32, filter: Resample) -> 
     if img.width() == width && img.height() == height {
         return Ok(img.clone());
     }
+    // PIL resamples horizontally first, then vertically, rounding and clipping to 8 bits in
+    // between; fast_image_resize does the vertical pass first. With bicubic's overshoot the
+    // clipped intermediate depends on the order (up to 6 levels apart on a 500×333 → 56×56
+    // JPEG), so run the passes separately in PIL's order.
+    if img.width() != width && img.height() != height {
+        let tmp = resize_one_pass(img, width, img.height(), filter)?;
+        return resize_one_pass(&tmp, width, height, filter);
+    }
+    resize_one_pass(img, width, height, filter)
+}
+
+/// One fast_image_resize call (a single pass when only one dimension changes).
+fn resize_one_pass(img: &RgbImage, width: u32, height: u32, filter: Resample) -> Result<RgbImage> {
     let src = FirImage::from_vec_u8(
         img.width(),
         img.height(),

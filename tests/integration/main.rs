@@ -6,4 +6,5 @@ mod common;
 mod examples;
 #[cfg(feature = "hub")]
 mod hub;
+mod r2d2;
 mod siglip2;
