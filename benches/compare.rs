@@ -43,11 +43,20 @@ fn workload(name: &str, batch: usize) -> Result<Run, String> {
     })
 }
 
-const WORKLOADS: &[&str] = &["siglip2-b16-image", "siglip2-b16-text", "siglip2-b16-naflex-image"];
+const WORKLOADS: &[&str] = &[
+    "siglip2-b16-image",
+    "siglip2-b16-text",
+    "siglip2-b16-naflex-image",
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     if args.iter().any(|a| a == "--list") {
         println!("{}", WORKLOADS.join("\n"));
         return;

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// Whether `HF_HUB_OFFLINE` asks for cache-only operation.
 pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| !v.is_empty() && v != "0" && v.to_ascii_lowercase() != "false")
+        .map(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
         .unwrap_or(false)
 }
 

@@ -78,7 +78,7 @@ impl MultiHeadAttention {
         dim: usize,
         num_heads: usize,
     ) -> Result<Self> {
-        if num_heads == 0 || dim % num_heads != 0 {
+        if num_heads == 0 || !dim.is_multiple_of(num_heads) {
             candle_core::bail!("attention width {dim} is not divisible by {num_heads} heads")
         }
         let head_dim = dim / num_heads;

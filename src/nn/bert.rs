@@ -245,7 +245,8 @@ impl Bert {
     }
 
     fn build(cfg: &BertConfig, with_embeddings: bool, vb: VarBuilder) -> Result<Self> {
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             candle_core::bail!(
                 "BERT hidden size {} is not divisible by {} heads",
                 cfg.hidden_size,

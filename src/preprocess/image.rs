@@ -330,8 +330,9 @@ impl FixedProcessor {
         Self {
             size,
             resample: Resample::Bicubic,
-            mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+            // OpenAI CLIP's constants, as written in every processor config (f32-rounded).
+            mean: [0.481_454_67, 0.457_827_5, 0.408_210_72],
+            std: [0.268_629_55, 0.261_302_6, 0.275_777_1],
         }
     }
 
