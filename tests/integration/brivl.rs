@@ -941,3 +941,88 @@ fn brivl_gradients_match_reference_and_reach_every_part() {
         data.len()
     );
 }
+
+/// The real BriVL-1.0 weights against the original repository's saved embeddings of its three
+/// example pairs (`../shared/data/brivl-reference/np_{img,text}.npy`, made by
+/// `XYB_box_extract.py`: cfg `test_xyb.yml`, the first 36 boxes of each image, `sur_text`,
+/// torchvision 0.9.1 preprocessing). Opt-in because it needs the 2.2 GB checkpoint:
+///
+/// ```sh
+/// TUWEN_BRIVL_CHECKPOINT=/path/BriVL-1.0-5500w.pth \
+///     cargo test --release --test integration brivl_1_0_real -- --ignored --nocapture
+/// ```
+///
+/// It fails (does not skip) when the variable is unset. Which image size made the reference
+/// (380 or 456) is unknown, so both are tried and the closer one is reported and checked.
+#[test]
+#[ignore = "needs the 2.2 GB BriVL-1.0 checkpoint in TUWEN_BRIVL_CHECKPOINT"]
+fn brivl_1_0_real_weights_reproduce_reference_embeddings() {
+    let ckpt = PathBuf::from(
+        std::env::var_os("TUWEN_BRIVL_CHECKPOINT")
+            .expect("set TUWEN_BRIVL_CHECKPOINT to BriVL-1.0-5500w.pth"),
+    );
+    let want_img = Tensor::read_npy(shared("data/brivl-reference/np_img.npy")).unwrap();
+    let want_txt = Tensor::read_npy(shared("data/brivl-reference/np_text.npy")).unwrap();
+    let text = std::fs::read_to_string(shared("data/images/brivl_example.jsonl")).unwrap();
+    let mut images = Vec::new();
+    let mut texts = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let name = v["image_id"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_string();
+        images.push(
+            ImageInput::path(shared(&format!("data/images/{name}")))
+                .with_boxes(jsonl_boxes(&name, 36)),
+        );
+        let sur = v["sentences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[0] == "sur_text")
+            .unwrap();
+        texts.push(sur[1].as_str().unwrap().to_string());
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut best = (f32::INFINITY, 0);
+    for size in [380, 456] {
+        let mut cfg = BrivlConfig::preset("brivl-1.0").unwrap();
+        cfg.img_size = size;
+        let enc = BrivlEncoder::from_checkpoint(
+            &cfg,
+            &ckpt,
+            Some(&shared(TOKENIZER)),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            enc.load_report().unexpected.is_empty(),
+            "{:?}",
+            enc.load_report().unexpected
+        );
+        if size == 380 {
+            assert_close(
+                "brivl-1.0 text embeds vs np_text.npy",
+                &enc.embed_texts(&refs).unwrap(),
+                &want_txt,
+                1e-3,
+            );
+        }
+        let img = enc.embed_images(&images).unwrap();
+        let d = max_abs_diff(&img, &want_img);
+        println!("brivl-1.0 image embeds at {size} px vs np_img.npy: max abs diff {d:.3e}");
+        if d < best.0 {
+            best = (d, size);
+        }
+    }
+    println!(
+        "brivl-1.0: np_img.npy is closest at {} px ({:.3e})",
+        best.1, best.0
+    );
+    // JPEG decoding differs slightly from PIL's (see brivl_raw_inputs_through_public_api).
+    assert!(best.0 < 1e-2, "image embeds differ by {}", best.0);
+}
