@@ -1144,6 +1144,21 @@ mod tests {
     }
 
     #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_f32(x) as f64) - want).abs() / want);
+            x += 0.001_3;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert!(silu(-200.0).abs() < 1e-30);
+        assert_eq!(silu(200.0), 200.0);
+        assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
+    }
+
+    #[test]
     fn same_padding_matches_tf() {
         // 67 with k3 s2: out 34, total pad (33*2 + 3) - 67 = 2 -> (1, 1).
         assert_eq!(same_padding(67, 3, 2), (1, 1));
