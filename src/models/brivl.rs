@@ -631,7 +631,7 @@ pub enum BrivlResize {
 }
 
 /// Validates, clips and scales one image's boxes to model pixels and appends the whole
-/// image; without boxes, an `grid × grid` grid (none for 0) plus the whole image.
+/// image; without boxes, a `grid × grid` grid (none for 0) plus the whole image.
 ///
 /// Errors ([`Error::InvalidBox`]): a non-finite coordinate, `x2 < x1` or `y2 < y1`, a box
 /// that does not overlap the image or has a coordinate more than one image width / height

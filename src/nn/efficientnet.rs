@@ -482,7 +482,7 @@ fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -1141,6 +1141,21 @@ mod tests {
         assert_eq!(round_channels(32, 0.3), 16);
         assert_eq!(round_channels(32, 0.125), 8);
         assert!(EfficientNetConfig::tf_variant("efficientnet_b5").is_none());
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_f32(x) as f64) - want).abs() / want);
+            x += 0.001_3;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert!(silu(-200.0).abs() < 1e-30);
+        assert_eq!(silu(200.0), 200.0);
+        assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
     }
 
     #[test]

@@ -256,31 +256,125 @@ fn brivl_raw_inputs_through_public_api() {
         0.0,
     );
 
-    // Default preprocessing = torchvision 0.9.1 (no antialias). The JPEG decoders differ
-    // (image-rs vs libjpeg-turbo: a few u8 levels on some pixels), which bounds the error.
+    // The JPEG decoders differ: image-rs (zune-jpeg) against PIL (libjpeg-turbo), measured
+    // on the committed PIL references (top-left 32x32 crops and whole-image channel sums).
+    let pil = load_st(&fixture("siglip2/preprocess_ref.safetensors"));
+    let pil_meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("siglip2/preprocess_ref.json")).unwrap(),
+    )
+    .unwrap();
+    for input in &inputs {
+        let rgb = input.decode_rgb().unwrap();
+        let stem = match &input.source {
+            tuwen::preprocess::ImageSource::Path(p) => {
+                p.file_stem().unwrap().to_string_lossy().to_string()
+            }
+            _ => unreachable!(),
+        };
+        let crop = get(&pil, &format!("decoded_crop_{stem}"));
+        let mut worst = 0i32;
+        for y in 0..32u32 {
+            for x in 0..32u32 {
+                for c in 0..3usize {
+                    let want: u8 = crop
+                        .get(y as usize)
+                        .unwrap()
+                        .get(x as usize)
+                        .unwrap()
+                        .get(c)
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
+                    worst = worst.max((rgb.get_pixel(x, y).0[c] as i32 - want as i32).abs());
+                }
+            }
+        }
+        let info = pil_meta["images"]
+            .as_object()
+            .unwrap()
+            .values()
+            .find(|v| v["file"].as_str().unwrap().starts_with(&stem))
+            .unwrap();
+        let mut sums = [0u64; 3];
+        for p in rgb.pixels() {
+            for (sum, v) in sums.iter_mut().zip(p.0) {
+                *sum += v as u64;
+            }
+        }
+        let n = (rgb.width() * rgb.height()) as f64;
+        let mean_shift: Vec<f64> = (0..3)
+            .map(|c| (sums[c] as f64 - info["decoded_rgb_sum"][c].as_f64().unwrap()) / n)
+            .collect();
+        println!(
+            "brivl JPEG decode vs PIL, {stem}: crop max |u8 diff| {worst}, mean channel shift \
+             {mean_shift:.4?} levels"
+        );
+        assert!(worst <= 8, "{stem}: decoder differs by {worst} levels");
+        assert!(mean_shift.iter().all(|d| d.abs() < 0.5), "{mean_shift:?}");
+    }
+
+    // Default preprocessing = torchvision 0.9.1 (no antialias) against PIL-decoded pixels
+    // through the same recipe: equal up to the decoder difference above (a few u8 levels on
+    // some pixels, i.e. a few 0.01 after normalisation; the mean stays small).
     let (pixels, _, _) = enc.preprocess_images(&inputs).unwrap();
     let d_noaa = max_abs_diff(&pixels, get(&ex, "pixel_values_noaa"));
+    let mean_noaa = mean_abs_diff(&pixels, get(&ex, "pixel_values_noaa"));
     println!(
-        "parity brivl pixel_values (no antialias, torchvision 0.9.1): max abs diff {d_noaa:.3e}"
+        "parity brivl pixel_values (no antialias, torchvision 0.9.1): max abs diff {d_noaa:.3e}, \
+         mean {mean_noaa:.3e}"
     );
     assert!(d_noaa < 0.1, "{d_noaa}");
-    let mean_noaa = mean_abs_diff(&pixels, get(&ex, "pixel_values_noaa"));
-    println!("parity brivl pixel_values (no antialias): mean abs diff {mean_noaa:.3e}");
-    assert!(mean_noaa < 2e-3, "{mean_noaa}");
+    assert!(mean_noaa < 4e-3, "{mean_noaa}");
 
     // The fixture resized with antialias (torchvision 0.29): the same path here.
     enc.image_processor.resize = BrivlResize::BilinearAntialias;
     let (pixels, _, _) = enc.preprocess_images(&inputs).unwrap();
     let d_aa = max_abs_diff(&pixels, get(&io, "pixel_values"));
-    println!("parity brivl pixel_values (antialias): max abs diff {d_aa:.3e}");
+    let mean_aa = mean_abs_diff(&pixels, get(&io, "pixel_values"));
+    println!("parity brivl pixel_values (antialias): max abs diff {d_aa:.3e}, mean {mean_aa:.3e}");
     assert!(d_aa < 0.1, "{d_aa}");
+    assert!(mean_aa < 4e-3, "{mean_aa}");
+    // With equal pixels the network matches to ~1e-7 (see brivl_tiny_pth_matches_original);
+    // the decoder's pixel noise (mean ~2e-3) moves the normalised embeddings by ~1e-5 here.
+    // 5e-4 leaves room for that noise and still fails for any real preprocessing error (a
+    // wrong resize, box scale or normalisation changes them by > 1e-2).
     let img = enc.embed_images(&inputs).unwrap();
     assert_close(
         "brivl image_embeds from JPEGs (antialias resize)",
         &img,
         get(&io, "image_embeds"),
-        2e-3,
+        5e-4,
     );
+
+    // Box-free modes through the public API: the whole image only (box_grid 0, or an empty
+    // box list), and a 2x2 grid plus the whole image, against the reference's cases.
+    let plain: Vec<ImageInput> = inputs
+        .iter()
+        .map(|i| ImageInput {
+            source: i.source.clone(),
+            boxes: None,
+        })
+        .collect();
+    enc.box_grid = 2;
+    assert_close(
+        "brivl image_embeds from JPEGs (2x2 grid)",
+        &enc.embed_images(&plain).unwrap(),
+        get(&ex, "image_embeds_grid"),
+        5e-4,
+    );
+    enc.box_grid = 0;
+    let whole = enc.embed_images(&plain[2..]).unwrap();
+    let empty = enc
+        .embed_images(&[plain[2].clone().with_boxes(vec![])])
+        .unwrap();
+    let want = get(&ex, "image_embeds_fewboxes").narrow(0, 2, 1).unwrap();
+    assert_close(
+        "brivl image_embeds from JPEG (whole image only)",
+        &whole,
+        &want,
+        5e-4,
+    );
+    assert_close("brivl image_embeds (empty box list)", &empty, &whole, 0.0);
 
     // Texts: token ids equal the fixture's, embeddings to 1e-4.
     let texts: Vec<String> = tiny_json()["texts"]
@@ -332,6 +426,46 @@ fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+#[test]
+fn brivl_runs_in_f16() {
+    let io = load_st(&shared(TINY_IO));
+    let want_img = get(&io, "image_embeds");
+    let want_txt = get(&io, "text_embeds");
+    // (candle 0.11 has no bf16 matmul on the CPU, so bf16 is for GPUs.)
+    {
+        let dtype = DType::F16;
+        let opts = LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        };
+        let enc =
+            BrivlEncoder::from_checkpoint(&tiny_config(), &shared(TINY_PTH), None, &opts).unwrap();
+        let img = enc
+            .image_embeds_from_pixels(
+                get(&io, "pixel_values"),
+                get(&io, "boxes"),
+                get(&io, "box_mask"),
+            )
+            .unwrap();
+        let txt = enc.text_embeds_from_ids(get(&io, "input_ids")).unwrap();
+        assert_eq!(img.dtype(), DType::F32);
+        // Half precision: about 3 significant digits through ~40 layers.
+        let tol = 2e-3;
+        assert_close(
+            &format!("brivl tiny image_embeds ({dtype:?})"),
+            &img,
+            want_img,
+            tol,
+        );
+        assert_close(
+            &format!("brivl tiny text_embeds ({dtype:?})"),
+            &txt,
+            want_txt,
+            tol,
+        );
+    }
 }
 
 #[test]
@@ -501,7 +635,7 @@ fn brivl_full_size_parameters_match_manifest() {
     assert!(only_theirs.is_empty(), "not requested: {only_theirs:?}");
     assert!(mismatched.is_empty(), "shape mismatches: {mismatched:?}");
     // The query encoders hold half of the 548M parameters (the _mom copies the other half).
-    assert_eq!(left_out.get("_mom").copied().unwrap_or(0) > 0, true);
+    assert!(left_out.get("_mom").copied().unwrap_or(0) > 0);
 }
 
 fn expect_invalid_box(enc: &BrivlEncoder, boxes: Vec<[f32; 4]>, what: &str) -> String {
@@ -806,4 +940,89 @@ fn brivl_gradients_match_reference_and_reach_every_part() {
         "brivl: {} variables, all trainable ones with gradients",
         data.len()
     );
+}
+
+/// The real BriVL-1.0 weights against the original repository's saved embeddings of its three
+/// example pairs (`../shared/data/brivl-reference/np_{img,text}.npy`, made by
+/// `XYB_box_extract.py`: cfg `test_xyb.yml`, the first 36 boxes of each image, `sur_text`,
+/// torchvision 0.9.1 preprocessing). Opt-in because it needs the 2.2 GB checkpoint:
+///
+/// ```sh
+/// TUWEN_BRIVL_CHECKPOINT=/path/BriVL-1.0-5500w.pth \
+///     cargo test --release --test integration brivl_1_0_real -- --ignored --nocapture
+/// ```
+///
+/// It fails (does not skip) when the variable is unset. Which image size made the reference
+/// (380 or 456) is unknown, so both are tried and the closer one is reported and checked.
+#[test]
+#[ignore = "needs the 2.2 GB BriVL-1.0 checkpoint in TUWEN_BRIVL_CHECKPOINT"]
+fn brivl_1_0_real_weights_reproduce_reference_embeddings() {
+    let ckpt = PathBuf::from(
+        std::env::var_os("TUWEN_BRIVL_CHECKPOINT")
+            .expect("set TUWEN_BRIVL_CHECKPOINT to BriVL-1.0-5500w.pth"),
+    );
+    let want_img = Tensor::read_npy(shared("data/brivl-reference/np_img.npy")).unwrap();
+    let want_txt = Tensor::read_npy(shared("data/brivl-reference/np_text.npy")).unwrap();
+    let text = std::fs::read_to_string(shared("data/images/brivl_example.jsonl")).unwrap();
+    let mut images = Vec::new();
+    let mut texts = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let name = v["image_id"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_string();
+        images.push(
+            ImageInput::path(shared(&format!("data/images/{name}")))
+                .with_boxes(jsonl_boxes(&name, 36)),
+        );
+        let sur = v["sentences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[0] == "sur_text")
+            .unwrap();
+        texts.push(sur[1].as_str().unwrap().to_string());
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut best = (f32::INFINITY, 0);
+    for size in [380, 456] {
+        let mut cfg = BrivlConfig::preset("brivl-1.0").unwrap();
+        cfg.img_size = size;
+        let enc = BrivlEncoder::from_checkpoint(
+            &cfg,
+            &ckpt,
+            Some(&shared(TOKENIZER)),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            enc.load_report().unexpected.is_empty(),
+            "{:?}",
+            enc.load_report().unexpected
+        );
+        if size == 380 {
+            assert_close(
+                "brivl-1.0 text embeds vs np_text.npy",
+                &enc.embed_texts(&refs).unwrap(),
+                &want_txt,
+                1e-3,
+            );
+        }
+        let img = enc.embed_images(&images).unwrap();
+        let d = max_abs_diff(&img, &want_img);
+        println!("brivl-1.0 image embeds at {size} px vs np_img.npy: max abs diff {d:.3e}");
+        if d < best.0 {
+            best = (d, size);
+        }
+    }
+    println!(
+        "brivl-1.0: np_img.npy is closest at {} px ({:.3e})",
+        best.1, best.0
+    );
+    // JPEG decoding differs slightly from PIL's (see brivl_raw_inputs_through_public_api).
+    assert!(best.0 < 1e-2, "image embeds differ by {}", best.0);
 }
