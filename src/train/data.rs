@@ -622,7 +622,8 @@ impl DataLoader {
     }
 
     /// The next batch of the current epoch, or `None` when the epoch is over (the
-    /// position then moves to the start of the next epoch). With `drop_last` off, the
+    /// position then moves to the start of the next epoch; a position whose cursor is at
+    /// the end of the order means "this epoch is exhausted"). With `drop_last` off, the
     /// epoch's last batch may be smaller. Use it with `shuffle: false` for evaluation.
     pub fn next_batch_in_epoch(&mut self) -> Result<Option<Batch>> {
         let epoch = self.pos.epoch;
@@ -654,15 +655,15 @@ impl DataLoader {
         }
         self.pos.skipped_total += skipped.len() as u64;
         let full = got.len() == bs;
-        if cursor >= n {
+        if !(full || (!got.is_empty() && !self.config.drop_last)) {
+            // The epoch is over (nothing left, or a tail too short to keep).
             self.pos.epoch += 1;
             self.pos.cursor = 0;
-        } else {
-            self.pos.cursor = cursor;
-        }
-        if !(full || (!got.is_empty() && !self.config.drop_last)) {
             return Ok(None);
         }
+        // A batch that reaches the end leaves the cursor at `n`: the next call reports the
+        // end of the epoch, then moves on.
+        self.pos.cursor = cursor;
         let s = self.config.pipeline.size;
         let count = got.len();
         let mut pixels = Vec::with_capacity(count * 3 * s * s);

@@ -130,6 +130,13 @@ impl BatchInfo for Tensor {
     }
 }
 
+/// One sample (for steps whose closure needs no input).
+impl BatchInfo for () {
+    fn num_samples(&self) -> usize {
+        1
+    }
+}
+
 impl<T> BatchInfo for Vec<T> {
     fn num_samples(&self) -> usize {
         self.len()

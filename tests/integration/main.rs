@@ -5,4 +5,5 @@ mod common;
 #[cfg(feature = "hub")]
 mod hub;
 mod siglip2;
+mod train;
 mod examples;
