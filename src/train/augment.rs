@@ -68,7 +68,9 @@ impl AugmentConfig {
         if ok {
             Ok(())
         } else {
-            Err(crate::Error::Config(format!("invalid augmentation {self:?}")))
+            Err(crate::Error::Config(format!(
+                "invalid augmentation {self:?}"
+            )))
         }
     }
 

@@ -64,7 +64,11 @@ fn data_err(origin: &str, line: Option<usize>, reason: impl Into<String>) -> Err
 impl Manifest {
     /// Reads a manifest by extension: `.jsonl`/`.json`/`.ndjson` or `.csv`.
     pub fn open(path: &Path) -> Result<Self> {
-        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+        {
             Some(e) if e == "jsonl" || e == "ndjson" || e == "json" => Self::from_jsonl(path),
             Some(e) if e == "csv" => Self::from_csv(path),
             _ => Err(data_err(
@@ -173,20 +177,25 @@ impl Manifest {
     /// Parses CSV text; relative image paths are joined to `base`.
     pub fn parse_csv(text: &str, origin: &str, base: &Path) -> Result<Self> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let records = parse_csv_records(text).map_err(|(line, r)| data_err(origin, Some(line), r))?;
+        let records =
+            parse_csv_records(text).map_err(|(line, r)| data_err(origin, Some(line), r))?;
         let mut it = records.into_iter();
         let (_, header) = it
             .next()
             .ok_or_else(|| data_err(origin, None, "empty CSV (a header row is required)"))?;
-        let header: Vec<String> = header.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+        let header: Vec<String> = header
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect();
         let col = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
-        let image_col = col(&["image", "image_path", "path", "file", "filepath"]).ok_or_else(|| {
-            data_err(
-                origin,
-                Some(1),
-                format!("no image column in header {header:?} (expected `image`)"),
-            )
-        })?;
+        let image_col =
+            col(&["image", "image_path", "path", "file", "filepath"]).ok_or_else(|| {
+                data_err(
+                    origin,
+                    Some(1),
+                    format!("no image column in header {header:?} (expected `image`)"),
+                )
+            })?;
         let caption_col = col(&["caption", "text", "title"]).ok_or_else(|| {
             data_err(
                 origin,
@@ -264,7 +273,9 @@ fn parse_boxes(v: &serde_json::Value) -> std::result::Result<Vec<[f32; 4]>, Stri
 
 /// RFC 4180 records with the 1-based line each starts on.
 #[allow(clippy::type_complexity)]
-fn parse_csv_records(text: &str) -> std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)> {
+fn parse_csv_records(
+    text: &str,
+) -> std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)> {
     let mut out = Vec::new();
     let mut fields = Vec::new();
     let mut field = String::new();
@@ -392,7 +403,11 @@ impl ImagePipeline {
                 to_planes(&r)
             }
             ResizeKind::BilinearNoAntialias => {
-                let t = Tensor::from_vec(to_planes(img), (3, img.height() as usize, img.width() as usize), &Device::Cpu)?;
+                let t = Tensor::from_vec(
+                    to_planes(img),
+                    (3, img.height() as usize, img.width() as usize),
+                    &Device::Cpu,
+                )?;
                 resize_bilinear_no_antialias(&t, s, s)?
                     .flatten_all()?
                     .to_vec1::<f32>()?
@@ -524,10 +539,16 @@ pub struct DataLoader {
 impl DataLoader {
     pub fn new(manifest: Manifest, config: DataConfig) -> Result<Self> {
         if manifest.is_empty() {
-            return Err(data_err(&manifest.origin, None, "the manifest has no samples"));
+            return Err(data_err(
+                &manifest.origin,
+                None,
+                "the manifest has no samples",
+            ));
         }
         if config.batch_size == 0 || config.pipeline.size == 0 {
-            return Err(Error::Config("batch size and image size must be positive".into()));
+            return Err(Error::Config(
+                "batch size and image size must be positive".into(),
+            ));
         }
         if let Some(a) = &config.pipeline.augment {
             a.validate()?;
@@ -734,7 +755,8 @@ mod tests {
 
     #[test]
     fn csv_records() {
-        let t = "image,caption\na.jpg,\"hello, \"\"world\"\"\"\r\nb.jpg,\"two\nlines\"\n\nc.jpg,plain";
+        let t =
+            "image,caption\na.jpg,\"hello, \"\"world\"\"\"\r\nb.jpg,\"two\nlines\"\n\nc.jpg,plain";
         let r = parse_csv_records(t).unwrap();
         assert_eq!(r[0], (1, vec!["image".into(), "caption".into()]));
         assert_eq!(r[1], (2, vec!["a.jpg".into(), "hello, \"world\"".into()]));
@@ -760,13 +782,21 @@ mod tests {
         assert_eq!(ok.samples[1].image, PathBuf::from("/abs/b.jpg"));
         assert_eq!(ok.samples[1].boxes, Some(vec![[1.0, 2.0, 3.0, 4.0]]));
         for (bad, want) in [
-            ("{\"image\":\"a\",\"caption\":\"x\"}\n{\"caption\":\"x\"}", "line 2"),
+            (
+                "{\"image\":\"a\",\"caption\":\"x\"}\n{\"caption\":\"x\"}",
+                "line 2",
+            ),
             ("{\"image\":\"a\"}", "line 1"),
             ("not json", "line 1"),
             ("{\"image\":\"a\",\"captions\":[]}", "empty"),
-            ("{\"image\":\"a\",\"caption\":\"x\",\"boxes\":[[1,2,3]]}", "box 0"),
+            (
+                "{\"image\":\"a\",\"caption\":\"x\",\"boxes\":[[1,2,3]]}",
+                "box 0",
+            ),
         ] {
-            let e = Manifest::parse_jsonl(bad, "m.jsonl", base).unwrap_err().to_string();
+            let e = Manifest::parse_jsonl(bad, "m.jsonl", base)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{e}");
         }
     }

@@ -212,7 +212,9 @@ impl<'a> Fit<'a> {
                         Some(x) => x.save_state()?,
                         None => BTreeMap::new(),
                     };
-                    let ck = self.trainer.checkpoint(Some(pos), extra, self.config.clone())?;
+                    let ck = self
+                        .trainer
+                        .checkpoint(Some(pos), extra, self.config.clone())?;
                     let path = mgr.save(&ck)?;
                     if let Some(log) = self.log.as_deref_mut() {
                         log.write(&json!({

@@ -58,7 +58,12 @@ impl MetricsLog {
     }
 
     /// Writes a step record (or a `skip` record for a skipped step).
-    pub fn log_step(&mut self, r: &StepReport, skipped_samples: u64, epoch: Option<u64>) -> Result<()> {
+    pub fn log_step(
+        &mut self,
+        r: &StepReport,
+        skipped_samples: u64,
+        epoch: Option<u64>,
+    ) -> Result<()> {
         self.write(&step_record(r, skipped_samples, epoch))
     }
 
@@ -69,7 +74,9 @@ impl MetricsLog {
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         s.lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| Error::parse(path.display().to_string(), e)))
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| Error::parse(path.display().to_string(), e))
+            })
             .collect()
     }
 }

@@ -75,6 +75,6 @@ pub use pattern::Patterns;
 pub use schedule::Schedule;
 pub use state::{CheckpointManager, CheckpointMeta, TrainCheckpoint};
 pub use trainer::{
-    ema_update, grad_coverage, BatchInfo, EmaPairs, GradCoverage, SkipReason, StepCtx,
-    StepReport, Trainer, TrainerConfig,
+    ema_update, grad_coverage, BatchInfo, EmaPairs, GradCoverage, SkipReason, StepCtx, StepReport,
+    Trainer, TrainerConfig,
 };

@@ -200,7 +200,9 @@ impl Grads {
         let mut grads = vec![None; opt.params.len()];
         for (name, g) in named {
             let i = opt.index_of(name).ok_or_else(|| {
-                Error::Training(format!("gradient for `{name}`, which is not a trained parameter"))
+                Error::Training(format!(
+                    "gradient for `{name}`, which is not a trained parameter"
+                ))
             })?;
             if g.dims() != opt.params[i].var.dims() {
                 return Err(Error::Training(format!(
@@ -229,7 +231,9 @@ impl Grads {
         if sums.is_empty() {
             return Ok(0.0);
         }
-        let v = Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let v = Tensor::stack(&sums, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         Ok(v.iter().sum::<f64>().sqrt())
     }
 
@@ -273,7 +277,11 @@ fn state_dtype(d: DType) -> DType {
 
 impl AdamW {
     /// Builds the optimiser over every float var of `vars` (sorted by name).
-    pub fn from_varmap(vars: &VarMap, config: AdamWConfig, groups: &ParamGroupConfig) -> Result<Self> {
+    pub fn from_varmap(
+        vars: &VarMap,
+        config: AdamWConfig,
+        groups: &ParamGroupConfig,
+    ) -> Result<Self> {
         let named: Vec<(String, Var)> = {
             let data = vars
                 .data()
@@ -337,8 +345,8 @@ impl AdamW {
                 .position(|(_, p)| p.matches(&name))
                 .map(|i| i + 1)
                 .unwrap_or(0);
-            let decayed = !(no_decay.matches(&name)
-                || (groups.no_decay_rank_le1 && var.rank() <= 1));
+            let decayed =
+                !(no_decay.matches(&name) || (groups.no_decay_rank_le1 && var.rank() <= 1));
             let gi = *group_index.entry((rule, decayed)).or_insert_with(|| {
                 let (base_name, lr_scale, wd) = match rule {
                     0 => ("default".to_string(), 1.0, config.weight_decay),
@@ -417,7 +425,10 @@ impl AdamW {
 
     /// The trained parameters, by name.
     pub fn trained(&self) -> Vec<(&str, &Var)> {
-        self.params.iter().map(|p| (p.name.as_str(), &p.var)).collect()
+        self.params
+            .iter()
+            .map(|p| (p.name.as_str(), &p.var))
+            .collect()
     }
 
     /// The frozen parameters, by name.
@@ -442,12 +453,14 @@ impl AdamW {
 
     /// The f32 master copy of a half-precision parameter.
     pub fn master(&self, name: &str) -> Option<&Tensor> {
-        self.index_of(name).and_then(|i| self.params[i].master.as_ref())
+        self.index_of(name)
+            .and_then(|i| self.params[i].master.as_ref())
     }
 
     /// The first and second moments of a parameter.
     pub fn moments(&self, name: &str) -> Option<(&Tensor, &Tensor)> {
-        self.index_of(name).map(|i| (&self.params[i].m, &self.params[i].v))
+        self.index_of(name)
+            .map(|i| (&self.params[i].m, &self.params[i].v))
     }
 
     /// The groups with their members.
@@ -458,8 +471,16 @@ impl AdamW {
                 name: g.name.clone(),
                 lr_scale: g.lr_scale,
                 weight_decay: g.weight_decay,
-                params: g.members.iter().map(|&i| self.params[i].name.clone()).collect(),
-                numel: g.members.iter().map(|&i| self.params[i].var.elem_count()).sum(),
+                params: g
+                    .members
+                    .iter()
+                    .map(|&i| self.params[i].name.clone())
+                    .collect(),
+                numel: g
+                    .members
+                    .iter()
+                    .map(|&i| self.params[i].var.elem_count())
+                    .sum(),
             })
             .collect()
     }
@@ -664,10 +685,16 @@ mod tests {
             ("enc.layer.0.weight".to_string(), var(&[2, 2], DType::F32)),
             ("enc.layer.0.bias".to_string(), var(&[2], DType::F32)),
             ("enc.layer.1.weight".to_string(), var(&[2, 2], DType::F32)),
-            ("enc.layer.1.norm1.weight".to_string(), var(&[2], DType::F32)),
+            (
+                "enc.layer.1.norm1.weight".to_string(),
+                var(&[2], DType::F32),
+            ),
             ("head.weight".to_string(), var(&[2, 2], DType::F32)),
             ("logit_scale".to_string(), var(&[1], DType::F32)),
-            ("blocks.0.bn1.running_mean".to_string(), var(&[2], DType::F32)),
+            (
+                "blocks.0.bn1.running_mean".to_string(),
+                var(&[2], DType::F32),
+            ),
         ];
         let cfg = ParamGroupConfig::default()
             .with_trainable(["enc.layer.{1..1}.*", "head.*", "logit_scale"])
@@ -686,7 +713,11 @@ mod tests {
         let frozen: Vec<_> = opt.frozen().iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             frozen,
-            vec!["blocks.0.bn1.running_mean", "enc.layer.0.bias", "enc.layer.0.weight"]
+            vec![
+                "blocks.0.bn1.running_mean",
+                "enc.layer.0.bias",
+                "enc.layer.0.weight"
+            ]
         );
         assert!(!opt.has_state("enc.layer.0.weight"));
         assert!(opt.has_state("head.weight"));

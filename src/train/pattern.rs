@@ -122,7 +122,8 @@ pub fn expand_braces(p: &str) -> Result<Vec<String>> {
     let close = close.ok_or_else(|| Error::Config(format!("unbalanced `{{` in pattern `{p}`")))?;
     let (head, body, tail) = (&p[..open], &p[open + 1..close], &p[close + 1..]);
     let is_range = !body.contains(',') && !body.contains('{');
-    let alternatives: Vec<String> = if let Some((a, b)) = body.split_once("..").filter(|_| is_range) {
+    let alternatives: Vec<String> = if let Some((a, b)) = body.split_once("..").filter(|_| is_range)
+    {
         let range = a
             .trim()
             .parse::<i64>()
@@ -176,10 +177,22 @@ mod tests {
 
     #[test]
     fn glob_and_substring() {
-        assert!(matches_one("imgencoder.backbone.blocks.3.*", "imgencoder.backbone.blocks.3.0.conv_dw.weight"));
-        assert!(!matches_one("imgencoder.backbone.blocks.3.*", "imgencoder.backbone.blocks.30.0.conv_dw.weight"));
-        assert!(!matches_one("imgencoder.backbone.blocks.3.*", "x.imgencoder.backbone.blocks.3.0.w"));
-        assert!(matches_one("*bias", "encoder.layer.0.attention.output.dense.bias"));
+        assert!(matches_one(
+            "imgencoder.backbone.blocks.3.*",
+            "imgencoder.backbone.blocks.3.0.conv_dw.weight"
+        ));
+        assert!(!matches_one(
+            "imgencoder.backbone.blocks.3.*",
+            "imgencoder.backbone.blocks.30.0.conv_dw.weight"
+        ));
+        assert!(!matches_one(
+            "imgencoder.backbone.blocks.3.*",
+            "x.imgencoder.backbone.blocks.3.0.w"
+        ));
+        assert!(matches_one(
+            "*bias",
+            "encoder.layer.0.attention.output.dense.bias"
+        ));
         assert!(matches_one("*bias", "logit_bias"));
         assert!(!matches_one("*bias", "bias.weight"));
         assert!(matches_one("*.bn*", "blocks.0.0.bn1.weight"));
@@ -194,15 +207,23 @@ mod tests {
     fn braces() {
         let p = Patterns::new(["textencoder.backbone.bert.encoder.layer.{8..11}.*"]).unwrap();
         for l in 8..=11 {
-            assert!(p.matches(&format!("textencoder.backbone.bert.encoder.layer.{l}.output.dense.weight")));
+            assert!(p.matches(&format!(
+                "textencoder.backbone.bert.encoder.layer.{l}.output.dense.weight"
+            )));
         }
         assert!(!p.matches("textencoder.backbone.bert.encoder.layer.7.output.dense.weight"));
         assert!(!p.matches("textencoder.backbone.bert.encoder.layer.1.output.dense.weight"));
         let q = Patterns::new(["{img,text}encoder.learnable.*"]).unwrap();
         assert!(q.matches("imgencoder.learnable.imgFC.fc1.weight"));
         assert!(q.matches("textencoder.learnable.textFC.fc1.weight"));
-        assert_eq!(q.first_match("textencoder.learnable.x"), Some("{img,text}encoder.learnable.*"));
-        assert_eq!(expand_braces("a{1,{2..3}}b").unwrap(), vec!["a1b", "a2b", "a3b"]);
+        assert_eq!(
+            q.first_match("textencoder.learnable.x"),
+            Some("{img,text}encoder.learnable.*")
+        );
+        assert_eq!(
+            expand_braces("a{1,{2..3}}b").unwrap(),
+            vec!["a1b", "a2b", "a3b"]
+        );
         assert!(Patterns::new(["a{1..x}"]).is_err());
         assert!(Patterns::new(["a{3..1}"]).is_err());
         assert!(Patterns::new(["a{1,2"]).is_err());

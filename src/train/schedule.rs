@@ -44,9 +44,7 @@ impl Schedule {
 
     /// The multiplier of the base learning rate at optimiser step `step` (0-based).
     pub fn factor(&self, step: u64) -> f64 {
-        let warm = |w: u64| -> Option<f64> {
-            (step < w).then(|| (step + 1) as f64 / w as f64)
-        };
+        let warm = |w: u64| -> Option<f64> { (step < w).then(|| (step + 1) as f64 / w as f64) };
         match *self {
             Schedule::Constant { warmup_steps } => warm(warmup_steps).unwrap_or(1.0),
             Schedule::WarmupCosine {
@@ -107,14 +105,20 @@ mod tests {
         let base = 3e-4;
         for step in 0..10u64 {
             let want = base * (step + 1) as f64 / 10.0;
-            assert!((s.lr(base, step) - want).abs() <= 1e-15 * base, "warm-up step {step}");
+            assert!(
+                (s.lr(base, step) - want).abs() <= 1e-15 * base,
+                "warm-up step {step}"
+            );
         }
         assert_eq!(s.lr(base, 10), base);
         for step in 10..=110u64 {
             let p = (step - 10) as f64 / 100.0;
             let want = base * (0.1 + 0.9 * 0.5 * (1.0 + (PI * p).cos()));
             let got = s.lr(base, step);
-            assert!((got - want).abs() <= 1e-15 * base, "step {step}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-15 * base,
+                "step {step}: {got} vs {want}"
+            );
         }
         // Half way the rate is the mean of base and floor.
         assert!((s.factor(60) - 0.55).abs() < 1e-12);

@@ -166,9 +166,11 @@ impl CheckpointManager {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let tmp = self
-            .dir
-            .join(format!("{TMP_PREFIX}{:09}-{}-{nonce}", ckpt.meta.step, std::process::id()));
+        let tmp = self.dir.join(format!(
+            "{TMP_PREFIX}{:09}-{}-{nonce}",
+            ckpt.meta.step,
+            std::process::id()
+        ));
         let result = self.save_into(&tmp, &name, ckpt);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -388,8 +390,9 @@ impl super::trainer::Trainer {
     }
 
     /// Restores weights, optimiser state and counters from a checkpoint. Fails, naming
-    /// the tensor, when the checkpoint does not match the model or the freezing rules;
-    /// warns nothing silently: the seed must match too.
+    /// the tensor, when the checkpoint does not match the model or the freezing rules, and
+    /// when it was written with another seed (the resumed randomness would differ). The
+    /// data position and extra tensors are the caller's to restore ([`super::Fit`] does).
     pub fn restore(&mut self, ckpt: &TrainCheckpoint) -> Result<()> {
         if ckpt.meta.seed != self.config().seed {
             return Err(Error::Training(format!(

@@ -2,7 +2,7 @@
 //! the schedule, post-step hooks; plus EMA/momentum updates and gradient coverage.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
@@ -172,12 +172,17 @@ impl std::fmt::Debug for Trainer {
 impl Trainer {
     /// A trainer over named vars (all of a model's vars: the group configuration decides
     /// which train).
-    pub fn new(vars: impl IntoIterator<Item = (String, Var)>, config: TrainerConfig) -> Result<Self> {
+    pub fn new(
+        vars: impl IntoIterator<Item = (String, Var)>,
+        config: TrainerConfig,
+    ) -> Result<Self> {
         if config.grad_accum == 0 {
             return Err(Error::Config("grad_accum must be at least 1".into()));
         }
         if config.max_consecutive_skips == 0 {
-            return Err(Error::Config("max_consecutive_skips must be at least 1".into()));
+            return Err(Error::Config(
+                "max_consecutive_skips must be at least 1".into(),
+            ));
         }
         if let Some(c) = config.max_grad_norm {
             if !(c.is_finite() && c > 0.0) {
@@ -243,7 +248,10 @@ impl Trainer {
     }
 
     /// Runs `hook` after every step that updated the weights (EMA teachers, logging).
-    pub fn add_post_step_hook(&mut self, hook: impl FnMut(&StepReport) -> Result<()> + Send + 'static) {
+    pub fn add_post_step_hook(
+        &mut self,
+        hook: impl FnMut(&StepReport) -> Result<()> + Send + 'static,
+    ) {
         self.hooks.push(Box::new(hook));
     }
 
@@ -263,7 +271,9 @@ impl Trainer {
         F: FnMut(&B, &StepCtx) -> Result<Tensor>,
     {
         if micro_batches.is_empty() {
-            return Err(Error::InvalidArgument("a step needs at least one micro-batch".into()));
+            return Err(Error::InvalidArgument(
+                "a step needs at least one micro-batch".into(),
+            ));
         }
         let start = Instant::now();
         let step = self.counters.step;
@@ -337,12 +347,11 @@ impl Trainer {
         self.counters.step += 1;
         let report = StepReport {
             step,
-            loss: if skipped.is_some() && loss_sum.is_finite() {
+            // The mean over micro-batches; for a non-finite loss, that loss itself.
+            loss: if loss_sum.is_finite() {
                 loss_sum / n as f64
-            } else if skipped.is_some() {
-                loss_sum
             } else {
-                loss_sum / n as f64
+                loss_sum
             },
             lr,
             grad_norm,
@@ -429,7 +438,9 @@ impl GradCoverage {
         if self.is_complete() {
             return Ok(());
         }
-        Err(Error::Training(format!("gradient coverage incomplete: {self}")))
+        Err(Error::Training(format!(
+            "gradient coverage incomplete: {self}"
+        )))
     }
 }
 
@@ -642,15 +653,5 @@ impl EmaPairs {
             }
         }
         Ok(())
-    }
-}
-
-/// How long a step took, for throughput.
-pub fn throughput(samples: usize, elapsed: Duration) -> f64 {
-    let s = elapsed.as_secs_f64();
-    if s > 0.0 {
-        samples as f64 / s
-    } else {
-        0.0
     }
 }

@@ -15,9 +15,9 @@ use tuwen::train::augment::{
 use tuwen::train::data::{ResizeKind, SkippedSample};
 use tuwen::train::rng::derive_rng;
 use tuwen::train::{
-    AdamW, AdamWConfig, AugmentConfig, CheckpointManager, DataConfig, DataLoader,
-    DataPosition, EmaPairs, EvalFn, ExtraState, Fit, Grads, Manifest, MetricsLog,
-    ParamGroupConfig, Schedule, StepCtx, Trainer, TrainerConfig,
+    AdamW, AdamWConfig, AugmentConfig, CheckpointManager, DataConfig, DataLoader, DataPosition,
+    EmaPairs, EvalFn, ExtraState, Fit, Grads, Manifest, MetricsLog, ParamGroupConfig, Schedule,
+    StepCtx, Trainer, TrainerConfig,
 };
 
 use crate::common::{fixture, get, load_st};
@@ -29,14 +29,23 @@ fn cpu() -> Device {
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// `max |a − b| / max |b|` (the relative error of the tensor as a whole).
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
     let (a, b) = (f32s(a), f32s(b));
-    let num = a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max);
+    let num = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
     let den = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
     if den == 0.0 {
         num
@@ -61,7 +70,12 @@ fn varmap_from(tensors: &[(String, Tensor)]) -> VarMap {
 }
 
 fn var_of(vm: &VarMap, name: &str) -> Var {
-    vm.data().lock().unwrap().get(name).unwrap_or_else(|| panic!("no var {name}")).clone()
+    vm.data()
+        .lock()
+        .unwrap()
+        .get(name)
+        .unwrap_or_else(|| panic!("no var {name}"))
+        .clone()
 }
 
 fn snapshot(vm: &VarMap) -> BTreeMap<String, Tensor> {
@@ -74,7 +88,11 @@ fn snapshot(vm: &VarMap) -> BTreeMap<String, Tensor> {
 }
 
 fn assert_same_bits(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, what: &str) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: names");
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: names"
+    );
     for (k, t) in a {
         assert_eq!(bits(t), bits(&b[k]), "{what}: `{k}` differs");
     }
@@ -97,10 +115,9 @@ struct Ref {
 
 fn reference() -> Ref {
     let t = load_st(&fixture("train/train_ref.safetensors"));
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("train/train_ref.json")).unwrap(),
-    )
-    .unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("train/train_ref.json")).unwrap())
+            .unwrap();
     Ref { t, meta }
 }
 
@@ -116,12 +133,14 @@ fn ref_config(r: &Ref) -> TrainerConfig {
             eps: c["eps"].as_f64().unwrap(),
             weight_decay: c["weight_decay"].as_f64().unwrap(),
         },
-        groups: ParamGroupConfig::default().with_frozen(["frozen.*"]).with_group(
-            "head",
-            ["head.*"],
-            c["head_scale"].as_f64().unwrap(),
-            Some(c["head_wd"].as_f64().unwrap()),
-        ),
+        groups: ParamGroupConfig::default()
+            .with_frozen(["frozen.*"])
+            .with_group(
+                "head",
+                ["head.*"],
+                c["head_scale"].as_f64().unwrap(),
+                Some(c["head_wd"].as_f64().unwrap()),
+            ),
         schedule: Schedule::warmup_cosine(
             s["warmup"].as_u64().unwrap(),
             s["total"].as_u64().unwrap(),
@@ -134,7 +153,12 @@ fn ref_config(r: &Ref) -> TrainerConfig {
 fn init_vars(r: &Ref, case: &str) -> VarMap {
     let ts: Vec<(String, Tensor)> = PARAMS
         .iter()
-        .map(|k| (k.to_string(), get(&r.t, &format!("{case}.init.{k}")).clone()))
+        .map(|k| {
+            (
+                k.to_string(),
+                get(&r.t, &format!("{case}.init.{k}")).clone(),
+            )
+        })
         .collect();
     varmap_from(&ts)
 }
@@ -149,12 +173,19 @@ fn train_adamw_param_groups_match_torch() {
     let mut opt = AdamW::from_varmap(&vm, cfg.optimizer, &cfg.groups).unwrap();
 
     // The groups are those the torch script built by the same rules.
-    let ours: BTreeMap<String, Vec<String>> =
-        opt.groups().into_iter().map(|g| (g.name, g.params)).collect();
+    let ours: BTreeMap<String, Vec<String>> = opt
+        .groups()
+        .into_iter()
+        .map(|g| (g.name, g.params))
+        .collect();
     for g in r.meta["groups"].as_array().unwrap() {
         let name = g["name"].as_str().unwrap();
-        let names: Vec<String> =
-            g["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().into()).collect();
+        let names: Vec<String> = g["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().into())
+            .collect();
         assert_eq!(ours.get(name), Some(&names), "group {name}");
     }
     assert!(!opt.has_state("frozen.weight"));
@@ -165,7 +196,10 @@ fn train_adamw_param_groups_match_torch() {
     for step in 0..5u64 {
         let lr = cfg.schedule.lr(cfg.optimizer.lr, step);
         let want_lr = lrs[step as usize].as_f64().unwrap();
-        assert!((lr - want_lr).abs() <= 1e-15, "schedule step {step}: {lr} vs {want_lr}");
+        assert!(
+            (lr - want_lr).abs() <= 1e-15,
+            "schedule step {step}: {lr} vs {want_lr}"
+        );
         opt.set_lr(lr);
         let mut named = HashMap::new();
         for k in PARAMS {
@@ -182,9 +216,16 @@ fn train_adamw_param_groups_match_torch() {
         }
     }
     println!("AdamW groups vs torch, 5 steps: max relative error {worst:.3e} (tolerance 1e-6)");
-    assert_eq!(opt.param_steps("head.bias"), Some(4), "no update without a gradient");
+    assert_eq!(
+        opt.param_steps("head.bias"),
+        Some(4),
+        "no update without a gradient"
+    );
     assert_eq!(opt.param_steps("head.weight"), Some(5));
-    assert_eq!(f32s(&var_of(&vm, "frozen.weight").as_detached_tensor()), frozen0);
+    assert_eq!(
+        f32s(&var_of(&vm, "frozen.weight").as_detached_tensor()),
+        frozen0
+    );
 }
 
 /// The MLP case: grad accumulation over 2 micro-batches of 4 rows against torch's full
@@ -197,8 +238,10 @@ fn train_trainer_accumulation_and_clipping_match_torch() {
     cfg.max_grad_norm = Some(r.meta["mlp"]["max_norm"].as_f64().unwrap());
     let vm = init_vars(&r, "mlp");
     let mut trainer = Trainer::from_varmap(&vm, cfg).unwrap();
-    let p: HashMap<&str, Tensor> =
-        PARAMS.iter().map(|k| (*k, var_of(&vm, k).as_tensor().clone())).collect();
+    let p: HashMap<&str, Tensor> = PARAMS
+        .iter()
+        .map(|k| (*k, var_of(&vm, k).as_tensor().clone()))
+        .collect();
     let frozen0 = f32s(&p["frozen.weight"]);
     let losses = r.meta["mlp"]["losses"].as_array().unwrap();
     let norms = r.meta["mlp"]["grad_norms"].as_array().unwrap();
@@ -207,14 +250,23 @@ fn train_trainer_accumulation_and_clipping_match_torch() {
         let x = get(&r.t, &format!("mlp.x{step}"));
         let y = get(&r.t, &format!("mlp.y{step}"));
         let micro: Vec<(Tensor, Tensor)> = (0..2)
-            .map(|i| (x.narrow(0, 4 * i, 4).unwrap(), y.narrow(0, 4 * i, 4).unwrap()))
+            .map(|i| {
+                (
+                    x.narrow(0, 4 * i, 4).unwrap(),
+                    y.narrow(0, 4 * i, 4).unwrap(),
+                )
+            })
             .collect();
         let report = trainer
             .step(&micro, |(x, y), _| {
                 let h = x.matmul(&p["frozen.weight"])?;
-                let h = h.matmul(&p["enc.fc.weight"].t()?)?.broadcast_add(&p["enc.fc.bias"])?;
+                let h = h
+                    .matmul(&p["enc.fc.weight"].t()?)?
+                    .broadcast_add(&p["enc.fc.bias"])?;
                 let h = h.tanh()?.broadcast_mul(&p["enc.norm.weight"])?;
-                let out = h.matmul(&p["head.weight"].t()?)?.broadcast_add(&p["head.bias"])?;
+                let out = h
+                    .matmul(&p["head.weight"].t()?)?
+                    .broadcast_add(&p["head.bias"])?;
                 let out = out.broadcast_mul(&p["logit_scale"].exp()?)?;
                 Ok((out - y)?.sqr()?.mean_all()?)
             })
@@ -226,8 +278,16 @@ fn train_trainer_accumulation_and_clipping_match_torch() {
         let en = (report.grad_norm - want_norm).abs() / want_norm;
         worst_l = worst_l.max(el);
         worst_n = worst_n.max(en);
-        assert!(el <= 1e-6, "step {step} loss {} vs torch {want_loss}", report.loss);
-        assert!(en <= 1e-6, "step {step} grad norm {} vs torch {want_norm}", report.grad_norm);
+        assert!(
+            el <= 1e-6,
+            "step {step} loss {} vs torch {want_loss}",
+            report.loss
+        );
+        assert!(
+            en <= 1e-6,
+            "step {step} grad norm {} vs torch {want_norm}",
+            report.grad_norm
+        );
         assert_eq!(report.clipped, want_norm > 0.5, "step {step} clipping");
         for k in PARAMS {
             let want = get(&r.t, &format!("mlp.step{step}.{k}"));
@@ -263,7 +323,9 @@ fn linear_problem(seed: u64) -> (Vec<(String, Tensor)>, Vec<Tensor>, Vec<Tensor>
 }
 
 fn mlp(vm: &VarMap, x: &Tensor, y: &Tensor) -> tuwen::Result<Tensor> {
-    let h = x.matmul(var_of(vm, "w1").as_tensor())?.broadcast_add(var_of(vm, "b1").as_tensor())?;
+    let h = x
+        .matmul(var_of(vm, "w1").as_tensor())?
+        .broadcast_add(var_of(vm, "b1").as_tensor())?;
     let out = h.relu()?.matmul(var_of(vm, "w2").as_tensor())?;
     Ok((out - y)?.sqr()?.mean_all()?)
 }
@@ -272,27 +334,48 @@ fn mlp(vm: &VarMap, x: &Tensor, y: &Tensor) -> tuwen::Result<Tensor> {
 fn train_grad_accumulation_equals_full_batch() {
     let (vars, xs, ys) = linear_problem(5);
     let base = TrainerConfig {
-        optimizer: AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            ..Default::default()
+        },
         schedule: Schedule::warmup_cosine(1, 4, 0.0),
         max_grad_norm: Some(0.3),
         ..Default::default()
     };
     let (vm_a, vm_b) = (varmap_from(&vars), varmap_from(&vars));
-    let mut a = Trainer::from_varmap(&vm_a, TrainerConfig { grad_accum: 2, ..base.clone() }).unwrap();
+    let mut a = Trainer::from_varmap(
+        &vm_a,
+        TrainerConfig {
+            grad_accum: 2,
+            ..base.clone()
+        },
+    )
+    .unwrap();
     let mut b = Trainer::from_varmap(&vm_b, base).unwrap();
     let mut worst = 0f64;
     for step in 0..4 {
         let (x, y) = (&xs[step], &ys[step]);
         let halves: Vec<(Tensor, Tensor)> = (0..2)
-            .map(|i| (x.narrow(0, 4 * i, 4).unwrap(), y.narrow(0, 4 * i, 4).unwrap()))
+            .map(|i| {
+                (
+                    x.narrow(0, 4 * i, 4).unwrap(),
+                    y.narrow(0, 4 * i, 4).unwrap(),
+                )
+            })
             .collect();
         let ra = a.step(&halves, |(x, y), _| mlp(&vm_a, x, y)).unwrap();
-        let rb = b.step(&[(x.clone(), y.clone())], |(x, y), _| mlp(&vm_b, x, y)).unwrap();
+        let rb = b
+            .step(&[(x.clone(), y.clone())], |(x, y), _| mlp(&vm_b, x, y))
+            .unwrap();
         assert_eq!(ra.samples, 8);
         assert!((ra.loss - rb.loss).abs() <= 1e-6 * rb.loss.abs());
         assert!((ra.grad_norm - rb.grad_norm).abs() <= 1e-6 * rb.grad_norm);
         for name in ["w1", "b1", "w2"] {
-            let e = rel_err(&var_of(&vm_a, name).as_detached_tensor(), &var_of(&vm_b, name).as_detached_tensor());
+            let e = rel_err(
+                &var_of(&vm_a, name).as_detached_tensor(),
+                &var_of(&vm_b, name).as_detached_tensor(),
+            );
             worst = worst.max(e);
             assert!(e <= 1e-6, "step {step} {name}: {e:.3e}");
         }
@@ -301,13 +384,31 @@ fn train_grad_accumulation_equals_full_batch() {
     // The comparison can fail: a sum-style (unscaled) micro loss doubles the gradient.
     let (vm_c, vm_d) = (varmap_from(&vars), varmap_from(&vars));
     let cfg = TrainerConfig::default();
-    let mut c = Trainer::from_varmap(&vm_c, TrainerConfig { grad_accum: 2, ..cfg.clone() }).unwrap();
+    let mut c = Trainer::from_varmap(
+        &vm_c,
+        TrainerConfig {
+            grad_accum: 2,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
     let mut d = Trainer::from_varmap(&vm_d, cfg).unwrap();
     let halves: Vec<(Tensor, Tensor)> = (0..2)
-        .map(|i| (xs[0].narrow(0, 4 * i, 4).unwrap(), ys[0].narrow(0, 4 * i, 4).unwrap()))
+        .map(|i| {
+            (
+                xs[0].narrow(0, 4 * i, 4).unwrap(),
+                ys[0].narrow(0, 4 * i, 4).unwrap(),
+            )
+        })
         .collect();
-    let rc = c.step(&halves, |(x, y), _| Ok((mlp(&vm_c, x, y)? * 2.0)?)).unwrap();
-    let rd = d.step(&[(xs[0].clone(), ys[0].clone())], |(x, y), _| mlp(&vm_d, x, y)).unwrap();
+    let rc = c
+        .step(&halves, |(x, y), _| Ok((mlp(&vm_c, x, y)? * 2.0)?))
+        .unwrap();
+    let rd = d
+        .step(&[(xs[0].clone(), ys[0].clone())], |(x, y), _| {
+            mlp(&vm_d, x, y)
+        })
+        .unwrap();
     assert!((rc.grad_norm / rd.grad_norm - 2.0).abs() < 1e-5);
 }
 
@@ -319,7 +420,10 @@ fn train_schedule_drives_the_step_lr() {
     let mut t = Trainer::from_varmap(
         &vm,
         TrainerConfig {
-            optimizer: AdamWConfig { lr: 2e-3, ..Default::default() },
+            optimizer: AdamWConfig {
+                lr: 2e-3,
+                ..Default::default()
+            },
             schedule: sched,
             ..Default::default()
         },
@@ -328,14 +432,22 @@ fn train_schedule_drives_the_step_lr() {
     let mut lrs = Vec::new();
     for step in 0..12u64 {
         let i = (step % 4) as usize;
-        let r = t.step(&[(xs[i].clone(), ys[i].clone())], |(x, y), _| mlp(&vm, x, y)).unwrap();
+        let r = t
+            .step(&[(xs[i].clone(), ys[i].clone())], |(x, y), _| {
+                mlp(&vm, x, y)
+            })
+            .unwrap();
         let p = ((step as f64 - 3.0) / 7.0).clamp(0.0, 1.0);
         let want = if step < 3 {
             2e-3 * (step + 1) as f64 / 3.0
         } else {
             2e-3 * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
         };
-        assert!((r.lr - want).abs() <= 1e-15, "step {step}: {} vs {want}", r.lr);
+        assert!(
+            (r.lr - want).abs() <= 1e-15,
+            "step {step}: {} vs {want}",
+            r.lr
+        );
         lrs.push(r.lr);
     }
     println!("warm-up 3 + cosine to 5% at 10: lrs {lrs:?}");
@@ -350,26 +462,38 @@ fn train_frozen_vars_unchanged_and_stateless() {
     let mut t = Trainer::from_varmap(
         &vm,
         TrainerConfig {
-            groups: ParamGroupConfig::default().with_trainable(["w*"]).with_frozen(["w1"]),
+            groups: ParamGroupConfig::default()
+                .with_trainable(["w*"])
+                .with_frozen(["w1"]),
             ..Default::default()
         },
     )
     .unwrap();
     let before = snapshot(&vm);
     for step in 0..3 {
-        t.step(&[(xs[step].clone(), ys[step].clone())], |(x, y), _| mlp(&vm, x, y)).unwrap();
+        t.step(&[(xs[step].clone(), ys[step].clone())], |(x, y), _| {
+            mlp(&vm, x, y)
+        })
+        .unwrap();
     }
     let after = snapshot(&vm);
     let opt = t.optimizer();
     assert_eq!(opt.trained_names(), vec!["w2"]);
     for frozen in ["w1", "b1"] {
         assert!(!opt.has_state(frozen) && opt.moments(frozen).is_none());
-        assert_eq!(bits(&before[frozen]), bits(&after[frozen]), "{frozen} changed");
+        assert_eq!(
+            bits(&before[frozen]),
+            bits(&after[frozen]),
+            "{frozen} changed"
+        );
     }
     assert_ne!(bits(&before["w2"]), bits(&after["w2"]));
     // Optimiser state holds exactly the trained parameter.
     let state = opt.state_tensors().unwrap();
-    assert_eq!(state.keys().collect::<Vec<_>>(), vec!["m.w2", "t.w2", "v.w2"]);
+    assert_eq!(
+        state.keys().collect::<Vec<_>>(),
+        vec!["m.w2", "t.w2", "v.w2"]
+    );
     // No trainable var at all is a configuration error.
     let e = Trainer::from_varmap(
         &vm,
@@ -389,8 +513,15 @@ fn train_half_precision_keeps_f32_master_weights() {
         let vm_half = varmap_from(&[("w".into(), init.to_dtype(dtype).unwrap())]);
         let vm_f32 = varmap_from(&[("w".into(), init.clone())]);
         let cfg = TrainerConfig {
-            optimizer: AdamWConfig { lr: 1e-4, weight_decay: 0.0, ..Default::default() },
-            groups: ParamGroupConfig { no_decay_rank_le1: false, ..Default::default() },
+            optimizer: AdamWConfig {
+                lr: 1e-4,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            groups: ParamGroupConfig {
+                no_decay_rank_le1: false,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut th = Trainer::from_varmap(&vm_half, cfg.clone()).unwrap();
@@ -406,10 +537,17 @@ fn train_half_precision_keeps_f32_master_weights() {
         }
         let master = th.optimizer().master("w").expect("master copy").clone();
         let (m, v) = th.optimizer().moments("w").unwrap();
-        assert_eq!((master.dtype(), m.dtype(), v.dtype()), (DType::F32, DType::F32, DType::F32));
+        assert_eq!(
+            (master.dtype(), m.dtype(), v.dtype()),
+            (DType::F32, DType::F32, DType::F32)
+        );
         // The master follows the f32 run exactly; the var is the master rounded.
         let want = var_of(&vm_f32, "w").as_detached_tensor();
-        assert_eq!(bits(&master), bits(&want), "{dtype:?} master differs from the f32 run");
+        assert_eq!(
+            bits(&master),
+            bits(&want),
+            "{dtype:?} master differs from the f32 run"
+        );
         let var = var_of(&vm_half, "w").as_detached_tensor();
         assert_eq!(var.dtype(), dtype);
         assert_eq!(f32s(&var), f32s(&master.to_dtype(dtype).unwrap()));
@@ -426,10 +564,16 @@ fn train_half_precision_keeps_f32_master_weights() {
             for _ in 0..40 {
                 naive = (naive - 1e-4).unwrap();
             }
-            assert_eq!(f32s(&naive)[0], 1.0, "the test premise: bf16 alone loses the updates");
+            assert_eq!(
+                f32s(&naive)[0],
+                1.0,
+                "the test premise: bf16 alone loses the updates"
+            );
         }
         // The checkpoint weights are the f32 masters.
-        let ck = th.checkpoint(None, BTreeMap::new(), serde_json::Value::Null).unwrap();
+        let ck = th
+            .checkpoint(None, BTreeMap::new(), serde_json::Value::Null)
+            .unwrap();
         assert_eq!(ck.weights["w"].dtype(), DType::F32);
         assert_eq!(bits(&ck.weights["w"]), bits(&master));
     }
@@ -445,7 +589,10 @@ fn train_nan_loss_is_skipped_logged_and_stops_training() {
     let mut log = MetricsLog::append(dir.path().join("metrics.jsonl")).unwrap();
     let mut t = Trainer::from_varmap(
         &vm,
-        TrainerConfig { max_consecutive_skips: 3, ..Default::default() },
+        TrainerConfig {
+            max_consecutive_skips: 3,
+            ..Default::default()
+        },
     )
     .unwrap();
     let nan_steps = [3u64, 7];
@@ -490,7 +637,10 @@ fn train_nan_loss_is_skipped_logged_and_stops_training() {
     println!("stopped: {e}");
     assert_eq!(step, 14, "3 consecutive skips at 12, 13, 14");
     let msg = e.to_string();
-    assert!(msg.contains("3 consecutive steps skipped") && msg.contains("NaN"), "{msg}");
+    assert!(
+        msg.contains("3 consecutive steps skipped") && msg.contains("NaN"),
+        "{msg}"
+    );
     assert_same_bits(&last_good, &snapshot(&vm), "weights after the stop");
     for t in last_good.values() {
         assert!(f32s(t).iter().all(|x| x.is_finite()));
@@ -504,7 +654,10 @@ fn train_nan_loss_is_skipped_logged_and_stops_training() {
         .collect();
     assert_eq!(skips, vec![3, 7, 9, 12, 13]);
     let inf = recs.iter().find(|r| r["step"] == 9).unwrap();
-    assert!(inf["reason"].as_str().unwrap().contains("gradient norm is"), "{inf}");
+    assert!(
+        inf["reason"].as_str().unwrap().contains("gradient norm is"),
+        "{inf}"
+    );
     assert_eq!(recs.iter().filter(|r| r["event"] == "step").count(), 9);
 }
 
@@ -536,12 +689,17 @@ fn train_ema_update_closed_form_and_half_shadow() {
     assert_eq!(f32s(&var_of(&vm, "k.w").as_detached_tensor()), f32s(&s));
     // Momentum 0.995 towards 0 from 1 for 100 steps: 0.995^100 = 0.6058; the bf16 target
     // follows its f32 shadow instead of stalling at 1 (1 − 0.005 rounds back to 1).
-    var_of(&vm, "q.h").set(&Tensor::zeros(4, DType::BF16, &cpu()).unwrap()).unwrap();
+    var_of(&vm, "q.h")
+        .set(&Tensor::zeros(4, DType::BF16, &cpu()).unwrap())
+        .unwrap();
     for _ in 0..100 {
         pairs.update(0.995).unwrap();
     }
     let h = f32s(&var_of(&vm, "k.h").as_detached_tensor())[0];
-    println!("bf16 EMA target after 100 updates at 0.995: {h} (exact 0.995^100 = {})", 0.995f64.powi(100));
+    println!(
+        "bf16 EMA target after 100 updates at 0.995: {h} (exact 0.995^100 = {})",
+        0.995f64.powi(100)
+    );
     assert!((h as f64 - 0.995f64.powi(100)).abs() < 4e-3);
     let st = pairs.state_tensors().unwrap();
     assert_eq!(st.keys().collect::<Vec<_>>(), vec!["ema_shadow.k.h"]);
@@ -561,7 +719,12 @@ fn train_gradient_coverage_finds_untouched_params() {
     let v = |n| var_of(&vm, n);
     let loss = (v("used").as_tensor().sqr().unwrap().sum_all().unwrap()
         + v("cut").as_tensor().detach().sum_all().unwrap()
-        + v("zero").as_tensor().mul(&Tensor::zeros(2, DType::F32, &cpu()).unwrap()).unwrap().sum_all().unwrap())
+        + v("zero")
+            .as_tensor()
+            .mul(&Tensor::zeros(2, DType::F32, &cpu()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap())
     .unwrap();
     let cov = t.gradient_coverage(&loss).unwrap();
     println!("coverage: {cov}");
@@ -570,7 +733,9 @@ fn train_gradient_coverage_finds_untouched_params() {
     assert_eq!(cov.missing, vec!["cut", "unused"]);
     let e = cov.ensure_complete().unwrap_err().to_string();
     assert!(e.contains("unused") && e.contains("cut"), "{e}");
-    let full = t.gradient_coverage(&v("used").as_tensor().sum_all().unwrap()).unwrap();
+    let full = t
+        .gradient_coverage(&v("used").as_tensor().sum_all().unwrap())
+        .unwrap();
     assert!(!full.is_complete());
 }
 
@@ -603,15 +768,21 @@ fn synthetic_dataset(dir: &Path, n: usize) -> PathBuf {
         };
         lines.push(line.to_string());
         if i == 3 {
-            lines.push(serde_json::json!({"image": "images/missing.png", "caption": "不存在"}).to_string());
+            lines.push(
+                serde_json::json!({"image": "images/missing.png", "caption": "不存在"}).to_string(),
+            );
         }
         if i == 9 {
-            lines.push(serde_json::json!({"image": "images/broken.jpg", "caption": "坏的"}).to_string());
+            lines.push(
+                serde_json::json!({"image": "images/broken.jpg", "caption": "坏的"}).to_string(),
+            );
         }
     }
     // A JPEG cut off in its entropy-coded data.
     let mut jpeg = Vec::new();
-    let img = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 77]));
+    let img = image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8, (y * 8) as u8, 77])
+    });
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
         .encode_image(&img)
         .unwrap();
@@ -656,7 +827,10 @@ fn train_data_manifests_jsonl_and_csv() {
     assert_eq!(c.len(), 2);
     assert_eq!(c.samples[0].image, sub.join("../images/1.png"));
     assert!(c.samples[0].image.exists());
-    assert_eq!(c.samples[0].captions, vec!["一只猫, 在\"沙发\"上".to_string()]);
+    assert_eq!(
+        c.samples[0].captions,
+        vec!["一只猫, 在\"沙发\"上".to_string()]
+    );
     assert_eq!(c.samples[0].id.as_deref(), Some("7"));
     assert_eq!(c.samples[1].image, PathBuf::from("/abs/x.jpg"));
     assert_eq!(c.samples[1].captions[0], "两行\n说明");
@@ -669,7 +843,11 @@ fn train_data_manifests_jsonl_and_csv() {
     let e = Manifest::open(&bad).unwrap_err().to_string();
     assert!(e.contains("no image column"), "{e}");
     let badj = sub.join("bad.jsonl");
-    std::fs::write(&badj, "{\"image\":\"a.png\",\"caption\":\"x\"}\n{\"image\":\"b.png\"}\n").unwrap();
+    std::fs::write(
+        &badj,
+        "{\"image\":\"a.png\",\"caption\":\"x\"}\n{\"image\":\"b.png\"}\n",
+    )
+    .unwrap();
     let e = Manifest::open(&badj).unwrap_err().to_string();
     assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
 }
@@ -678,7 +856,10 @@ fn train_data_manifests_jsonl_and_csv() {
 fn train_data_shuffle_is_deterministic_per_seed_and_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let m = Manifest::open(&synthetic_dataset(dir.path(), 30)).unwrap();
-    let cfg = DataConfig { seed: 3, ..DataConfig::new(4, 6) };
+    let cfg = DataConfig {
+        seed: 3,
+        ..DataConfig::new(4, 6)
+    };
     let a = DataLoader::new(m.clone(), cfg).unwrap();
     let b = DataLoader::new(m.clone(), cfg).unwrap();
     let c = DataLoader::new(m.clone(), DataConfig { seed: 4, ..cfg }).unwrap();
@@ -689,7 +870,14 @@ fn train_data_shuffle_is_deterministic_per_seed_and_epoch() {
     let mut sorted = a.epoch_order(2);
     sorted.sort();
     assert_eq!(sorted, (0..m.len()).collect::<Vec<_>>());
-    let plain = DataLoader::new(m.clone(), DataConfig { shuffle: false, ..cfg }).unwrap();
+    let plain = DataLoader::new(
+        m.clone(),
+        DataConfig {
+            shuffle: false,
+            ..cfg
+        },
+    )
+    .unwrap();
     assert_eq!(plain.epoch_order(1), (0..m.len()).collect::<Vec<_>>());
     println!("epoch 0 order (seed 3): {:?}", &a.epoch_order(0)[..10]);
 }
@@ -702,7 +890,11 @@ fn train_data_skips_and_counts_corrupt_and_missing() {
     assert_eq!(bad.len(), 2);
     let mut dl = DataLoader::new(
         m.clone(),
-        DataConfig { shuffle: false, drop_last: false, ..DataConfig::new(5, 6) },
+        DataConfig {
+            shuffle: false,
+            drop_last: false,
+            ..DataConfig::new(5, 6)
+        },
     )
     .unwrap();
     let mut seen = Vec::new();
@@ -722,9 +914,17 @@ fn train_data_skips_and_counts_corrupt_and_missing() {
     }
     assert!(skipped[0].reason.contains("missing.png"));
     assert!(skipped[1].reason.contains("broken.jpg"));
-    assert_eq!(dl.position(), DataPosition { epoch: 1, cursor: 0, skipped_total: 2 });
+    assert_eq!(
+        dl.position(),
+        DataPosition {
+            epoch: 1,
+            cursor: 0,
+            skipped_total: 2
+        }
+    );
     // A manifest with nothing usable is an error, not a hang.
-    let only_bad = Manifest::from_samples("bad", bad.iter().map(|&i| m.samples[i].clone()).collect());
+    let only_bad =
+        Manifest::from_samples("bad", bad.iter().map(|&i| m.samples[i].clone()).collect());
     let mut dl = DataLoader::new(only_bad, DataConfig::new(1, 6)).unwrap();
     let e = dl.next_batch().unwrap_err().to_string();
     assert!(e.contains("no batch"), "{e}");
@@ -744,7 +944,11 @@ fn train_data_resume_mid_epoch_continues_exactly() {
     // Each epoch visits every good sample at most once (drop_last drops the tail).
     let bad = bad_indices(&m);
     for epoch in 0..2 {
-        let mut idx: Vec<usize> = batches.iter().filter(|b| b.epoch == epoch).flat_map(|b| b.indices.clone()).collect();
+        let mut idx: Vec<usize> = batches
+            .iter()
+            .filter(|b| b.epoch == epoch)
+            .flat_map(|b| b.indices.clone())
+            .collect();
         let n = idx.len();
         idx.sort();
         idx.dedup();
@@ -767,7 +971,10 @@ fn train_data_resume_mid_epoch_continues_exactly() {
     println!(
         "12 batches over {} epochs; positions {:?}",
         batches.last().unwrap().epoch + 1,
-        batches.iter().map(|b| (b.position_after.epoch, b.position_after.cursor)).collect::<Vec<_>>()
+        batches
+            .iter()
+            .map(|b| (b.position_after.epoch, b.position_after.cursor))
+            .collect::<Vec<_>>()
     );
 }
 
@@ -775,9 +982,16 @@ fn train_data_resume_mid_epoch_continues_exactly() {
 fn train_data_augmentation_is_deterministic_per_seed() {
     let dir = tempfile::tempdir().unwrap();
     let m = Manifest::open(&synthetic_dataset(dir.path(), 6)).unwrap();
-    let aug = AugmentConfig { jitter_p: 1.0, grayscale_p: 0.3, ..Default::default() };
+    let aug = AugmentConfig {
+        jitter_p: 1.0,
+        grayscale_p: 0.3,
+        ..Default::default()
+    };
     let mk = |seed| {
-        let mut cfg = DataConfig { seed, ..DataConfig::new(2, 6) };
+        let mut cfg = DataConfig {
+            seed,
+            ..DataConfig::new(2, 6)
+        };
         cfg.pipeline = cfg.pipeline.with_augment(aug);
         DataLoader::new(m.clone(), cfg).unwrap()
     };
@@ -785,13 +999,26 @@ fn train_data_augmentation_is_deterministic_per_seed() {
     let plain = DataLoader::new(m.clone(), DataConfig::new(2, 6)).unwrap();
     let (x0, cap0) = a.load_sample(1, 0).unwrap();
     assert_eq!(x0, b.load_sample(1, 0).unwrap().0);
-    assert_ne!(x0, a.load_sample(1, 1).unwrap().0, "another epoch, another augmentation");
-    assert_ne!(x0, c.load_sample(1, 0).unwrap().0, "another seed, another augmentation");
+    assert_ne!(
+        x0,
+        a.load_sample(1, 1).unwrap().0,
+        "another epoch, another augmentation"
+    );
+    assert_ne!(
+        x0,
+        c.load_sample(1, 0).unwrap().0,
+        "another seed, another augmentation"
+    );
     assert_ne!(x0, plain.load_sample(1, 0).unwrap().0);
     assert_eq!(cap0, m.samples[1].captions[0]);
     // Several captions: the choice is per (seed, epoch, index) and covers both.
     let picks: Vec<String> = (0..12).map(|e| a.load_sample(0, e).unwrap().1).collect();
-    assert_eq!(picks, (0..12).map(|e| b.load_sample(0, e).unwrap().1).collect::<Vec<_>>());
+    assert_eq!(
+        picks,
+        (0..12)
+            .map(|e| b.load_sample(0, e).unwrap().1)
+            .collect::<Vec<_>>()
+    );
     assert!(picks.contains(&m.samples[0].captions[0]) && picks.contains(&m.samples[0].captions[1]));
     // The tensor-style resize is selectable.
     let mut cfg = DataConfig::new(2, 6);
@@ -806,19 +1033,43 @@ fn train_augment_ops_match_torchvision() {
     let img = get(&r.t, "aug.img");
     let base = f32s(img);
     let a = &r.meta["aug"];
-    let cases: Vec<(&str, Box<dyn Fn(&mut [f32])>)> = vec![
-        ("brightness", Box::new(|x: &mut [f32]| adjust_brightness(x, a["brightness"].as_f64().unwrap() as f32))),
-        ("contrast", Box::new(|x: &mut [f32]| adjust_contrast(x, a["contrast"].as_f64().unwrap() as f32))),
-        ("saturation", Box::new(|x: &mut [f32]| adjust_saturation(x, a["saturation"].as_f64().unwrap() as f32))),
-        ("hue", Box::new(|x: &mut [f32]| adjust_hue(x, a["hue"].as_f64().unwrap() as f32))),
-        ("hue_neg", Box::new(|x: &mut [f32]| adjust_hue(x, a["hue_neg"].as_f64().unwrap() as f32))),
+    type Op<'a> = Box<dyn Fn(&mut [f32]) + 'a>;
+    let cases: Vec<(&str, Op)> = vec![
+        (
+            "brightness",
+            Box::new(|x: &mut [f32]| {
+                adjust_brightness(x, a["brightness"].as_f64().unwrap() as f32)
+            }),
+        ),
+        (
+            "contrast",
+            Box::new(|x: &mut [f32]| adjust_contrast(x, a["contrast"].as_f64().unwrap() as f32)),
+        ),
+        (
+            "saturation",
+            Box::new(|x: &mut [f32]| {
+                adjust_saturation(x, a["saturation"].as_f64().unwrap() as f32)
+            }),
+        ),
+        (
+            "hue",
+            Box::new(|x: &mut [f32]| adjust_hue(x, a["hue"].as_f64().unwrap() as f32)),
+        ),
+        (
+            "hue_neg",
+            Box::new(|x: &mut [f32]| adjust_hue(x, a["hue_neg"].as_f64().unwrap() as f32)),
+        ),
         ("grayscale", Box::new(|x: &mut [f32]| to_grayscale(x))),
     ];
     for (name, op) in cases {
         let mut x = base.clone();
         op(&mut x);
         let want = f32s(get(&r.t, &format!("aug.{name}")));
-        let d = x.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = x
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         println!("augment {name} vs torchvision: max abs diff {d:.2e}");
         assert!(d <= 2e-6, "{name}: {d}");
     }
@@ -841,7 +1092,9 @@ impl ExtraState for Queue {
         Ok(m)
     }
     fn load_state(&mut self, t: &BTreeMap<String, Tensor>) -> tuwen::Result<()> {
-        let q = t.get("queue").ok_or_else(|| tuwen::Error::Training("no queue".into()))?;
+        let q = t
+            .get("queue")
+            .ok_or_else(|| tuwen::Error::Training("no queue".into()))?;
         *self.queue.lock().unwrap() = q.clone();
         self.ema.lock().unwrap().load_state_tensors(t)
     }
@@ -864,7 +1117,9 @@ fn l2n(x: &Tensor) -> candle_core::Result<Tensor> {
 fn ce_diag(logits: &Tensor) -> candle_core::Result<Tensor> {
     let (b, n) = logits.dims2()?;
     let lsm = tuwen::nn::ops::log_softmax_last_dim(logits)?;
-    let eye: Vec<f32> = (0..b * n).map(|k| if k / n == k % n { 1.0 } else { 0.0 }).collect();
+    let eye: Vec<f32> = (0..b * n)
+        .map(|k| if k / n == k % n { 1.0 } else { 0.0 })
+        .collect();
     let eye = Tensor::from_vec(eye, (b, n), logits.device())?;
     (lsm * eye)?.sum_all()?.affine(-1.0 / b as f64, 0.0)
 }
@@ -877,11 +1132,19 @@ struct RunResult {
     summary: tuwen::train::FitSummary,
 }
 
-fn contrastive_run(manifest: &Path, ckpt_dir: &Path, total: u64, resume: bool, init_seed: u64) -> RunResult {
+fn contrastive_run(
+    manifest: &Path,
+    ckpt_dir: &Path,
+    total: u64,
+    resume: bool,
+    init_seed: u64,
+) -> RunResult {
     let mut rng = derive_rng(init_seed, &[5]);
     let mut randn = |shape: &[usize], scale: f32| {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() - 0.5) * scale).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.random::<f32>() - 0.5) * scale)
+            .collect();
         Tensor::from_vec(v, shape, &cpu()).unwrap()
     };
     let wi = randn(&[108, 8], 0.2);
@@ -890,12 +1153,19 @@ fn contrastive_run(manifest: &Path, ckpt_dir: &Path, total: u64, resume: bool, i
         ("img.proj.weight".into(), wi.clone()),
         ("img.proj.bias".into(), bi.clone()),
         ("txt.proj.weight".into(), randn(&[16, 8], 0.5)),
-        ("logit_scale".into(), Tensor::new(10f32.ln(), &cpu()).unwrap()),
+        (
+            "logit_scale".into(),
+            Tensor::new(10f32.ln(), &cpu()).unwrap(),
+        ),
         ("ema.img.proj.weight".into(), wi),
         ("ema.img.proj.bias".into(), bi),
     ]);
     let cfg = TrainerConfig {
-        optimizer: AdamWConfig { lr: 5e-2, weight_decay: 0.05, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr: 5e-2,
+            weight_decay: 0.05,
+            ..Default::default()
+        },
         groups: ParamGroupConfig::default().with_frozen(["ema.*"]),
         schedule: Schedule::warmup_cosine(3, 16, 0.1),
         grad_accum: 2,
@@ -904,11 +1174,16 @@ fn contrastive_run(manifest: &Path, ckpt_dir: &Path, total: u64, resume: bool, i
         ..Default::default()
     };
     let mut trainer = Trainer::from_varmap(&vm, cfg).unwrap();
-    let ema = Arc::new(Mutex::new(EmaPairs::by_prefix(&vm, "img.", "ema.img.").unwrap()));
+    let ema = Arc::new(Mutex::new(
+        EmaPairs::by_prefix(&vm, "img.", "ema.img.").unwrap(),
+    ));
     let hook_ema = ema.clone();
     trainer.add_post_step_hook(move |_| hook_ema.lock().unwrap().update(0.9));
     let queue = Arc::new(Mutex::new(l2n(&randn(&[6, 8], 1.0)).unwrap()));
-    let mut extra = Queue { queue: queue.clone(), ema };
+    let mut extra = Queue {
+        queue: queue.clone(),
+        ema,
+    };
     let data_cfg = DataConfig {
         seed: 11,
         pipeline: tuwen::train::ImagePipeline::new(6).with_augment(AugmentConfig::default()),
@@ -918,14 +1193,27 @@ fn contrastive_run(manifest: &Path, ckpt_dir: &Path, total: u64, resume: bool, i
     let mgr = CheckpointManager::new(ckpt_dir, 2).unwrap();
     let mut log = MetricsLog::append(ckpt_dir.join("metrics.jsonl")).unwrap();
     let v = |n: &str| var_of(&vm, n).as_tensor().clone();
-    let (w_i, b_i, w_t, scale) = (v("img.proj.weight"), v("img.proj.bias"), v("txt.proj.weight"), v("logit_scale"));
+    let (w_i, b_i, w_t, scale) = (
+        v("img.proj.weight"),
+        v("img.proj.bias"),
+        v("txt.proj.weight"),
+        v("logit_scale"),
+    );
     let (e_w, e_b) = (v("ema.img.proj.weight"), v("ema.img.proj.bias"));
     let q = queue.clone();
     let loss_fn = |batch: &tuwen::train::Batch, ctx: &StepCtx| -> tuwen::Result<Tensor> {
         let b = batch.len();
         let x = batch.images.flatten_from(1)?;
         let mut drng = ctx.rng(100);
-        let mask: Vec<f32> = (0..b * 8).map(|_| if drng.random::<f32>() < 0.9 { 1.0 / 0.9 } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..b * 8)
+            .map(|_| {
+                if drng.random::<f32>() < 0.9 {
+                    1.0 / 0.9
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let mask = Tensor::from_vec(mask, (b, 8), &cpu())?;
         let fi = l2n(&(x.matmul(&w_i)?.broadcast_add(&b_i)? * mask)?)?;
         let ft = l2n(&text_features(&batch.captions).matmul(&w_t)?)?;
@@ -975,12 +1263,22 @@ fn train_resume_reproduces_the_uninterrupted_run() {
     assert!(resumed.ends_with("step-000000008"), "{}", resumed.display());
     assert_eq!(b2.summary.start_step, k);
     let joined: Vec<(u64, f64)> = b1.losses.iter().chain(&b2.losses).cloned().collect();
-    println!("uninterrupted losses: {:?}", a.losses.iter().map(|(_, l)| *l).collect::<Vec<_>>());
-    println!("resumed at step {k}:     {:?}", joined.iter().map(|(_, l)| *l).collect::<Vec<_>>());
+    println!(
+        "uninterrupted losses: {:?}",
+        a.losses.iter().map(|(_, l)| *l).collect::<Vec<_>>()
+    );
+    println!(
+        "resumed at step {k}:     {:?}",
+        joined.iter().map(|(_, l)| *l).collect::<Vec<_>>()
+    );
     assert_eq!(joined.len(), a.losses.len());
     for ((sa, la), (sb, lb)) in a.losses.iter().zip(&joined) {
         assert_eq!(sa, sb);
-        assert_eq!(la.to_bits(), lb.to_bits(), "step {sa}: loss {la} vs resumed {lb}");
+        assert_eq!(
+            la.to_bits(),
+            lb.to_bits(),
+            "step {sa}: loss {la} vs resumed {lb}"
+        );
     }
     assert_same_bits(&a.weights, &b2.weights, "final weights");
     assert_eq!(bits(&a.queue), bits(&b2.queue), "queue");
@@ -988,11 +1286,17 @@ fn train_resume_reproduces_the_uninterrupted_run() {
     // Losses fell: the run trains something.
     let first: f64 = a.losses[..4].iter().map(|x| x.1).sum();
     let last: f64 = a.losses[12..].iter().map(|x| x.1).sum();
-    println!("mean loss first 4 steps {:.4}, last 4 steps {:.4}", first / 4.0, last / 4.0);
+    println!(
+        "mean loss first 4 steps {:.4}, last 4 steps {:.4}",
+        first / 4.0,
+        last / 4.0
+    );
     assert!(last < first);
     // The log of the resumed run says so; keep-last-2 kept steps 12 and 16.
     let recs = MetricsLog::read(dir.path().join("b/metrics.jsonl")).unwrap();
-    assert!(recs.iter().any(|r| r["event"] == "resume" && r["step"] == 8));
+    assert!(recs
+        .iter()
+        .any(|r| r["event"] == "resume" && r["step"] == 8));
     let mgr = CheckpointManager::new(dir.path().join("b"), 2).unwrap();
     let steps: Vec<u64> = mgr.list().unwrap().iter().map(|(s, _)| *s).collect();
     assert_eq!(steps, vec![12, 16]);
@@ -1015,11 +1319,23 @@ fn ck_at(t: &mut Trainer, vm: &VarMap, step: u64) -> tuwen::train::TrainCheckpoi
     let (_, xs, ys) = linear_problem(12);
     while t.global_step() < step {
         let i = (t.global_step() % 4) as usize;
-        t.step(&[(xs[i].clone(), ys[i].clone())], |(x, y), _| mlp(vm, x, y)).unwrap();
+        t.step(&[(xs[i].clone(), ys[i].clone())], |(x, y), _| mlp(vm, x, y))
+            .unwrap();
     }
-    let extra = BTreeMap::from([("queue_ptr".to_string(), Tensor::new(step as i64, &cpu()).unwrap())]);
-    t.checkpoint(Some(DataPosition { epoch: 0, cursor: step as usize, skipped_total: 0 }), extra, serde_json::Value::Null)
-        .unwrap()
+    let extra = BTreeMap::from([(
+        "queue_ptr".to_string(),
+        Tensor::new(step as i64, &cpu()).unwrap(),
+    )]);
+    t.checkpoint(
+        Some(DataPosition {
+            epoch: 0,
+            cursor: step as usize,
+            skipped_total: 0,
+        }),
+        extra,
+        serde_json::Value::Null,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -1041,12 +1357,18 @@ fn train_checkpoint_interrupted_write_keeps_previous() {
     let c2 = ck_at(&mut t, &vm, 2);
     let e = mgr.save(&c2).unwrap_err().to_string();
     println!("interrupted save: {e}");
-    assert!(e.contains("optimizer.safetensors") && e.contains("No space left"), "{e}");
+    assert!(
+        e.contains("optimizer.safetensors") && e.contains("No space left"),
+        "{e}"
+    );
     let leftovers: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
-    assert!(!leftovers.iter().any(|n| n.starts_with(".tmp")), "{leftovers:?}");
+    assert!(
+        !leftovers.iter().any(|n| n.starts_with(".tmp")),
+        "{leftovers:?}"
+    );
     let latest = mgr.latest().unwrap().unwrap();
     assert!(latest.ends_with("step-000000001"));
     let loaded = CheckpointManager::load(&latest).unwrap();
@@ -1075,7 +1397,12 @@ fn train_checkpoint_interrupted_write_keeps_previous() {
     std::fs::write(tmp.join("model.safetensors"), b"partial").unwrap();
     let damaged = dir.path().join("step-000000004");
     std::fs::create_dir(&damaged).unwrap();
-    for f in ["model.safetensors", "optimizer.safetensors", "extra.safetensors", "meta.json"] {
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "extra.safetensors",
+        "meta.json",
+    ] {
         std::fs::copy(dir.path().join("step-000000002").join(f), damaged.join(f)).unwrap();
     }
     let model = std::fs::read(damaged.join("model.safetensors")).unwrap();
@@ -1093,7 +1420,10 @@ fn train_checkpoint_interrupted_write_keeps_previous() {
     t2.restore(&ck).unwrap();
     assert_same_bits(&snapshot(&vm2), &snapshot(&vm), "restored weights");
     assert_eq!(t2.global_step(), 2);
-    let (s1, s2) = (t.optimizer().state_tensors().unwrap(), t2.optimizer().state_tensors().unwrap());
+    let (s1, s2) = (
+        t.optimizer().state_tensors().unwrap(),
+        t2.optimizer().state_tensors().unwrap(),
+    );
     for (k, v) in &s1 {
         assert_eq!(bits(v), bits(&s2[k]), "{k}");
     }
@@ -1114,7 +1444,10 @@ fn train_checkpoint_interrupted_write_keeps_previous() {
     mgr.save(&c9).unwrap();
     assert_eq!(mgr.list().unwrap().len(), 3);
     // A mismatching model is refused with the tensor's name.
-    let other = varmap_from(&[("w1".into(), Tensor::zeros((2, 2), DType::F32, &cpu()).unwrap())]);
+    let other = varmap_from(&[(
+        "w1".into(),
+        Tensor::zeros((2, 2), DType::F32, &cpu()).unwrap(),
+    )]);
     let mut t3 = Trainer::from_varmap(&other, TrainerConfig::default()).unwrap();
     let e = t3.restore(&ck).unwrap_err().to_string();
     assert!(e.contains("w1"), "{e}");
@@ -1126,9 +1459,13 @@ fn train_checkpoint_interrupted_write_keeps_previous() {
 fn train_eval_hook_runs_every_n_steps() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = synthetic_dataset(&dir.path().join("data"), 10);
-    let vm = varmap_from(&[("w".into(), Tensor::ones((108, 2), DType::F32, &cpu()).unwrap())]);
+    let vm = varmap_from(&[(
+        "w".into(),
+        Tensor::ones((108, 2), DType::F32, &cpu()).unwrap(),
+    )]);
     let mut trainer = Trainer::from_varmap(&vm, TrainerConfig::default()).unwrap();
-    let mut loader = DataLoader::new(Manifest::open(&manifest).unwrap(), DataConfig::new(2, 6)).unwrap();
+    let mut loader =
+        DataLoader::new(Manifest::open(&manifest).unwrap(), DataConfig::new(2, 6)).unwrap();
     let mut log = MetricsLog::append(dir.path().join("m.jsonl")).unwrap();
     let w = var_of(&vm, "w");
     let w2 = w.clone();
@@ -1136,13 +1473,22 @@ fn train_eval_hook_runs_every_n_steps() {
     let mut hook = EvalFn::new("heldout", 3, |steps| {
         calls.push(steps);
         let norm = w2.as_tensor().sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        Ok(BTreeMap::from([("R@1".to_string(), 0.5), ("w_norm".to_string(), norm)]))
+        Ok(BTreeMap::from([
+            ("R@1".to_string(), 0.5),
+            ("w_norm".to_string(), norm),
+        ]))
     });
     let summary = Fit::new(&mut trainer, &mut loader, 7)
         .log(&mut log, 2)
         .eval(&mut hook)
         .progress(true)
-        .run(|b, _| Ok(b.images.flatten_from(1)?.matmul(w.as_tensor())?.sqr()?.mean_all()?))
+        .run(|b, _| {
+            Ok(b.images
+                .flatten_from(1)?
+                .matmul(w.as_tensor())?
+                .sqr()?
+                .mean_all()?)
+        })
         .unwrap();
     drop(hook);
     assert_eq!(calls, vec![3, 6]);
@@ -1151,10 +1497,25 @@ fn train_eval_hook_runs_every_n_steps() {
     let evals: Vec<_> = recs.iter().filter(|r| r["event"] == "eval").collect();
     assert_eq!(evals.len(), 2);
     assert_eq!(evals[0]["metrics"]["R@1"], 0.5);
-    let steps: Vec<u64> = recs.iter().filter(|r| r["event"] == "step").map(|r| r["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, vec![1, 3, 5], "every 2nd step (0-based indices 1, 3, 5)");
+    let steps: Vec<u64> = recs
+        .iter()
+        .filter(|r| r["event"] == "step")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 3, 5],
+        "every 2nd step (0-based indices 1, 3, 5)"
+    );
     for r in recs.iter().filter(|r| r["event"] == "step") {
-        for k in ["loss", "lr", "grad_norm", "samples_per_sec", "skipped_samples", "epoch"] {
+        for k in [
+            "loss",
+            "lr",
+            "grad_norm",
+            "samples_per_sec",
+            "skipped_samples",
+            "epoch",
+        ] {
             assert!(r.get(k).is_some(), "{k} missing in {r}");
         }
     }
