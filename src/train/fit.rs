@@ -12,7 +12,7 @@ use super::eval::EvalHook;
 use super::log::{step_record, MetricsLog, Progress};
 use super::state::CheckpointManager;
 use super::trainer::{StepCtx, Trainer};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// State beyond weights and optimiser that a run must checkpoint (MoCo queues and their
 /// pointers, EMA shadows); stored in the checkpoint's `extra.safetensors`.
@@ -57,6 +57,7 @@ pub struct Fit<'a> {
     extra: Option<&'a mut dyn ExtraState>,
     resume: bool,
     progress: bool,
+    prefetch: usize,
     config: serde_json::Value,
 }
 
@@ -74,8 +75,17 @@ impl<'a> Fit<'a> {
             extra: None,
             resume: false,
             progress: false,
+            prefetch: 2,
             config: serde_json::Value::Null,
         }
+    }
+
+    /// Prepares up to `depth` batches ahead on a background thread while the model
+    /// trains (default 2; 0 loads on the training thread). Batches and their order do
+    /// not depend on it: the thread produces exactly the batches the run consumes.
+    pub fn prefetch(mut self, depth: usize) -> Self {
+        self.prefetch = depth;
+        self
     }
 
     /// Saves a checkpoint every `every` steps and at the end.
@@ -122,23 +132,37 @@ impl<'a> Fit<'a> {
     }
 
     /// Runs the loop. `loss_fn` gets each micro-batch and returns its scalar loss.
-    pub fn run<F>(mut self, mut loss_fn: F) -> Result<FitSummary>
+    pub fn run<F>(self, mut loss_fn: F) -> Result<FitSummary>
     where
         F: FnMut(&Batch, &StepCtx) -> Result<Tensor>,
     {
+        let Fit {
+            trainer,
+            loader,
+            total_steps,
+            checkpoints,
+            mut log,
+            log_every,
+            evals,
+            mut extra,
+            resume,
+            progress,
+            prefetch,
+            config,
+        } = self;
         let mut summary = FitSummary::default();
-        if self.resume {
-            if let Some((mgr, _)) = self.checkpoints {
+        if resume {
+            if let Some((mgr, _)) = checkpoints {
                 if let Some(path) = mgr.latest()? {
                     let ck = CheckpointManager::load(&path)?;
-                    self.trainer.restore(&ck)?;
+                    trainer.restore(&ck)?;
                     if let Some(pos) = ck.meta.data {
-                        self.loader.set_position(pos)?;
+                        loader.set_position(pos)?;
                     }
-                    if let Some(extra) = self.extra.as_deref_mut() {
+                    if let Some(extra) = extra.as_deref_mut() {
                         extra.load_state(&ck.extra)?;
                     }
-                    if let Some(log) = self.log.as_deref_mut() {
+                    if let Some(log) = log.as_deref_mut() {
                         log.write(&json!({
                             "event": "resume",
                             "step": ck.meta.step,
@@ -149,18 +173,87 @@ impl<'a> Fit<'a> {
                 }
             }
         }
-        summary.start_step = self.trainer.global_step();
+        summary.start_step = trainer.global_step();
+        let mut parts = Parts {
+            trainer,
+            total_steps,
+            checkpoints,
+            log,
+            log_every,
+            evals,
+            extra,
+            config,
+            bar: progress.then(|| Progress::new(total_steps, summary.start_step)),
+        };
+        let needed = total_steps.saturating_sub(summary.start_step) as usize
+            * parts.trainer.config().grad_accum;
+        if prefetch == 0 || needed == 0 {
+            let mut next = || loader.next_batch();
+            parts.run(&mut next, &mut loss_fn, &mut summary)?;
+        } else {
+            std::thread::scope(|scope| -> Result<()> {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(prefetch);
+                let producer = &mut *loader;
+                scope.spawn(move || {
+                    for _ in 0..needed {
+                        let b = producer.next_batch();
+                        let failed = b.is_err();
+                        // A closed channel means the training side stopped early.
+                        if tx.send(b).is_err() || failed {
+                            break;
+                        }
+                    }
+                });
+                let mut next = || {
+                    rx.recv().map_err(|_| {
+                        Error::Training("the data loading thread stopped unexpectedly".into())
+                    })?
+                };
+                // `rx` is dropped when this closure returns, which releases a producer
+                // blocked on a full channel before the scope joins it.
+                parts.run(&mut next, &mut loss_fn, &mut summary)
+            })?;
+        }
+        if let Some(bar) = &parts.bar {
+            bar.finish();
+        }
+        Ok(summary)
+    }
+}
+
+struct Parts<'a, 'b> {
+    trainer: &'b mut Trainer,
+    total_steps: u64,
+    checkpoints: Option<(&'a CheckpointManager, u64)>,
+    log: Option<&'a mut MetricsLog>,
+    log_every: u64,
+    evals: Vec<&'a mut dyn EvalHook>,
+    extra: Option<&'a mut dyn ExtraState>,
+    config: serde_json::Value,
+    bar: Option<Progress>,
+}
+
+impl Parts<'_, '_> {
+    fn run<F>(
+        &mut self,
+        next: &mut dyn FnMut() -> Result<Batch>,
+        loss_fn: &mut F,
+        summary: &mut FitSummary,
+    ) -> Result<()>
+    where
+        F: FnMut(&Batch, &StepCtx) -> Result<Tensor>,
+    {
         let accum = self.trainer.config().grad_accum;
-        let bar = self
-            .progress
-            .then(|| Progress::new(self.total_steps, summary.start_step));
         while self.trainer.global_step() < self.total_steps {
             let mut micro = Vec::with_capacity(accum);
             for _ in 0..accum {
-                micro.push(self.loader.next_batch()?);
+                micro.push(next()?);
             }
-            let pos = self.loader.position();
-            let report = match self.trainer.step(&micro, &mut loss_fn) {
+            let pos = match micro.last() {
+                Some(b) => b.position_after,
+                None => return Err(Error::Training("no micro-batch".into())),
+            };
+            let report = match self.trainer.step(&micro, &mut *loss_fn) {
                 Ok(r) => r,
                 Err(e) => {
                     if let Some(log) = self.log.as_deref_mut() {
@@ -186,7 +279,7 @@ impl<'a> Fit<'a> {
                     log.write(&step_record(&report, pos.skipped_total, Some(pos.epoch)))?;
                 }
             }
-            if let Some(bar) = &bar {
+            if let Some(bar) = &self.bar {
                 bar.update(&report);
                 if let Some(reason) = &report.skipped {
                     bar.println(&format!("step {} skipped: {reason}", report.step));
@@ -227,9 +320,6 @@ impl<'a> Fit<'a> {
                 }
             }
         }
-        if let Some(bar) = &bar {
-            bar.finish();
-        }
-        Ok(summary)
+        Ok(())
     }
 }

@@ -1138,6 +1138,7 @@ fn contrastive_run(
     total: u64,
     resume: bool,
     init_seed: u64,
+    prefetch: usize,
 ) -> RunResult {
     let mut rng = derive_rng(init_seed, &[5]);
     let mut randn = |shape: &[usize], scale: f32| {
@@ -1231,6 +1232,7 @@ fn contrastive_run(
     let summary = Fit::new(&mut trainer, &mut loader, total)
         .checkpoints(&mgr, 4)
         .resume(resume)
+        .prefetch(prefetch)
         .log(&mut log, 1)
         .extra_state(&mut extra)
         .config(serde_json::json!({"test": "resume"}))
@@ -1251,14 +1253,16 @@ fn train_resume_reproduces_the_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = synthetic_dataset(&dir.path().join("data"), 22);
     let (k, total) = (8u64, 16u64);
-    let a = contrastive_run(&manifest, &dir.path().join("a"), total, false, 1);
+    // The uninterrupted run loads on the training thread, the others prefetch: batches
+    // must not depend on it.
+    let a = contrastive_run(&manifest, &dir.path().join("a"), total, false, 1, 0);
     assert_eq!(a.losses.len(), total as usize);
     assert!(a.summary.skipped_samples > 0, "the bad samples were met");
 
-    let b1 = contrastive_run(&manifest, &dir.path().join("b"), k, false, 1);
+    let b1 = contrastive_run(&manifest, &dir.path().join("b"), k, false, 1, 2);
     // A fresh process state: new vars (from another init, overwritten by the checkpoint),
     // trainer, loader and queue.
-    let b2 = contrastive_run(&manifest, &dir.path().join("b"), total, true, 999);
+    let b2 = contrastive_run(&manifest, &dir.path().join("b"), total, true, 999, 3);
     let resumed = b2.summary.resumed_from.clone().expect("resumed");
     assert!(resumed.ends_with("step-000000008"), "{}", resumed.display());
     assert_eq!(b2.summary.start_step, k);
