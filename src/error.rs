@@ -90,6 +90,20 @@ pub enum Error {
     #[error("cannot parse {origin}: {reason}")]
     Parse { origin: String, reason: String },
 
+    /// Training cannot go on (too many non-finite steps, inconsistent optimiser state, a
+    /// checkpoint that does not match the model).
+    #[error("training: {0}")]
+    Training(String),
+
+    /// A training or evaluation data set that cannot be used (a malformed manifest line,
+    /// an empty manifest, a batch that cannot be filled).
+    #[error("data {origin}{}: {reason}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Data {
+        origin: String,
+        line: Option<usize>,
+        reason: String,
+    },
+
     /// An error from the tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -13,6 +13,9 @@
 //! * [`eval`] runs image–text retrieval with Recall@K and cross-encoder re-ranking.
 //! * [`checkpoint`] reads safetensors and PyTorch `.pth` files in pure Rust, checks every
 //!   tensor's presence and shape, writes atomically, and downloads presets from the Hub.
+//! * [`train`] is the model-agnostic training engine: AdamW with parameter groups and
+//!   freezing, schedules, gradient accumulation and clipping, EMA updates, crash-safe
+//!   checkpoints with exact resume, and a deterministic parallel data loader.
 //!
 //! ```no_run
 //! use tuwen::{load, DualEncoder, ImageInput, LoadOptions};
@@ -31,6 +34,7 @@ pub mod models;
 pub mod nn;
 pub mod preprocess;
 pub mod registry;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use models::{DualEncoder, Family, LoadOptions, Scoring};

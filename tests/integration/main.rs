@@ -8,3 +8,4 @@ mod examples;
 mod hub;
 mod r2d2;
 mod siglip2;
+mod train;
