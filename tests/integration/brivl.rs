@@ -4,11 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor, D};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor, D};
 
 use tuwen::checkpoint::convert::{convert_pth, ConvertOptions, TargetDtype};
 use tuwen::checkpoint::{Loader, TensorSource};
@@ -551,42 +548,10 @@ fn brivl_efficientnet_matches_timm_c03_d06() {
     check_efficientnet("tf_effnet_c03_d06", 0.3, 0.6);
 }
 
-/// A backend that records every requested tensor's name and shape and hands out a
-/// broadcast zero (no memory per tensor).
-struct Recorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), s.dims().to_vec());
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("recorder: unchecked access to {name}")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 #[test]
 fn brivl_full_size_parameters_match_manifest() {
     let cfg = BrivlConfig::preset("brivl-1.0").unwrap();
-    let seen = Arc::new(Mutex::new(BTreeMap::new()));
-    let vb = VarBuilder::from_backend(Box::new(Recorder(seen.clone())), DType::F32, Device::Cpu);
-    Brivl::new(&cfg, vb).unwrap();
-    let ours = seen.lock().unwrap().clone();
+    let ours = tuwen::checkpoint::parameter_shapes(|vb| Brivl::new(&cfg, vb)).unwrap();
 
     let text = std::fs::read_to_string(shared("manifests/brivl-1.0.json")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -3,11 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, IndexOp, Shape, Tensor, D};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, IndexOp, Tensor, D};
 use tuwen::checkpoint::{Loader, TensorSource};
 use tuwen::eval::retrieval::{
     cosine_scores, cross_scores_image_vs_texts, cross_scores_text_vs_images, rank_desc, transpose,
@@ -390,34 +387,6 @@ fn prd2_is_the_dual_encoder_without_joint_layers() {
     assert!(matches!(err, Error::WrongFamily { .. }), "{err}");
 }
 
-/// A VarBuilder backend that records every tensor asked for and returns broadcast zeros,
-/// so a full-size network costs no memory.
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), s.dims().to_vec());
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("unchecked get of {name}")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 #[test]
 fn full_size_parameter_lists_match_manifests() {
     for (manifest, preset) in [
@@ -427,11 +396,8 @@ fn full_size_parameter_lists_match_manifests() {
     ] {
         let m: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(shared(manifest)).unwrap()).unwrap();
-        let rec = Recorder::default();
-        let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
         let cfg = R2d2Config::preset(preset).unwrap();
-        R2d2::new(&cfg, vb).unwrap();
-        let built = rec.0.lock().unwrap().clone();
+        let built = tuwen::checkpoint::parameter_shapes(|vb| R2d2::new(&cfg, vb)).unwrap();
 
         let mut expected = BTreeMap::new();
         let mut ignored = Vec::new();
