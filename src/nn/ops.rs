@@ -140,6 +140,73 @@ pub fn layer_norm_composed(
         .broadcast_add(bias)
 }
 
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+/// Tanh-approximated GELU. For contiguous f32 tensors on the CPU this runs a parallel
+/// kernel (candle's is scalar and single-threaded, about a fifth of a ViT's forward time);
+/// its backward is the exact derivative. Other inputs use candle's op.
+pub fn gelu_tanh(xs: &Tensor) -> Result<Tensor> {
+    if xs.dtype() == DType::F32 && xs.device().is_cpu() {
+        xs.apply_op1(GeluTanh)
+    } else {
+        xs.gelu()
+    }
+}
+
+struct GeluTanh;
+
+#[inline]
+fn gelu_tanh_scalar(x: f32) -> f32 {
+    let z = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+    // tanh(z) = 1 − 2 / (exp(2z) + 1), exact at both saturations.
+    let t = 1.0 - 2.0 / ((2.0 * z).exp() + 1.0);
+    0.5 * x * (1.0 + t)
+}
+
+impl candle_core::CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-par"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("gelu-tanh-par: expected f32")
+        };
+        let src = match layout.contiguous_offsets() {
+            Some((a, b)) => &data[a..b],
+            None => candle_core::bail!("gelu-tanh-par: expected a contiguous input"),
+        };
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(16 * 1024)
+            .zip(src.par_chunks(16 * 1024))
+            .for_each(|(o, i)| {
+                for (o, &x) in o.iter_mut().zip(i) {
+                    *o = gelu_tanh_scalar(x);
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // d/dx ½x(1+t) = ½(1+t) + ½x(1−t²)·√(2/π)(1+3c·x²), t = tanh(√(2/π)(x+c·x³)).
+        let x = arg.detach();
+        let x2 = x.sqr()?;
+        let inner = ((&x + (&x * &x2)? * GELU_C as f64)? * SQRT_2_OVER_PI as f64)?;
+        let t = inner.tanh()?;
+        let dinner = ((&x2 * (3.0 * GELU_C as f64))? + 1.0)? * SQRT_2_OVER_PI as f64;
+        let one_minus_t2 = (t.sqr()?.neg()? + 1.0)?;
+        let left = ((&t + 1.0)? * 0.5)?;
+        let right = ((&x * 0.5)? * one_minus_t2)?.mul(&dinner?)?;
+        Ok(Some(grad_res.mul(&(left + right)?)?))
+    }
+}
+
 /// Activation functions used by the supported checkpoints, with HF config names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -161,7 +228,7 @@ impl Activation {
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Activation::Gelu => xs.gelu_erf(),
-            Activation::GeluPytorchTanh => xs.gelu(),
+            Activation::GeluPytorchTanh => gelu_tanh(xs),
             Activation::QuickGelu => xs.mul(&sigmoid(&(xs * 1.702)?)?),
             Activation::Relu => xs.relu(),
             Activation::Silu => xs.silu(),
@@ -270,6 +337,63 @@ mod tests {
         check_grad("layer_norm dbias", &b0, |b| {
             LayerNorm::from_tensors(w0.clone(), b.clone(), 1e-5).forward(&x0)
         });
+    }
+
+    #[test]
+    fn parallel_gelu_tanh_matches_candle_and_has_a_gradient() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 3.0, (3, 1000), &dev).unwrap() * 1.0).unwrap();
+        let x = Tensor::cat(
+            &[
+                &x,
+                &Tensor::new(&[[-100f32, -20.0, 0.0, 20.0, 100.0]], &dev)
+                    .unwrap()
+                    .broadcast_as((3, 5))
+                    .unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let ours = gelu_tanh(&x).unwrap();
+        let theirs = x.gelu().unwrap();
+        let d = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 2e-6, "parallel gelu differs from candle's by {d}");
+        // The custom op's backward against candle's differentiable gelu.
+        let v = Var::from_tensor(&x).unwrap();
+        let g1 = gelu_tanh(v.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = v
+            .as_tensor()
+            .gelu()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "gelu gradients differ by {d}");
     }
 
     #[test]
