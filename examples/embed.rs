@@ -14,8 +14,8 @@ use std::process::ExitCode;
 
 use candle_core::DType;
 use clap::Parser;
-use tuwen::preprocess::image::boxes_from_json;
-use tuwen::{ImageInput, LoadOptions};
+use tuwen::preprocess::image::inputs_with_box_files;
+use tuwen::LoadOptions;
 
 #[derive(Parser, Debug)]
 #[command(about = "Embed images and texts with a tuwen dual encoder")]
@@ -47,27 +47,13 @@ struct Args {
 }
 
 fn run(args: Args) -> tuwen::Result<()> {
-    if !args.boxes.is_empty() && args.boxes.len() != args.image.len() {
-        return Err(tuwen::Error::InvalidArgument(format!(
-            "{} --boxes files for {} images: give one per image",
-            args.boxes.len(),
-            args.image.len()
-        )));
-    }
+    let images = inputs_with_box_files(&args.image, &args.boxes)?;
     let opts = LoadOptions {
         device: tuwen::models::parse_device(&args.device)?,
         dtype: tuwen::models::parse_dtype(&args.dtype)?,
         box_grid: args.grid,
     };
     let model = tuwen::load(&args.model, &opts)?;
-    let mut images = Vec::with_capacity(args.image.len());
-    for (i, p) in args.image.iter().enumerate() {
-        let mut input = ImageInput::path(p);
-        if let Some(b) = args.boxes.get(i) {
-            input = input.with_boxes(boxes_from_json(b)?);
-        }
-        images.push(input);
-    }
     let texts: Vec<&str> = args.text.iter().map(String::as_str).collect();
     let img = model.embed_images(&images)?;
     let txt = model.embed_texts(&texts)?;

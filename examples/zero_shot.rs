@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tuwen::preprocess::image::boxes_from_json;
-use tuwen::{ImageInput, LoadOptions, Scoring};
+use tuwen::preprocess::image::inputs_with_box_files;
+use tuwen::{LoadOptions, Scoring};
 
 #[derive(Parser, Debug)]
 #[command(about = "Zero-shot image classification with a tuwen dual encoder")]
@@ -58,27 +58,13 @@ fn run(args: Args) -> tuwen::Result<()> {
             "no labels given (--labels a,b,c)".into(),
         ));
     }
-    if !args.boxes.is_empty() && args.boxes.len() != args.image.len() {
-        return Err(tuwen::Error::InvalidArgument(format!(
-            "{} --boxes files for {} images: give one per image",
-            args.boxes.len(),
-            args.image.len()
-        )));
-    }
+    let images = inputs_with_box_files(&args.image, &args.boxes)?;
     let opts = LoadOptions {
         device: tuwen::models::parse_device(&args.device)?,
         dtype: tuwen::models::parse_dtype(&args.dtype)?,
         box_grid: args.grid,
     };
     let model = tuwen::load(&args.model, &opts)?;
-    let mut images = Vec::with_capacity(args.image.len());
-    for (i, p) in args.image.iter().enumerate() {
-        let mut input = ImageInput::path(p);
-        if let Some(b) = args.boxes.get(i) {
-            input = input.with_boxes(boxes_from_json(b)?);
-        }
-        images.push(input);
-    }
     let probs = model.classify(&images, &labels, &args.template)?;
     let probs = probs.to_vec2::<f32>()?;
     let kind = match model.scoring() {

@@ -487,7 +487,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// A backend that hands out cheap broadcast zeros and records every requested name and
 /// shape, so that a full-size model's parameter list can be read without its weights.
-struct Recorder(Mutex<BTreeMap<String, Vec<usize>>>);
+struct Recorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
 
 impl SimpleBackend for Recorder {
     fn get(
@@ -520,29 +520,10 @@ impl SimpleBackend for Recorder {
 pub fn parameter_shapes<T>(
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<BTreeMap<String, Vec<usize>>> {
-    let rec = Arc::new(Recorder(Mutex::new(BTreeMap::new())));
-    struct Shared(Arc<Recorder>);
-    impl SimpleBackend for Shared {
-        fn get(
-            &self,
-            s: Shape,
-            n: &str,
-            h: candle_nn::Init,
-            d: DType,
-            dev: &Device,
-        ) -> candle_core::Result<Tensor> {
-            self.0.get(s, n, h, d, dev)
-        }
-        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            self.0.get_unchecked(n, d, dev)
-        }
-        fn contains_tensor(&self, n: &str) -> bool {
-            self.0.contains_tensor(n)
-        }
-    }
-    let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let vb = VarBuilder::from_backend(Box::new(Recorder(seen.clone())), DType::F32, Device::Cpu);
     build(vb)?;
-    let map = rec.0.lock().map(|m| m.clone()).unwrap_or_default();
+    let map = seen.lock().map(|m| m.clone()).unwrap_or_default();
     Ok(map)
 }
 

@@ -190,6 +190,29 @@ pub fn boxes_from_json(path: &Path) -> Result<Vec<[f32; 4]>> {
         .collect()
 }
 
+/// Image inputs from paths, each with the boxes of the JSON file at the same position in
+/// `box_files` (see [`boxes_from_json`]); `box_files` is either empty or one per image.
+pub fn inputs_with_box_files(paths: &[PathBuf], box_files: &[PathBuf]) -> Result<Vec<ImageInput>> {
+    if !box_files.is_empty() && box_files.len() != paths.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} box files for {} images: give one per image",
+            box_files.len(),
+            paths.len()
+        )));
+    }
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let input = ImageInput::path(p);
+            match box_files.get(i) {
+                Some(b) => Ok(input.with_boxes(boxes_from_json(b)?)),
+                None => Ok(input),
+            }
+        })
+        .collect()
+}
+
 /// Resampling filters, named as in PIL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -76,3 +76,23 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
     println!("parity {what}: max abs diff {d:.3e} (tolerance {tol:.0e})");
     assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
 }
+
+/// A temporary model directory with the tiny SigLIP checkpoint and the test tokenizer, as a
+/// user would lay it out for `tuwen::load`.
+pub fn tiny_siglip_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            fixture(&format!("siglip2/siglip_tiny/{f}")),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    // The tiny model has a 1000-token vocabulary; the test tokenizer has 804.
+    std::fs::copy(
+        fixture("siglip2/tokenizer/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    dir
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::common::{assert_close, fixture, get, load_st, shared};
+use crate::common::{assert_close, get, load_st, shared, tiny_siglip_dir};
 
 /// The compiled example next to this test binary (`cargo test` builds the examples).
 fn example(name: &str) -> PathBuf {
@@ -12,23 +12,6 @@ fn example(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(p.exists(), "example {name} not built at {}", p.display());
     p
-}
-
-fn tiny_siglip_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(
-            fixture(&format!("siglip2/siglip_tiny/{f}")),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
-    std::fs::copy(
-        fixture("siglip2/tokenizer/tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
-    dir
 }
 
 #[test]

@@ -13,7 +13,7 @@ use tuwen::preprocess::{
 };
 use tuwen::{DualEncoder, Error, LoadOptions};
 
-use crate::common::{assert_close, fixture, get, load_st, shared};
+use crate::common::{assert_close, fixture, get, load_st, shared, tiny_siglip_dir};
 
 const TOL: f32 = 1e-4;
 
@@ -419,20 +419,7 @@ fn gemma_text_path_matches_hf_ids() {
 fn public_api_zero_shot_on_real_images() {
     // The whole pipeline through `tuwen::load`: images from disk, texts through the
     // tokenizer, sigmoid probabilities.
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(
-            fixture(&format!("siglip2/siglip_tiny/{f}")),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
-    // The tiny model has a 1000-token vocabulary; the test tokenizer has 804.
-    std::fs::copy(
-        fixture("siglip2/tokenizer/tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
+    let dir = tiny_siglip_dir();
     let model = tuwen::load(dir.path().to_str().unwrap(), &opts()).unwrap();
     let images: Vec<ImageInput> = image_stems()
         .into_iter()
@@ -654,19 +641,7 @@ fn bad_images_give_clear_errors() {
 
 #[test]
 fn bad_texts_and_presets_give_clear_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(
-            fixture(&format!("siglip2/siglip_tiny/{f}")),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
-    std::fs::copy(
-        fixture("siglip2/tokenizer/tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
+    let dir = tiny_siglip_dir();
     let model = tuwen::load(dir.path().to_str().unwrap(), &opts()).unwrap();
     let err = model.embed_texts(&[]).unwrap_err();
     assert!(matches!(err, Error::Text(_)), "{err}");
