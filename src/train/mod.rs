@@ -63,6 +63,7 @@ pub mod pattern;
 pub mod rng;
 pub mod schedule;
 pub mod state;
+pub mod synthetic;
 pub mod trainer;
 
 pub use augment::AugmentConfig;
