@@ -204,6 +204,15 @@ struct Checked {
     used: Mutex<HashSet<String>>,
     problem: Arc<Mutex<Option<Error>>>,
     vars: Option<VarMap>,
+    /// With `vars`: only names matching these track gradients (all when `None`).
+    tracked: Option<crate::train::Patterns>,
+}
+
+/// Whether `name` is a normalisation buffer (running statistics), which never trains.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
 }
 
 impl Checked {
@@ -262,13 +271,23 @@ impl Checked {
                     .data()
                     .lock()
                     .map_err(|_| candle_core::Error::Msg("var map poisoned".into()))?;
-                if let Some(v) = data.get(name) {
-                    return Ok(v.as_tensor().clone());
-                }
-                let var = Var::from_tensor(&tensor)?;
-                let t = var.as_tensor().clone();
-                data.insert(name.to_string(), var);
-                Ok(t)
+                let tracked =
+                    !is_buffer(name) && self.tracked.as_ref().is_none_or(|p| p.matches(name));
+                let var = match data.get(name) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let v = Var::from_tensor(&tensor)?;
+                        data.insert(name.to_string(), v.clone());
+                        v
+                    }
+                };
+                // A frozen tensor shares the var's storage (so restoring a checkpoint
+                // reaches the model) but records no gradient: backward skips it.
+                Ok(if tracked {
+                    var.as_tensor().clone()
+                } else {
+                    var.as_detached_tensor()
+                })
             }
         }
     }
@@ -331,6 +350,7 @@ impl Loader {
                 used: Mutex::new(HashSet::new()),
                 problem: Arc::new(Mutex::new(None)),
                 vars: None,
+                tracked: None,
             }),
         }
     }
@@ -344,6 +364,30 @@ impl Loader {
             None => {
                 return Err(Error::InvalidArgument(
                     "Loader::trainable must be called before var_builder".into(),
+                ))
+            }
+        }
+        Ok((self, vars))
+    }
+
+    /// Like [`Loader::trainable`], but only tensors whose model name matches `patterns`
+    /// (and is not a normalisation buffer) track gradients. The others are still in the
+    /// [`VarMap`] (so checkpoints hold the whole model and restoring reaches them) but the
+    /// model sees them as constants: backward passes never compute their gradients, and
+    /// inference kernels (fused ops, folded BatchNorm) stay available for them.
+    pub fn trainable_matching(
+        mut self,
+        patterns: crate::train::Patterns,
+    ) -> Result<(Self, VarMap)> {
+        let vars = VarMap::new();
+        match Arc::get_mut(&mut self.inner) {
+            Some(c) => {
+                c.vars = Some(vars.clone());
+                c.tracked = Some(patterns);
+            }
+            None => {
+                return Err(Error::InvalidArgument(
+                    "Loader::trainable_matching must be called before var_builder".into(),
                 ))
             }
         }

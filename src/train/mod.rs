@@ -54,6 +54,7 @@
 //! ```
 
 pub mod augment;
+pub mod brivl;
 pub mod data;
 pub mod eval;
 pub mod fit;

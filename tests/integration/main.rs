@@ -2,6 +2,7 @@
 //! bad inputs. One test binary keeps link time low.
 
 mod brivl;
+mod brivl_train;
 mod common;
 mod examples;
 #[cfg(feature = "hub")]

@@ -1,0 +1,476 @@
+//! BriVL MoCo training: one- and two-step parity with the PyTorch re-statement of the
+//! original training branch (`tests/fixtures/gen_brivl_moco.py`), gradient coverage, the
+//! original's trainable set on the published tensor list, queue rules, resume, and a
+//! learning test on synthetic data.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor};
+
+use tuwen::checkpoint::{is_buffer, parameter_shapes, TensorSource};
+use tuwen::models::brivl::{Brivl, BrivlConfig};
+use tuwen::train::brivl::{
+    default_trainable, topk_positives, BrivlInputs, BrivlMoco, MocoConfig, MocoQueues,
+};
+use tuwen::train::{AdamWConfig, Patterns, Schedule, StepCtx, Trainer, TrainerConfig};
+use tuwen::Error;
+
+use crate::common::{fixture, get, load_st, shared};
+
+const TINY_PTH: &str = "fixtures/original/brivl_tiny.pth";
+const TINY_JSON: &str = "fixtures/original/brivl_tiny.json";
+
+fn tiny_config() -> BrivlConfig {
+    BrivlConfig::from_file(&shared(TINY_JSON)).expect("tiny config")
+}
+
+fn test_trainable() -> Vec<String> {
+    [
+        "imgencoder.backbone.blocks.{3..6}.*",
+        "textencoder.backbone.bert.encoder.layer.1.*",
+        "imgencoder.learnable.*",
+        "textencoder.learnable.*",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn moco_config(multi: bool) -> MocoConfig {
+    MocoConfig {
+        queue_size: 12,
+        momentum: 0.99,
+        temperature: 0.07,
+        multi_positive: multi,
+        topk: 2,
+        trainable: test_trainable(),
+        seed: 0,
+    }
+}
+
+/// The tiny checkpoint with `_mom = 0.9·q + 0.001` for trainable parameters (as the
+/// reference script builds it), so that loading `_mom` is exercised.
+fn source_with_mom() -> TensorSource {
+    let pats = Patterns::new(test_trainable()).unwrap();
+    let mut m: HashMap<String, Tensor> = TensorSource::open(&shared(TINY_PTH), Some("learnable"))
+        .unwrap()
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .collect();
+    let names: Vec<String> = m.keys().cloned().collect();
+    for n in names {
+        let Some(rest) = n
+            .strip_prefix("imgencoder.")
+            .map(|r| ("imgencoder", r))
+            .or_else(|| n.strip_prefix("textencoder.").map(|r| ("textencoder", r)))
+        else {
+            continue;
+        };
+        if pats.matches(&n) && !is_buffer(&n) && m[&n].dtype() == DType::F32 {
+            let v = ((&m[&n] * 0.9).unwrap() + 0.001).unwrap();
+            m.insert(format!("{}_mom.{}", rest.0, rest.1), v);
+        }
+    }
+    TensorSource::Map(m)
+}
+
+fn build(multi: bool) -> BrivlMoco {
+    BrivlMoco::from_source(
+        &tiny_config(),
+        moco_config(multi),
+        source_with_mom(),
+        "tiny+mom",
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
+fn refs() -> HashMap<String, Tensor> {
+    load_st(&fixture("brivl_moco/moco.safetensors"))
+}
+
+fn ref_list(key: &str) -> Vec<String> {
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("brivl_moco/moco.json")).unwrap())
+            .unwrap();
+    j[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn inputs(perm: Option<&[u32]>) -> BrivlInputs {
+    let io = load_st(&shared("fixtures/original/brivl_tiny_io.safetensors"));
+    let ex = load_st(&fixture("brivl/brivl_extra.safetensors"));
+    let x = BrivlInputs::new(
+        get(&io, "pixel_values"),
+        get(&ex, "boxes_fewboxes"),
+        get(&ex, "box_mask_fewboxes"),
+        get(&ex, "input_ids_padded"),
+        get(&ex, "attention_mask_padded"),
+    )
+    .unwrap();
+    match perm {
+        None => x,
+        Some(p) => {
+            let idx = Tensor::new(p, &Device::Cpu).unwrap();
+            let sel = |t: &Tensor| t.index_select(&idx, 0).unwrap();
+            BrivlInputs {
+                pixel_values: sel(&x.pixel_values),
+                boxes: sel(&x.boxes),
+                box_mask: sel(&x.box_mask),
+                input_ids: sel(&x.input_ids),
+                text_mask: sel(&x.text_mask),
+            }
+        }
+    }
+}
+
+/// max |a − b| / max |b|.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let d = (&a - &b).unwrap().abs().unwrap().max(0).unwrap();
+    let s = b.abs().unwrap().max(0).unwrap();
+    d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+fn assert_rel(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let r = rel_diff(a, b);
+    println!("{what}: rel diff {r:.2e}");
+    assert!(r <= tol, "{what}: relative difference {r:e} > {tol:e}");
+}
+
+/// Compares parameters after AdamW steps. The key slice of an attention `in_proj_bias`
+/// has an exactly zero true gradient (softmax ignores a per-query constant), so both
+/// implementations' updates there are Adam-normalised round-off (`g / (|g| + eps)`) and
+/// cannot agree; its query and value slices are compared.
+fn assert_rel_param(what: &str, name: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    if name.ends_with("in_proj_bias") {
+        let d = a.dims()[0] / 3;
+        for (part, start) in [("q", 0), ("v", 2 * d)] {
+            assert_rel(
+                &format!("{what} [{part}]"),
+                &a.narrow(0, start, d).unwrap(),
+                &b.narrow(0, start, d).unwrap(),
+                tol,
+            );
+        }
+    } else {
+        assert_rel(what, a, b, tol);
+    }
+}
+
+fn given_queues(r: &HashMap<String, Tensor>, img: &str, txt: &str) -> MocoQueues {
+    MocoQueues {
+        image: get(r, img).clone(),
+        text: get(r, txt).clone(),
+        image_ptr: 0,
+        text_ptr: 0,
+    }
+}
+
+fn var(moco: &BrivlMoco, name: &str) -> candle_core::Var {
+    moco.vars()
+        .data()
+        .lock()
+        .unwrap()
+        .get(name)
+        .unwrap_or_else(|| panic!("no var {name}"))
+        .clone()
+}
+
+fn ctx(step: u64) -> StepCtx {
+    StepCtx {
+        step,
+        micro: 0,
+        n_micro: 1,
+        seed: 0,
+    }
+}
+
+#[test]
+fn brivl_moco_loss_gradients_and_coverage_match_pytorch() {
+    let r = refs();
+    let moco = build(false);
+    moco.set_queues(given_queues(&r, "queue_img_0", "queue_text_0"))
+        .unwrap();
+    let x = inputs(None);
+    let out = moco.loss(&x, &ctx(0)).unwrap();
+    assert_rel(
+        "loss",
+        &out.loss.reshape(1).unwrap(),
+        get(&r, "loss_0"),
+        1e-4,
+    );
+    assert_rel(
+        "i2t",
+        &out.i2t.reshape(1).unwrap(),
+        get(&r, "loss_i2t_0"),
+        1e-4,
+    );
+    assert_rel(
+        "t2i",
+        &out.t2i.reshape(1).unwrap(),
+        get(&r, "loss_t2i_0"),
+        1e-4,
+    );
+    let (ki, kt) = moco.key_embeds(&x).unwrap();
+    assert_rel("keys img", &ki, get(&r, "keys_img_0"), 1e-4);
+    assert_rel("keys text", &kt, get(&r, "keys_text_0"), 1e-4);
+
+    let grads = out.loss.backward().unwrap();
+    for name in ref_list("grad_params") {
+        let g = grads
+            .get(var(&moco, &name).as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_rel(
+            &format!("grad {name}"),
+            g,
+            get(&r, &format!("grad.{name}")),
+            1e-4,
+        );
+    }
+    // Coverage: every trainable tensor gets a non-zero gradient, no frozen one any.
+    let data = moco.vars().data().lock().unwrap();
+    let (mut trained, mut frozen) = (0, 0);
+    for (name, v) in data.iter() {
+        let g = grads.get(v.as_tensor());
+        if moco.is_trainable(name) {
+            trained += 1;
+            let g = g.unwrap_or_else(|| panic!("trainable {name} got no gradient"));
+            let nz = g
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(nz > 0.0, "trainable {name} got an all-zero gradient");
+        } else {
+            frozen += 1;
+            assert!(g.is_none(), "frozen {name} got a gradient");
+        }
+    }
+    println!("{trained} trainable tensors with gradients, {frozen} frozen without");
+    assert!(trained > 100 && frozen > 100, "{trained} / {frozen}");
+}
+
+#[test]
+fn brivl_moco_two_steps_match_pytorch() {
+    let r = refs();
+    let moco = build(false);
+    moco.set_queues(given_queues(&r, "queue_img_0", "queue_text_0"))
+        .unwrap();
+    let cfg = TrainerConfig {
+        optimizer: AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 0.01,
+            // Adam divides by |g| + eps: with PyTorch's 1e-8, elements whose true gradient
+            // is ~0 turn round-off into full-size updates that no two implementations share.
+            eps: 1e-6,
+            ..Default::default()
+        },
+        groups: moco.param_groups(),
+        schedule: Schedule::constant(),
+        ..Default::default()
+    };
+    let mut trainer = Trainer::from_varmap(moco.vars(), cfg).unwrap();
+    moco.attach(&mut trainer);
+    for (step, perm) in [None, Some(&[1u32, 2, 0][..])].into_iter().enumerate() {
+        let x = inputs(perm);
+        let rep = trainer
+            .step(&[x], |x, c| Ok(moco.loss(x, c)?.loss))
+            .unwrap();
+        let want = get(&r, &format!("loss_{step}")).to_vec1::<f32>().unwrap()[0];
+        println!("step {step}: loss {} (reference {want})", rep.loss);
+        assert!(
+            ((rep.loss - want as f64) / want as f64).abs() < 1e-4,
+            "step {step} loss {} vs {want}",
+            rep.loss
+        );
+        let keys = moco.key_tensors().unwrap();
+        for name in ref_list("mom_params") {
+            let mom = name.replacen("imgencoder.", "imgencoder_mom.", 1).replacen(
+                "textencoder.",
+                "textencoder_mom.",
+                1,
+            );
+            assert_rel_param(
+                &format!("momentum {mom} after step {step}"),
+                &name,
+                &keys[&mom],
+                get(&r, &format!("mom{step}.{name}")),
+                1e-4,
+            );
+        }
+        let q = moco.queues().unwrap();
+        assert_rel(
+            "image queue",
+            &q.image,
+            get(&r, &format!("queue_img_after_{step}")),
+            1e-4,
+        );
+        assert_rel(
+            "text queue",
+            &q.text,
+            get(&r, &format!("queue_text_after_{step}")),
+            1e-4,
+        );
+        let ptr = get(&r, &format!("queue_ptr_after_{step}"))
+            .to_vec1::<i64>()
+            .unwrap()[0] as usize;
+        assert_eq!((q.image_ptr, q.text_ptr), (ptr, ptr));
+    }
+    // The query weights after two AdamW steps: Adam normalises every element by its own
+    // |g|, so the ~5e-7 relative gradient round-off becomes a larger relative error on
+    // elements with tiny gradients (each update is lr = 1e-3 of weights ~0.08, so 5e-4
+    // of the weight scale is 4% of one update; a wrong group, rate or decay shows as
+    // ≥ 1e-2). The acceptance quantities above (loss, gradients, momentum weights,
+    // queues) are held to 1e-4.
+    for name in ref_list("grad_params") {
+        assert_rel_param(
+            &format!("query {name} after two steps"),
+            &name,
+            var(&moco, &name).as_tensor(),
+            get(&r, &format!("query_after_1.{name}")),
+            5e-4,
+        );
+    }
+}
+
+#[test]
+fn brivl_moco_multi_positive_matches_pytorch() {
+    let r = refs();
+    let moco = build(true);
+    moco.set_queues(given_queues(&r, "mp_queue_img", "mp_queue_text"))
+        .unwrap();
+    let x = inputs(None);
+    let out = moco.loss(&x, &ctx(0)).unwrap();
+    assert_rel(
+        "multi-positive loss",
+        &out.loss.reshape(1).unwrap(),
+        get(&r, "mp_loss"),
+        1e-4,
+    );
+    let (ki, kt) = moco.key_embeds(&x).unwrap();
+    let mask = topk_positives(&ki, &kt, &moco.queues().unwrap(), 2).unwrap();
+    assert_eq!(
+        mask.to_vec2::<f32>().unwrap(),
+        get(&r, "mp_mask").to_vec2::<f32>().unwrap()
+    );
+    let grads = out.loss.backward().unwrap();
+    for name in ref_list("grad_params") {
+        let g = grads.get(var(&moco, &name).as_tensor()).unwrap();
+        assert_rel(
+            &format!("mp grad {name}"),
+            g,
+            get(&r, &format!("mp_grad.{name}")),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn brivl_moco_without_mom_starts_from_query_copies() {
+    let src = TensorSource::open(&shared(TINY_PTH), Some("learnable")).unwrap();
+    let m: HashMap<String, Tensor> = src
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.contains("_mom."))
+        .collect();
+    let moco = BrivlMoco::from_source(
+        &tiny_config(),
+        moco_config(false),
+        TensorSource::Map(m),
+        "no mom",
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let x = inputs(None);
+    let (qi, qt) = moco.query_embeds(&x).unwrap();
+    let (ki, kt) = moco.key_embeds(&x).unwrap();
+    // Equal up to kernel differences (the key encoder folds BatchNorm; the query's
+    // trainable blocks run it unfolded for autograd).
+    assert!(rel_diff(&qi, &ki) < 1e-5, "{}", rel_diff(&qi, &ki));
+    assert!(rel_diff(&qt, &kt) < 1e-5, "{}", rel_diff(&qt, &kt));
+}
+
+#[test]
+fn brivl_moco_queue_must_be_a_multiple_of_the_global_batch() {
+    let moco = build(false);
+    let x = inputs(None);
+    // K = 12, batch 3 × 3 micro-batches = 9 does not divide 12.
+    let c = StepCtx {
+        step: 0,
+        micro: 0,
+        n_micro: 3,
+        seed: 0,
+    };
+    match moco.loss(&x, &c) {
+        Err(e @ Error::Config(_)) => {
+            let s = e.to_string();
+            assert!(
+                s.contains("multiple of the global batch") && s.contains("12"),
+                "{s}"
+            );
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    let q = MocoQueues::random(8, 10, 1, &Device::Cpu).unwrap();
+    let mut q2 = q.clone();
+    let keys = Tensor::zeros((3, 8), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(q2.enqueue(&keys, &keys), Err(Error::Config(_))));
+    // Unit columns at the start.
+    let norms = q
+        .image
+        .sqr()
+        .unwrap()
+        .sum(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
+}
+
+/// The original's rule ('blocks.3'…'blocks.6' in backbone names, 'layer.8'…'layer.11' in
+/// BERT names, every `learnable` head) selects exactly what `default_trainable` does on
+/// the published tensor list.
+#[test]
+fn brivl_default_trainable_is_the_originals_rule() {
+    let cfg = BrivlConfig::preset("brivl-1.0").unwrap();
+    let shapes: BTreeMap<String, Vec<usize>> = parameter_shapes(|vb| Brivl::new(&cfg, vb)).unwrap();
+    let pats = Patterns::new(default_trainable(&cfg).unwrap()).unwrap();
+    let original = |n: &str| -> bool {
+        if let Some(r) = n.strip_prefix("imgencoder.backbone.") {
+            return (3..=6).any(|i| r.contains(&format!("blocks.{i}")));
+        }
+        if let Some(r) = n.strip_prefix("textencoder.backbone.") {
+            return (8..=11).any(|i| r.contains(&format!("layer.{i}")));
+        }
+        true
+    };
+    let mut n_train = 0;
+    for name in shapes.keys().filter(|n| !is_buffer(n)) {
+        assert_eq!(pats.matches(name), original(name), "{name}");
+        n_train += pats.matches(name) as usize;
+    }
+    println!("{n_train} trainable tensors in brivl-1.0");
+    assert!(n_train > 300, "{n_train}");
+    // BERT-large: layers 20–23.
+    let mut large = cfg.clone();
+    let mut bert = large.bert_config().unwrap();
+    bert.num_hidden_layers = 24;
+    large.text_encoder = Some(bert);
+    let p = Patterns::new(default_trainable(&large).unwrap()).unwrap();
+    assert!(p.matches("textencoder.backbone.bert.encoder.layer.20.output.dense.weight"));
+    assert!(!p.matches("textencoder.backbone.bert.encoder.layer.19.output.dense.weight"));
+}
