@@ -55,9 +55,15 @@ pub fn sigmoid(xs: &Tensor) -> Result<Tensor> {
 
 /// L2-normalises along the last dimension (differentiable).
 pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
-    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    // Same guard as torch.nn.functional.normalize(eps=1e-12).
-    xs.broadcast_div(&norm.clamp(1e-12, f64::INFINITY)?)
+    // torch.nn.functional.normalize(eps=1e-12) divides by max(‖x‖, 1e-12). Clamping the
+    // squared norm at 1e-24 instead gives the same values and the same backward for an
+    // all-zero row (1/eps, finite), where sqrt'(0) = ∞ would make it NaN.
+    let norm = xs
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .clamp(1e-24, f64::INFINITY)?
+        .sqrt()?;
+    xs.broadcast_div(&norm)
 }
 
 /// Layer normalisation over the last dimension with learned scale and shift.
@@ -467,6 +473,17 @@ mod tests {
         }
         check_grad("log_sigmoid", &input((2, 2, 4)), log_sigmoid);
         check_grad("l2_normalize", &input((2, 2, 4)), l2_normalize);
+        // An all-zero row normalises to zero with PyTorch's finite gradient, 1/eps.
+        let v = Var::from_tensor(
+            &Tensor::new(&[[0f32, 0.0, 0.0], [3.0, 4.0, 0.0]], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let y = l2_normalize(v.as_tensor()).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap()[1], [0.6, 0.8, 0.0]);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = g.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        assert!(g.iter().flatten().all(|x| x.is_finite()), "{g:?}");
+        assert_eq!(g[0], [1e12, 1e12, 1e12]);
         // log σ(x) stays finite far from zero.
         let x = Tensor::new(&[-200f32, -20.0, 0.0, 20.0, 200.0], &Device::Cpu).unwrap();
         let v = log_sigmoid(&x).unwrap().to_vec1::<f32>().unwrap();

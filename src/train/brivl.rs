@@ -32,7 +32,7 @@
 //! which is not needed here.
 //!
 //! The queues, pointers and key-encoder weights are checkpointed through
-//! [`ExtraState`]; [`BrivlMoco::export`] writes a checkpoint (query and `_mom` encoders,
+//! [`BrivlMoco::extra_state`] (an [`ExtraState`]); [`BrivlMoco::export`] writes a checkpoint (query and `_mom` encoders,
 //! `config.json`) that the inference API loads.
 
 use std::collections::{BTreeMap, HashMap};
@@ -719,15 +719,7 @@ impl BrivlMoco {
     }
 
     fn rebuild_key(&self) -> Result<()> {
-        let mut st = lock(&self.state)?;
-        let map: HashMap<String, Tensor> = st
-            .params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let vb = VarBuilder::from_tensors(map, self.dtype, &self.device);
-        st.model = Some(Brivl::new(&self.cfg, vb)?);
-        Ok(())
+        rebuild_key(&self.state, &self.cfg, self.dtype, &self.device)
     }
 
     /// The momentum update `k ← m·k + (1 − m)·q` of every moving key tensor.
@@ -809,6 +801,51 @@ impl BrivlMoco {
         Ok(out)
     }
 
+    /// Recall@1/5/10 both ways (in percent, the original's names `txt_r1` … `r_mean`) of
+    /// the query encoders on a held-out manifest, pairing each image with its first
+    /// caption; images are prepared as in training without augmentation.
+    pub fn evaluate_retrieval(
+        &self,
+        manifest: &super::Manifest,
+        batch_size: usize,
+    ) -> Result<BTreeMap<String, f64>> {
+        let mut cfg = super::DataConfig::new(batch_size.max(1), self.cfg.img_size);
+        cfg.shuffle = false;
+        cfg.drop_last = false;
+        cfg.pipeline = self.image_pipeline(None);
+        let mut loader = super::DataLoader::new(manifest.clone(), cfg)?;
+        let (mut imgs, mut txts) = (Vec::new(), Vec::new());
+        while let Some(b) = loader.next_batch_in_epoch()? {
+            let (i, t) = self.query_embeds(&self.inputs(&b)?)?;
+            imgs.push(i);
+            txts.push(t);
+        }
+        if imgs.is_empty() {
+            return Err(Error::Data {
+                origin: manifest.origin.clone(),
+                line: None,
+                reason: "no usable sample for evaluation".into(),
+            });
+        }
+        let imgs = Tensor::cat(&imgs, 0)?;
+        let txts = Tensor::cat(&txts, 0)?;
+        let i2t = imgs.matmul(&txts.t()?)?.to_vec2::<f32>()?;
+        let t2i = crate::eval::retrieval::transpose(&i2t);
+        let n = i2t.len();
+        let img2txt: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+        let txt2img: Vec<usize> = (0..n).collect();
+        let r = crate::eval::retrieval::recall_at_k(&i2t, &t2i, &img2txt, &txt2img)?;
+        Ok(BTreeMap::from([
+            ("txt_r1".to_string(), r.txt_r1),
+            ("txt_r5".to_string(), r.txt_r5),
+            ("txt_r10".to_string(), r.txt_r10),
+            ("img_r1".to_string(), r.img_r1),
+            ("img_r5".to_string(), r.img_r5),
+            ("img_r10".to_string(), r.img_r10),
+            ("r_mean".to_string(), r.r_mean),
+        ]))
+    }
+
     /// Enqueues the keys of the last step (what the post-step hook does).
     pub fn commit(&self) -> Result<()> {
         commit(&self.state)
@@ -865,14 +902,20 @@ impl BrivlMoco {
     /// Writes `dir/model.safetensors` (query and `_mom` encoders, the layout of the
     /// published `learnable` dict) and `dir/config.json` atomically; with `tokenizer` it is
     /// copied to `dir/tokenizer.json`. `BrivlEncoder::from_path(dir)` (and so the
-    /// `zero_shot` and `embed` examples) loads the result.
+    /// `zero_shot` and `embed` examples) loads the result. The config's `BOX_GRID` is the
+    /// grid used in training.
     pub fn export(&self, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let mut all = self.query_tensors()?;
         all.extend(self.key_tensors()?);
         checkpoint::save_safetensors(&all, None, &dir.join("model.safetensors"))?;
-        let json = serde_json::to_vec_pretty(&self.cfg)
+        // The box grid used in training becomes the exported model's default.
+        let cfg = BrivlConfig {
+            box_grid: self.box_grid,
+            ..self.cfg.clone()
+        };
+        let json = serde_json::to_vec_pretty(&cfg)
             .map_err(|e| Error::Training(format!("serialising the BriVL config: {e}")))?;
         checkpoint::write_atomic(&dir.join("config.json"), &json)?;
         if let Some(t) = tokenizer {
@@ -882,6 +925,23 @@ impl BrivlMoco {
         }
         Ok(())
     }
+}
+
+fn rebuild_key(
+    state: &Mutex<MocoState>,
+    cfg: &BrivlConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<()> {
+    let mut st = lock(state)?;
+    let map: HashMap<String, Tensor> = st
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let vb = VarBuilder::from_tensors(map, dtype, device);
+    st.model = Some(Brivl::new(cfg, vb)?);
+    Ok(())
 }
 
 fn embeds(model: &Brivl, x: &BrivlInputs, dtype: DType) -> Result<(Tensor, Tensor)> {
@@ -916,7 +976,32 @@ fn var_tensors(vars: &VarMap) -> Result<BTreeMap<String, Tensor>> {
         .collect())
 }
 
-impl ExtraState for BrivlMoco {
+/// The MoCo state a training checkpoint keeps (queues, pointers, the moving key-encoder
+/// tensors), as an [`ExtraState`] for [`super::Fit::extra_state`]; from
+/// [`BrivlMoco::extra_state`]. It shares the state with the objective, so the objective
+/// can keep computing losses while the loop holds this.
+pub struct MocoExtraState {
+    state: Arc<Mutex<MocoState>>,
+    cfg: BrivlConfig,
+    queue_size: usize,
+    device: Device,
+    dtype: DType,
+}
+
+impl BrivlMoco {
+    /// The checkpointable MoCo state (see [`MocoExtraState`]).
+    pub fn extra_state(&self) -> MocoExtraState {
+        MocoExtraState {
+            state: self.state.clone(),
+            cfg: self.cfg.clone(),
+            queue_size: self.moco.queue_size,
+            device: self.device.clone(),
+            dtype: self.dtype,
+        }
+    }
+}
+
+impl ExtraState for MocoExtraState {
     fn save_state(&self) -> Result<BTreeMap<String, Tensor>> {
         let st = lock(&self.state)?;
         let mut out = st.queues.to_tensors()?;
@@ -935,19 +1020,19 @@ impl ExtraState for BrivlMoco {
             st.queues = MocoQueues::from_tensors(
                 t,
                 self.cfg.img_feature_dim,
-                self.moco.queue_size,
+                self.queue_size,
                 &self.device,
                 origin,
             )?;
             let moving = st.moving.clone();
             for name in moving {
                 let key = mom_name(&name);
+                let old = st.params.get(&name).map(|p| p.dims().to_vec());
                 let x = t.get(&key).ok_or_else(|| Error::MissingTensor {
                     source_name: origin.into(),
                     key: key.clone(),
-                    expected: vec![],
+                    expected: old.clone().unwrap_or_default(),
                 })?;
-                let old = st.params.get(&name).map(|p| p.dims().to_vec());
                 if old.as_deref() != Some(x.dims()) {
                     return Err(Error::ShapeMismatch {
                         source_name: origin.into(),
@@ -961,7 +1046,7 @@ impl ExtraState for BrivlMoco {
             }
             st.pending.clear();
         }
-        self.rebuild_key()
+        rebuild_key(&self.state, &self.cfg, self.dtype, &self.device)
     }
 }
 

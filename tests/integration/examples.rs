@@ -85,3 +85,103 @@ fn examples_fail_cleanly_on_bad_input() {
         "{stderr}"
     );
 }
+
+/// `train_brivl` trains the tiny BriVL from its checkpoint on a manifest, checkpoints,
+/// resumes, and exports a model that `zero_shot` and `embed` load.
+#[test]
+fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tuwen::train::synthetic::write_shapes_dataset(
+        &dir.path().join("data"),
+        &tuwen::train::synthetic::ShapesConfig::new(16, 3),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let toml = dir.path().join("run.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "checkpoint = {:?}\nmodel_config = {:?}\ntokenizer = {:?}\nbatch_size = 4\n\
+             box_grid = 2\nsave_every = 2\nlr = 1e-4\n",
+            shared("fixtures/original/brivl_tiny.pth"),
+            shared("fixtures/original/brivl_tiny.json"),
+            shared("data/hfl-roberta-wwm-ext/tokenizer.json"),
+        ),
+    )
+    .unwrap();
+    let train = |steps: &str, extra: &[&str]| {
+        let o = Command::new(example("train_brivl"))
+            .args(["--config", toml.to_str().unwrap()])
+            .args(["--train", data.manifest_path.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--steps", steps])
+            .args(extra)
+            .output()
+            .unwrap();
+        let s = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{s}");
+        s
+    };
+    let s = train(
+        "2",
+        &[
+            "--val",
+            data.manifest_path.to_str().unwrap(),
+            "--eval-every",
+            "2",
+        ],
+    );
+    assert!(
+        s.contains("ran 2 steps") && s.contains("eval val after 2 steps"),
+        "{s}"
+    );
+    let s = train("4", &["--resume"]);
+    assert!(
+        s.contains("resumed from") && s.contains("ran 2 steps"),
+        "{s}"
+    );
+    assert!(out.join("ckpt/step-000000004/meta.json").is_file());
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"event\":\"resume\""), "{log}");
+
+    // A bad setting is a clear error, not a panic.
+    let o = Command::new(example("train_brivl"))
+        .args(["--config", toml.to_str().unwrap()])
+        .args(["--train", data.manifest_path.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap(), "--queue-size", "10"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("multiple of the global batch"),
+        "{err}"
+    );
+
+    let model = out.join("model");
+    let o = Command::new(example("zero_shot"))
+        .args(["--model", model.to_str().unwrap()])
+        .args(["--image", shared("data/images/test.jpg").to_str().unwrap()])
+        .args(["--labels", "红色的圆形,蓝色的三角形"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("红色的圆形"), "{stdout}");
+    let emb = dir.path().join("e.safetensors");
+    let st = Command::new(example("embed"))
+        .args(["--model", model.to_str().unwrap()])
+        .args(["--image", shared("data/images/test.jpg").to_str().unwrap()])
+        .args(["--text", "红色的圆形"])
+        .args(["--out", emb.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!load_st(&emb).is_empty());
+}
