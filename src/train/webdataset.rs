@@ -82,6 +82,8 @@ use crate::preprocess::ImageInput;
 const SHARD_ORDER_STREAM: u64 = 60;
 /// Random stream of the in-shard shuffle buffer.
 const SHARD_BUFFER_STREAM: u64 = 61;
+/// The largest tar member read into memory (larger ones make their sample unusable).
+pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
 /// The most shards a brace pattern may expand to.
 const MAX_EXPANSION: usize = 10_000_000;
 
@@ -635,7 +637,26 @@ fn read_shard(path: &Path, shard: usize, emit: &mut dyn FnMut(RawItem) -> bool) 
             RawItem::new(shard, ordinal - 1, key.clone())
         });
         let size = entry.size();
-        let mut data = Vec::with_capacity(size.min(1 << 28) as usize);
+        if size > MAX_MEMBER_BYTES {
+            // Read past it without holding it; the sample is unusable.
+            match std::io::copy(&mut entry, &mut std::io::sink()) {
+                Ok(n) if n == size => {
+                    item.error = Some(format!(
+                        "member {name} is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit"
+                    ));
+                    continue;
+                }
+                Ok(n) => {
+                    item.error = Some(format!(
+                        "truncated tar: member {name} has {n} of its {size} bytes"
+                    ))
+                }
+                Err(e) => item.error = Some(format!("truncated tar: member {name}: {e}")),
+            }
+            let c = current.take();
+            return c.is_none_or(emit);
+        }
+        let mut data = Vec::with_capacity(size as usize);
         let read = entry.read_to_end(&mut data);
         if let Err(e) = read {
             item.error = Some(format!("truncated tar: member {name}: {e}"));
@@ -1109,8 +1130,8 @@ impl WebDatasetLoader {
             let cfg = &self.config;
             let results: Vec<(RawItem, std::result::Result<Loaded, String>)> = items
                 .into_par_iter()
-                .map(|it| {
-                    let r = decode_item(&it, cfg, epoch);
+                .map(|mut it| {
+                    let r = decode_item(&mut it, cfg, epoch);
                     (it, r)
                 })
                 .collect();
@@ -1221,7 +1242,11 @@ fn parse_meta(bytes: &[u8]) -> std::result::Result<Meta, String> {
     })
 }
 
-fn decode_item(it: &RawItem, cfg: &DataConfig, epoch: u64) -> std::result::Result<Loaded, String> {
+fn decode_item(
+    it: &mut RawItem,
+    cfg: &DataConfig,
+    epoch: u64,
+) -> std::result::Result<Loaded, String> {
     if let Some(e) = &it.error {
         return Err(e.clone());
     }
@@ -1243,11 +1268,11 @@ fn decode_item(it: &RawItem, cfg: &DataConfig, epoch: u64) -> std::result::Resul
     };
     let image = it
         .image
-        .as_ref()
+        .take()
         .ok_or_else(|| format!("no image member (expected one of {IMAGE_EXTENSIONS:?})"))?;
     let (shard, ordinal) = (it.shard as u64, it.ordinal as u64);
     let work = std::panic::AssertUnwindSafe(|| -> Result<(Vec<f32>, (u32, u32))> {
-        let img = ImageInput::bytes(image.clone()).decode_rgb()?;
+        let img = ImageInput::bytes(image).decode_rgb()?;
         let mut rng = derive_rng(cfg.seed, &[streams::AUGMENT, epoch, shard, ordinal]);
         let pixels = cfg.pipeline.process(&img, &mut rng)?;
         Ok((pixels, (img.width(), img.height())))
