@@ -29,8 +29,8 @@
 //! …`), each reading ahead into a bounded queue; the consumer drains the shards in order,
 //! so the sample stream, and every batch, does not depend on the number of threads.
 //! Images are decoded, augmented and normalised in parallel with rayon through the same
-//! [`ImagePipeline`] as the manifest loader (pixels are identical for the same image
-//! bytes). Ranks may see slightly different numbers of samples per epoch; each moves on to
+//! [`ImagePipeline`](super::data::ImagePipeline) as the manifest loader (pixels are
+//! identical for the same image bytes). Ranks may see slightly different numbers of samples per epoch; each moves on to
 //! its next epoch by itself, so a run of a fixed number of steps never waits for a rank.
 //!
 //! **Shuffling.** Besides the shard order, an optional in-shard shuffle buffer
