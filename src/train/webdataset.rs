@@ -82,7 +82,8 @@ use crate::preprocess::ImageInput;
 const SHARD_ORDER_STREAM: u64 = 60;
 /// Random stream of the in-shard shuffle buffer.
 const SHARD_BUFFER_STREAM: u64 = 61;
-/// The largest tar member read into memory (larger ones make their sample unusable).
+/// The default largest tar member read into memory
+/// ([`WebDatasetConfig::max_member_bytes`]).
 pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
 /// The most shards a brace pattern may expand to.
 const MAX_EXPANSION: usize = 10_000_000;
@@ -586,7 +587,12 @@ fn split_member(name: &str) -> Option<(String, String)> {
 
 /// Reads a shard in file order, grouping members by key; `emit` returns `false` to stop.
 /// Returns `false` when `emit` stopped it.
-fn read_shard(path: &Path, shard: usize, emit: &mut dyn FnMut(RawItem) -> bool) -> bool {
+fn read_shard(
+    path: &Path,
+    shard: usize,
+    max_member: u64,
+    emit: &mut dyn FnMut(RawItem) -> bool,
+) -> bool {
     let at = |ordinal: usize, key: &str, reason: String| {
         let mut it = RawItem::new(shard, ordinal, key.to_string());
         it.error = Some(reason);
@@ -637,12 +643,12 @@ fn read_shard(path: &Path, shard: usize, emit: &mut dyn FnMut(RawItem) -> bool) 
             RawItem::new(shard, ordinal - 1, key.clone())
         });
         let size = entry.size();
-        if size > MAX_MEMBER_BYTES {
+        if size > max_member {
             // Read past it without holding it; the sample is unusable.
             match std::io::copy(&mut entry, &mut std::io::sink()) {
                 Ok(n) if n == size => {
                     item.error = Some(format!(
-                        "member {name} is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit"
+                        "member {name} is {size} bytes, over the {max_member}-byte limit"
                     ));
                     continue;
                 }
@@ -689,15 +695,16 @@ fn stream_shard(
     path: &Path,
     shard: usize,
     buffer: Option<(usize, u64, u64)>,
+    max_member: u64,
     emit: &mut dyn FnMut(RawItem) -> bool,
 ) -> bool {
     let Some((size, seed, epoch)) = buffer.filter(|b| b.0 > 1) else {
-        return read_shard(path, shard, emit);
+        return read_shard(path, shard, max_member, emit);
     };
     let mut rng = derive_rng(seed, &[SHARD_BUFFER_STREAM, epoch, shard as u64]);
     let mut buf: Vec<RawItem> = Vec::with_capacity(size);
     let mut stopped = false;
-    let complete = read_shard(path, shard, &mut |item| {
+    let complete = read_shard(path, shard, max_member, &mut |item| {
         buf.push(item);
         if buf.len() >= size {
             let k = rng.random_range(0..buf.len() as u64) as usize;
@@ -735,10 +742,19 @@ pub struct WebDatasetConfig {
     pub shuffle_buffer: usize,
     /// Samples each reader thread may read ahead of the consumer.
     pub read_ahead: usize,
+    /// The largest tar member read into memory; a sample with a larger member is
+    /// skipped (default [`MAX_MEMBER_BYTES`], 256 MiB).
+    #[serde(default = "default_max_member")]
+    pub max_member_bytes: u64,
+}
+
+fn default_max_member() -> u64 {
+    MAX_MEMBER_BYTES
 }
 
 impl Default for WebDatasetConfig {
-    /// Rank 0 of 1, 2 reader threads, a 1000-sample shuffle buffer, 256 read ahead.
+    /// Rank 0 of 1, 2 reader threads, a 1000-sample shuffle buffer, 256 read ahead,
+    /// 256 MiB members at most.
     fn default() -> Self {
         Self {
             rank: 0,
@@ -746,6 +762,7 @@ impl Default for WebDatasetConfig {
             threads: 2,
             shuffle_buffer: 1000,
             read_ahead: 256,
+            max_member_bytes: MAX_MEMBER_BYTES,
         }
     }
 }
@@ -789,6 +806,7 @@ struct ReaderJob {
     base: usize,
     skip: usize,
     buffer: Option<(usize, u64, u64)>,
+    max_member: u64,
 }
 
 fn reader_thread(job: ReaderJob, tx: SyncSender<Msg>) {
@@ -799,7 +817,7 @@ fn reader_thread(job: ReaderJob, tx: SyncSender<Msg>) {
         let mut total = 0usize;
         let path = &job.paths[shard];
         let work = std::panic::AssertUnwindSafe(|| {
-            stream_shard(path, shard, job.buffer, &mut |item| {
+            stream_shard(path, shard, job.buffer, job.max_member, &mut |item| {
                 total += 1;
                 total <= skip || tx.send(Msg::Item(item)).is_ok()
             })
@@ -1014,6 +1032,7 @@ impl WebDatasetLoader {
                 base: k,
                 skip: offset,
                 buffer,
+                max_member: self.wds.max_member_bytes,
             };
             // A thread that cannot be spawned leaves its channel closed: the consumer
             // reports it when it reaches that thread's first shard.

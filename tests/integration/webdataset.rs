@@ -536,6 +536,39 @@ fn webdataset_bad_members_are_skipped_and_counted() {
     );
     assert_eq!(l.position().skipped_total, 4);
     assert_eq!(l.position().epoch, 1);
+    // Members over the size limit are not held in memory: their samples are skipped.
+    let noise = image::RgbImage::from_fn(64, 64, |x, y| {
+        let v = derive_rng(3, &[x as u64, y as u64]).random::<[u8; 3]>();
+        image::Rgb(v)
+    });
+    let mut big = std::io::Cursor::new(Vec::new());
+    noise.write_to(&mut big, image::ImageFormat::Png).unwrap();
+    let mut w = ShardWriter::new(dir.path().join("sizes"), "z", 10).unwrap();
+    for (caption, image) in [("big", big.into_inner()), ("small", png_bytes(9))] {
+        assert_eq!(image.len() > 5000, caption == "big");
+        w.write(&ShardSample {
+            key: Some(caption.into()),
+            image,
+            image_ext: "png".into(),
+            captions: vec![caption.into()],
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    let sizes = w.finish().unwrap();
+    let small = WebDatasetConfig {
+        max_member_bytes: 5000,
+        ..wds(1, 0)
+    };
+    let mut l = WebDatasetLoader::new(sizes, ordered(2, 5), small).unwrap();
+    let b = l.next_batch_in_epoch().unwrap().unwrap();
+    assert_eq!(b.captions, ["small"]);
+    assert_eq!(b.skipped.len(), 1);
+    let r = &b.skipped[0].reason;
+    assert!(
+        r.contains("big.png is") && r.contains("5000-byte limit"),
+        "{r}"
+    );
     // A rank with nothing usable fails clearly instead of looping.
     let mut w = ShardWriter::new(dir.path().join("bad"), "b", 10).unwrap();
     w.write(&ShardSample {
