@@ -36,8 +36,10 @@
 //! **Shuffling.** Besides the shard order, an optional in-shard shuffle buffer
 //! ([`WebDatasetConfig::shuffle_buffer`]) permutes each shard's samples as webdataset's
 //! `shuffle(n)` does, seeded by `(seed, epoch, shard)`; it never mixes shards, which is
-//! what makes an exact mid-shard resume cheap. With `shuffle` off, samples come in stored
-//! order.
+//! what makes an exact mid-shard resume cheap. A batch therefore draws mostly from one or
+//! two shards: write shards from a shuffled sample list (img2dataset keeps its input
+//! order) so that every shard is a random sample of the corpus. With `shuffle` off,
+//! samples come in stored order.
 //!
 //! **Bad data.** A sample whose image is corrupt or missing, whose caption is missing or
 //! not UTF-8, or whose JSON cannot be decoded is skipped, counted, and reported in
