@@ -254,7 +254,7 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
-fn parse_boxes(v: &serde_json::Value) -> std::result::Result<Vec<[f32; 4]>, String> {
+pub(crate) fn parse_boxes(v: &serde_json::Value) -> std::result::Result<Vec<[f32; 4]>, String> {
     let rows = v.as_array().ok_or("`boxes` is not a list")?;
     rows.iter()
         .enumerate()
@@ -472,6 +472,54 @@ pub struct DataPosition {
     pub cursor: usize,
     /// Samples skipped since the start of the run.
     pub skipped_total: u64,
+    /// Where a [`WebDatasetLoader`](super::webdataset::WebDatasetLoader) is within the
+    /// epoch's shard order; `None` for the manifest [`DataLoader`] (and in checkpoints
+    /// written before shards existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardCursor>,
+}
+
+/// A position inside one epoch of a WebDataset stream (see
+/// [`webdataset`](super::webdataset)): the next sample is the `offset`-th that shard
+/// `shard` of this rank's epoch order yields (after its in-shard shuffle). The layout
+/// fields let a resume reject a position that belongs to another rank or shard list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardCursor {
+    /// Index into this rank's shard order for the epoch.
+    pub shard: usize,
+    /// Samples (usable or skipped) already consumed from that shard.
+    pub offset: usize,
+    /// The rank and world size the position was taken on.
+    pub rank: usize,
+    pub world_size: usize,
+    /// The number of shards in the whole list.
+    pub num_shards: usize,
+}
+
+/// Anything the training loop ([`Fit`](super::fit::Fit)) can draw batches from: the
+/// manifest [`DataLoader`] or the streaming
+/// [`WebDatasetLoader`](super::webdataset::WebDatasetLoader).
+pub trait BatchSource: Send {
+    /// The next full batch (moving on to the next epoch when one ends).
+    fn next_batch(&mut self) -> Result<Batch>;
+    /// The position of the next sample.
+    fn position(&self) -> DataPosition;
+    /// Continues from `pos` (from a checkpoint).
+    fn set_position(&mut self, pos: DataPosition) -> Result<()>;
+}
+
+impl BatchSource for DataLoader {
+    fn next_batch(&mut self) -> Result<Batch> {
+        DataLoader::next_batch(self)
+    }
+
+    fn position(&self) -> DataPosition {
+        DataLoader::position(self)
+    }
+
+    fn set_position(&mut self, pos: DataPosition) -> Result<()> {
+        DataLoader::set_position(self, pos)
+    }
 }
 
 /// A sample that could not be used.
@@ -576,6 +624,13 @@ impl DataLoader {
 
     /// Continues from `pos` (from a checkpoint).
     pub fn set_position(&mut self, pos: DataPosition) -> Result<()> {
+        if pos.shard.is_some() {
+            return Err(data_err(
+                &self.manifest.origin,
+                None,
+                "the position comes from a WebDataset shard loader, not a manifest",
+            ));
+        }
         if pos.cursor > self.manifest.len() {
             return Err(data_err(
                 &self.manifest.origin,

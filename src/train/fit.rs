@@ -1,4 +1,6 @@
-//! The training loop: batches from a [`DataLoader`], steps of a [`Trainer`], metrics,
+//! The training loop: batches from a [`BatchSource`] (the manifest
+//! [`DataLoader`](super::data::DataLoader) or the streaming
+//! [`WebDatasetLoader`](super::webdataset::WebDatasetLoader)), steps of a [`Trainer`], metrics,
 //! evaluation hooks, periodic checkpoints, and resume from the newest checkpoint.
 
 use std::collections::BTreeMap;
@@ -7,7 +9,7 @@ use std::path::PathBuf;
 use candle_core::Tensor;
 use serde_json::json;
 
-use super::data::{Batch, DataLoader};
+use super::data::{Batch, BatchSource};
 use super::eval::EvalHook;
 use super::log::{step_record, MetricsLog, Progress};
 use super::state::CheckpointManager;
@@ -48,7 +50,7 @@ pub struct FitSummary {
 /// A training run over a data loader; build it, then [`Fit::run`] it.
 pub struct Fit<'a> {
     trainer: &'a mut Trainer,
-    loader: &'a mut DataLoader,
+    loader: &'a mut dyn BatchSource,
     total_steps: u64,
     checkpoints: Option<(&'a CheckpointManager, u64)>,
     log: Option<&'a mut MetricsLog>,
@@ -62,8 +64,13 @@ pub struct Fit<'a> {
 }
 
 impl<'a> Fit<'a> {
-    /// Trains until the trainer has run `total_steps` steps.
-    pub fn new(trainer: &'a mut Trainer, loader: &'a mut DataLoader, total_steps: u64) -> Self {
+    /// Trains until the trainer has run `total_steps` steps, drawing batches from
+    /// `loader` (a `&mut DataLoader` or `&mut WebDatasetLoader`).
+    pub fn new(
+        trainer: &'a mut Trainer,
+        loader: &'a mut dyn BatchSource,
+        total_steps: u64,
+    ) -> Self {
         Self {
             trainer,
             loader,

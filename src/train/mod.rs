@@ -66,6 +66,7 @@ pub mod schedule;
 pub mod state;
 pub mod synthetic;
 pub mod trainer;
+pub mod webdataset;
 
 pub use augment::AugmentConfig;
 pub use data::{Batch, DataConfig, DataLoader, DataPosition, ImagePipeline, Manifest, Sample};
@@ -79,4 +80,8 @@ pub use state::{CheckpointManager, CheckpointMeta, TrainCheckpoint};
 pub use trainer::{
     ema_update, grad_coverage, BatchInfo, EmaPairs, GradCoverage, SkipReason, StepCtx, StepReport,
     Trainer, TrainerConfig,
+};
+pub use webdataset::{
+    BatchSource, ShardCursor, ShardSample, ShardSpec, ShardWriter, WebDatasetConfig,
+    WebDatasetLoader,
 };

@@ -10,3 +10,4 @@ mod hub;
 mod r2d2;
 mod siglip2;
 mod train;
+mod webdataset;

@@ -919,7 +919,8 @@ fn train_data_skips_and_counts_corrupt_and_missing() {
         DataPosition {
             epoch: 1,
             cursor: 0,
-            skipped_total: 2
+            skipped_total: 2,
+            shard: None,
         }
     );
     // A manifest with nothing usable is an error, not a hang.
@@ -1335,6 +1336,7 @@ fn ck_at(t: &mut Trainer, vm: &VarMap, step: u64) -> tuwen::train::TrainCheckpoi
             epoch: 0,
             cursor: step as usize,
             skipped_total: 0,
+            shard: None,
         }),
         extra,
         serde_json::Value::Null,
