@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use tuwen::checkpoint::{parameter_shapes, Loader, TensorSource};
 use tuwen::models::r2d2::{JointConfig, R2d2, R2d2Config};
 use tuwen::nn::{Activation, BertConfig, ClipVisionConfig};
-use tuwen::preprocess::{TextProcessor, TextStyle};
+use tuwen::preprocess::{FixedProcessor, TextProcessor, TextStyle};
 use tuwen::train::r2d2::{
     fgr_loss, gcpr_loss, hard_negative_weights, image_keys, mask_text_tokens,
     sample_hard_negatives, sample_kept_tokens, tgd_loss, FeatureLoss, FeatureQueue, HardNegatives,
@@ -17,8 +17,8 @@ use tuwen::train::r2d2::{
 };
 use tuwen::train::rng::derive_rng;
 use tuwen::train::{
-    grad_coverage, AdamWConfig, ExtraState, ParamGroupConfig, Schedule, StepCtx, Trainer,
-    TrainerConfig,
+    grad_coverage, synthetic, AdamWConfig, DataConfig, DataLoader, ExtraState, ImagePipeline,
+    ParamGroupConfig, Schedule, StepCtx, Trainer, TrainerConfig,
 };
 
 use crate::common::{fixture, get, load_st, max_abs_diff, shared};
@@ -586,91 +586,67 @@ fn random_vars(cfg: &R2d2Config, vm: &VarMap, seed: u64) -> VarBuilder<'static> 
     VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu)
 }
 
-const COLOURS: [(&str, [f32; 3]); 6] = [
-    ("红色", [0.9, 0.1, 0.1]),
-    ("绿色", [0.1, 0.8, 0.2]),
-    ("蓝色", [0.1, 0.2, 0.9]),
-    ("黄色", [0.9, 0.9, 0.1]),
-    ("紫色", [0.6, 0.1, 0.8]),
-    ("白色", [0.95, 0.95, 0.95]),
-];
-const SHAPES: [&str; 4] = ["圆形", "横条", "竖条", "十字"];
-
-/// A 32×32 image of shape `s` in colour `c` at a random place and size on a noisy dark
-/// background, normalised to about [−1, 1].
-fn draw(c: usize, s: usize, rng: &mut impl rand::Rng) -> Vec<f32> {
-    let n = 32usize;
-    let size = rng.random_range(12..19) as f32;
-    let cx = rng.random_range(size / 2.0 + 1.0..n as f32 - size / 2.0 - 1.0);
-    let cy = rng.random_range(size / 2.0 + 1.0..n as f32 - size / 2.0 - 1.0);
-    let rgb = COLOURS[c].1;
-    let mut img = vec![0f32; 3 * n * n];
-    for y in 0..n {
-        for x in 0..n {
-            let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
-            let h = size / 2.0;
-            let (ax, ay) = (dx.abs(), dy.abs());
-            let inside = match s {
-                0 => dx * dx + dy * dy <= h * h,
-                1 => ax <= h && ay <= h * 0.3,
-                2 => ax <= h * 0.3 && ay <= h,
-                _ => (ax <= h && ay <= h * 0.25) || (ax <= h * 0.25 && ay <= h),
-            };
-            for ch in 0..3 {
-                let bg = 0.15 + 0.1 * rng.random::<f32>();
-                let v = if inside { rgb[ch] } else { bg };
-                img[ch * n * n + y * n + x] = (v - 0.5) / 0.3;
-            }
-        }
-    }
-    img
+/// Image→caption Recall@1 of `net` over the held-out loader's images against the class
+/// captions (cosine of the dual encoder).
+fn held_out_recall(
+    net: &R2d2,
+    images: &Tensor,
+    labels: &[usize],
+    captions: &tuwen::preprocess::TokenizedBatch,
+) -> f64 {
+    let (_, img) = net.encode_image(images).unwrap();
+    let (_, txt) = net
+        .encode_text(&captions.input_ids, &captions.attention_mask)
+        .unwrap();
+    let scores = img
+        .matmul(&txt.t().unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    synthetic::class_recall_at_1(&scores, labels).unwrap()
 }
 
-fn caption(class: usize) -> String {
-    format!(
-        "{}的{}",
-        COLOURS[class / SHAPES.len()].0,
-        SHAPES[class % SHAPES.len()]
-    )
-}
-
-/// A batch of `n` random (image, class) pairs.
-fn synthetic_batch(n: usize, rng: &mut impl rand::Rng) -> (Tensor, Vec<usize>) {
-    let classes = COLOURS.len() * SHAPES.len();
-    let mut px = Vec::with_capacity(n * 3 * 32 * 32);
-    let mut ys = Vec::with_capacity(n);
-    for _ in 0..n {
-        let y = rng.random_range(0..classes);
-        px.extend(draw(y / SHAPES.len(), y % SHAPES.len(), rng));
-        ys.push(y);
-    }
-    (
-        Tensor::from_vec(px, (n, 3, 32, 32), &Device::Cpu).unwrap(),
-        ys,
-    )
-}
-
-/// A tiny R2D2 from random init learns coloured shapes with Chinese captions (GCPR and
-/// FGR): held-out image→text Recall@1 over the 24 captions ≥ 0.9.
+/// A tiny R2D2 from random init learns the synthetic coloured shapes with Chinese captions
+/// (`tuwen::train::synthetic`, varied wording) through the data loader, with the official
+/// objectives GCPR + FGR and the ViT trained too: held-out image→caption Recall@1 over the
+/// 24 class captions reaches 0.9 (checked every 50 steps, at most 1000 steps).
 #[test]
 fn tiny_r2d2_learns_synthetic_captions() {
     let start = std::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32u32;
+    let train_set = synthetic::write_shapes_dataset(
+        &dir.path().join("train"),
+        &synthetic::ShapesConfig {
+            size,
+            ..synthetic::ShapesConfig::new(2400, 0)
+        },
+    )
+    .unwrap();
+    let test_set = synthetic::write_shapes_dataset(
+        &dir.path().join("test"),
+        &synthetic::ShapesConfig {
+            size,
+            ..synthetic::ShapesConfig::new(240, 1)
+        },
+    )
+    .unwrap();
     let cfg = R2d2Config {
         model_type: "r2d2".into(),
         vision_config: ClipVisionConfig {
-            hidden_size: 32,
-            intermediate_size: 64,
+            hidden_size: 48,
+            intermediate_size: 96,
             num_hidden_layers: 2,
             num_attention_heads: 2,
             num_channels: 3,
-            image_size: 32,
+            image_size: size as usize,
             patch_size: 8,
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
         },
         text_config: BertConfig {
             hidden_size: 32,
-            num_hidden_layers: 1,
+            num_hidden_layers: 2,
             num_attention_heads: 2,
             intermediate_size: 64,
             max_position_embeddings: 16,
@@ -684,7 +660,7 @@ fn tiny_r2d2_learns_synthetic_captions() {
             layer_norm_eps: 1e-12,
         }),
         embed_dim: 32,
-        max_text_len: 10,
+        max_text_len: 16,
     };
     let vm = VarMap::new();
     let vb = random_vars(&cfg, &vm, 5);
@@ -695,17 +671,17 @@ fn tiny_r2d2_learns_synthetic_captions() {
         ..R2d2LossConfig::finetune()
     };
     let obj = R2d2Objective::new(loss_cfg, &net, &vm, vb).unwrap();
-    let steps = 500u64;
+    let max_steps = 1000u64;
     let mut trainer = Trainer::from_varmap(
         &vm,
         TrainerConfig {
             optimizer: AdamWConfig {
-                lr: 3e-3,
+                lr: 2e-3,
                 weight_decay: 0.01,
                 ..AdamWConfig::default()
             },
             groups: ParamGroupConfig::default(),
-            schedule: Schedule::warmup_cosine(30, steps, 0.02),
+            schedule: Schedule::warmup_cosine(30, max_steps, 0.05),
             max_grad_norm: Some(1.0),
             seed: 1,
             ..TrainerConfig::default()
@@ -718,29 +694,47 @@ fn tiny_r2d2_learns_synthetic_captions() {
         cfg.max_text_len,
     )
     .unwrap();
-    let classes = COLOURS.len() * SHAPES.len();
-    let captions: Vec<String> = (0..classes).map(caption).collect();
+    let pipeline = ImagePipeline::from_fixed(&FixedProcessor::clip(size as usize));
+    let mut train = DataLoader::new(
+        train_set.manifest.clone(),
+        DataConfig {
+            pipeline,
+            seed: 3,
+            ..DataConfig::new(32, size as usize)
+        },
+    )
+    .unwrap();
+    let mut test = DataLoader::new(
+        test_set.manifest.clone(),
+        DataConfig {
+            pipeline,
+            shuffle: false,
+            drop_last: false,
+            ..DataConfig::new(240, size as usize)
+        },
+    )
+    .unwrap();
+    let test_images = test.next_batch().unwrap();
+    assert_eq!(test_images.indices, (0..240).collect::<Vec<_>>());
+    let captions = synthetic::class_captions();
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
-    let all_text = tok.encode_batch(&refs, &Device::Cpu).unwrap();
-    let mut rng = derive_rng(9, &[1]);
-    let mut last = f64::NAN;
+    let class_text = tok.encode_batch(&refs, &Device::Cpu).unwrap();
     let mut parts = (None, None);
-    for step in 0..steps {
-        let (px, ys) = synthetic_batch(32, &mut rng);
-        let idx = Tensor::new(
-            ys.iter().map(|&y| y as u32).collect::<Vec<_>>(),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let ids = all_text.input_ids.index_select(&idx, 0).unwrap();
-        let mask = all_text.attention_mask.index_select(&idx, 0).unwrap();
-        let keys: Vec<i64> = ys.iter().map(|&y| y as i64).collect();
+    let mut r1 = 0.0;
+    let mut steps = 0;
+    while steps < max_steps {
+        let batch = train.next_batch().unwrap();
+        let text = {
+            let c: Vec<&str> = batch.captions.iter().map(String::as_str).collect();
+            tok.encode_batch(&c, &Device::Cpu).unwrap()
+        };
+        let keys = image_keys(&batch.ids, &batch.indices);
         let report = trainer
-            .step(std::slice::from_ref(&px), |_, ctx| {
+            .step(std::slice::from_ref(&batch.images), |px, ctx| {
                 let x = R2d2Inputs {
-                    pixel_values: &px,
-                    input_ids: &ids,
-                    attention_mask: &mask,
+                    pixel_values: px,
+                    input_ids: &text.input_ids,
+                    attention_mask: &text.attention_mask,
                     image_ids: &keys,
                 };
                 let l = obj.loss(&net, &x, ctx)?;
@@ -748,34 +742,22 @@ fn tiny_r2d2_learns_synthetic_captions() {
                 Ok(l.total)
             })
             .unwrap();
-        last = report.loss;
-        if step % 25 == 0 {
+        steps += 1;
+        if steps % 50 == 0 {
+            r1 = held_out_recall(&net, &test_images.images, &test_set.labels, &class_text);
             println!(
-                "step {step}: loss {:.4} (gcpr, fgr) {parts:.4?} temp {:.4} |g| {:.3e}",
+                "step {steps}: loss {:.4} (gcpr, fgr) {parts:.4?} temp {:.4}, held-out R@1 {r1:.3}",
                 report.loss,
                 net.temp.to_scalar::<f32>().unwrap(),
-                report.grad_norm
             );
+            if r1 >= 0.9 {
+                break;
+            }
         }
     }
-    // Held-out images, ranked against the 24 captions by cosine.
-    let mut hits = 0;
-    let n_test = 240;
-    let mut test_rng = derive_rng(1234, &[2]);
-    let (px, ys) = synthetic_batch(n_test, &mut test_rng);
-    let (_, img) = net.encode_image(&px).unwrap();
-    let (_, txt) = net
-        .encode_text(&all_text.input_ids, &all_text.attention_mask)
-        .unwrap();
-    let sims = img.matmul(&txt.t().unwrap()).unwrap();
-    let best = sims.argmax(1).unwrap().to_vec1::<u32>().unwrap();
-    for (b, y) in best.iter().zip(&ys) {
-        hits += usize::from(*b as usize == *y);
-    }
-    let r1 = hits as f64 / n_test as f64;
     println!(
-        "held-out i2t R@1 {r1:.3} after {steps} steps (last loss {last:.4}), {:.1}s",
+        "held-out i2t R@1 {r1:.3} after {steps} steps, {:.1}s",
         start.elapsed().as_secs_f64()
     );
-    assert!(r1 >= 0.9, "R@1 {r1}");
+    assert!(r1 >= 0.9, "R@1 {r1} after {steps} steps");
 }
