@@ -192,7 +192,11 @@ impl R2d2LossConfig {
                 self.patch_drop_ratio
             )));
         }
-        if self.fgr_class_weights.iter().any(|w| !(*w > 0.0)) {
+        if !self
+            .fgr_class_weights
+            .iter()
+            .all(|w| w.is_finite() && *w > 0.0)
+        {
             return Err(Error::Config("FGR class weights must be positive".into()));
         }
         Ok(())

@@ -377,7 +377,8 @@ fn every_trainable_parameter_gets_a_gradient_under_each_objective() {
             || n.starts_with("img_joint_proj.")
             || n.starts_with("itm_head")
     };
-    let cases: Vec<(&str, [f64; 4], Box<dyn Fn(&str) -> bool>)> = vec![
+    type Reaches = Box<dyn Fn(&str) -> bool>;
+    let cases: Vec<(&str, [f64; 4], Reaches)> = vec![
         (
             "gcpr",
             [1.0, 0.0, 0.0, 0.0],
