@@ -61,6 +61,7 @@ pub mod fit;
 pub mod log;
 pub mod optim;
 pub mod pattern;
+pub mod r2d2;
 pub mod rng;
 pub mod schedule;
 pub mod state;
@@ -75,6 +76,7 @@ pub use fit::{ExtraState, Fit, FitSummary};
 pub use log::{MetricsLog, Progress};
 pub use optim::{AdamW, AdamWConfig, Grads, GroupRule, ParamGroupConfig};
 pub use pattern::Patterns;
+pub use r2d2::{R2d2LossConfig, R2d2Objective};
 pub use schedule::Schedule;
 pub use state::{CheckpointManager, CheckpointMeta, TrainCheckpoint};
 pub use trainer::{

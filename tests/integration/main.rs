@@ -8,6 +8,7 @@ mod examples;
 #[cfg(feature = "hub")]
 mod hub;
 mod r2d2;
+mod r2d2_train;
 mod siglip2;
 mod train;
 mod webdataset;

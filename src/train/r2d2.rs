@@ -1,0 +1,1141 @@
+//! Training objectives for R2D2 and PRD2 (continued pre-training and fine-tuning).
+//!
+//! Each objective is a separate function with its own weight in [`R2d2LossConfig`]:
+//!
+//! * **GCPR** ([`gcpr_loss`], global contrastive pre-ranking): in-batch InfoNCE over
+//!   `cos / temp` with multi-positive targets (pairs whose images share an id are
+//!   positives; each row of targets is `pos / pos.sum()`), i2t and t2i averaged. This is
+//!   `compute_gcpr_loss` of the official `models/r2d2_retrieval.py`. `temp` is a learnable
+//!   parameter clamped to `[0.001, 0.5]` (without gradient) before every step, as there.
+//! * **FGR** ([`fgr_loss`], fine-grained ranking): ITM on both cross encoders. For each
+//!   positive pair one hard negative image and one hard negative text are drawn from
+//!   `softmax(sim / temp)` with positives zeroed ([`hard_negative_weights`],
+//!   [`sample_hard_negatives`], seeded by [`StepCtx::rng`]); the `3B` pairs are labelled
+//!   `[1]·B + [0]·2B` and scored by `cross_entropy(weight = [1, 2])` on `itm_head`
+//!   (text-joint CLS) and `itm_head_i` (image-joint CLS), averaged.
+//! * **TgD** ([`tgd_loss`], teacher-guided distillation): an EMA teacher (momentum 0.995,
+//!   updated before its features are computed, as ALBEF's `_momentum_update`) gives the
+//!   keys, in-batch teacher features plus a [`FeatureQueue`] of earlier ones; the targets
+//!   are `α·softmax(teacher sims) + (1 − α)·hard` with α = 0.4 and multi-positive hard
+//!   targets (queued image ids included), as ALBEF's retrieval model. The paper's
+//!   pre-training code was never released; this follows ALBEF, which R2D2 builds on.
+//! * **FgD** ([`fgd_loss`], feature-guided distillation): the teacher sees the full input,
+//!   the student a masked one ([`mask_text_tokens`]: 15% of the text tokens become
+//!   `[MASK]`; [`sample_kept_tokens`]: a fraction of the image patches is dropped before
+//!   the ViT); a feature loss (cosine or MSE, [`FeatureLoss`]) pulls the student's
+//!   normalised embeddings to the teacher's.
+//!
+//! [`R2d2Objective`] ties them together for [`crate::train::Fit`]; its teacher weights and
+//! queue are saved in training checkpoints through [`crate::train::ExtraState`]
+//! ([`R2d2Objective::extra_state`]). [`R2d2LossConfig::finetune`] and
+//! [`finetune_trainer_config`] are the official fine-tuning recipe (ViT frozen, AdamW lr
+//! 1e-5, weight decay 0.05, 500 warm-up steps, cosine); [`R2d2LossConfig::prd2`] trains
+//! PRD2 with GCPR and TgD only.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::fit::ExtraState;
+use super::optim::{AdamWConfig, ParamGroupConfig};
+use super::rng::ChaCha8Rng;
+use super::schedule::Schedule;
+use super::trainer::{EmaPairs, StepCtx, TrainerConfig};
+use crate::error::{Error, Result};
+use crate::models::r2d2::R2d2;
+use crate::nn::ops::{self, LayerNorm};
+use crate::nn::{LayerDims, PreNormEncoder};
+
+/// [`StepCtx::rng`] stream of the FGR hard-negative sampler.
+pub const STREAM_FGR: u64 = 100;
+/// [`StepCtx::rng`] stream of the FgD text masking.
+pub const STREAM_TEXT_MASK: u64 = 101;
+/// [`StepCtx::rng`] stream of the FgD patch dropping.
+pub const STREAM_PATCH_DROP: u64 = 102;
+/// The id of empty queue slots (never equal to an image key).
+pub const EMPTY_ID: i64 = -1;
+
+/// The feature loss of FgD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureLoss {
+    /// Mean over the batch of `1 − cos(student, teacher)`.
+    #[default]
+    Cosine,
+    /// Mean squared error of the normalised embeddings (all elements).
+    Mse,
+}
+
+/// Weights and knobs of the R2D2 / PRD2 objectives. A weight of 0 turns an objective off
+/// (it is then not computed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct R2d2LossConfig {
+    /// Weight of GCPR.
+    pub gcpr_weight: f64,
+    /// Weight of FGR (R2D2 only: needs the cross encoders).
+    pub fgr_weight: f64,
+    /// Weight of TgD.
+    pub tgd_weight: f64,
+    /// Weight of FgD.
+    pub fgd_weight: f64,
+    /// `temp` is clamped into `[temp_min, temp_max]` before every step (0.001, 0.5).
+    pub temp_min: f64,
+    pub temp_max: f64,
+    /// Cross-entropy class weights of FGR, `[negative, positive]` (`[1, 2]`).
+    pub fgr_class_weights: [f64; 2],
+    /// Momentum of the EMA teacher (0.995).
+    pub ema_momentum: f64,
+    /// Weight α of the teacher's soft targets in TgD (0.4).
+    pub distill_alpha: f64,
+    /// Teacher features kept in the TgD queue (0: in-batch only).
+    pub queue_size: usize,
+    /// Fraction of text tokens the FgD student sees as `[MASK]` (0.15).
+    pub text_mask_ratio: f64,
+    /// The `[MASK]` token id (103 in the chinese-roberta-wwm-ext vocabulary).
+    pub mask_token_id: u32,
+    /// Fraction of image patches dropped from the FgD student's ViT input (0.25).
+    pub patch_drop_ratio: f64,
+    /// FgD's feature loss.
+    pub feature_loss: FeatureLoss,
+    /// Run the ViT without gradient (it is frozen in the official fine-tuning).
+    pub freeze_vision: bool,
+    /// Seed of the initial (random, normalised) queue contents.
+    pub queue_seed: u64,
+}
+
+impl Default for R2d2LossConfig {
+    /// Continued pre-training: all four objectives with weight 1.
+    fn default() -> Self {
+        Self {
+            gcpr_weight: 1.0,
+            fgr_weight: 1.0,
+            tgd_weight: 1.0,
+            fgd_weight: 1.0,
+            temp_min: 0.001,
+            temp_max: 0.5,
+            fgr_class_weights: [1.0, 2.0],
+            ema_momentum: 0.995,
+            distill_alpha: 0.4,
+            queue_size: 4096,
+            text_mask_ratio: 0.15,
+            mask_token_id: 103,
+            patch_drop_ratio: 0.25,
+            feature_loss: FeatureLoss::Cosine,
+            freeze_vision: false,
+            queue_seed: 0,
+        }
+    }
+}
+
+impl R2d2LossConfig {
+    /// The official fine-tuning objectives (`train_r2d2_retrieval.py`): GCPR + FGR, ViT
+    /// frozen.
+    pub fn finetune() -> Self {
+        Self {
+            tgd_weight: 0.0,
+            fgd_weight: 0.0,
+            freeze_vision: true,
+            ..Self::default()
+        }
+    }
+
+    /// PRD2 (no cross encoders): GCPR and TgD.
+    pub fn prd2() -> Self {
+        Self {
+            fgr_weight: 0.0,
+            fgd_weight: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Whether an EMA teacher is needed.
+    pub fn needs_teacher(&self) -> bool {
+        self.tgd_weight > 0.0 || self.fgd_weight > 0.0
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<()> {
+        let ws = [
+            self.gcpr_weight,
+            self.fgr_weight,
+            self.tgd_weight,
+            self.fgd_weight,
+        ];
+        if ws.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || ws.iter().all(|w| *w == 0.0) {
+            return Err(Error::Config(format!(
+                "objective weights {ws:?} must be finite, non-negative and not all zero"
+            )));
+        }
+        if !(self.temp_min > 0.0 && self.temp_min <= self.temp_max) {
+            return Err(Error::Config(format!(
+                "temp range [{}, {}] is empty or not positive",
+                self.temp_min, self.temp_max
+            )));
+        }
+        for (name, v) in [
+            ("ema_momentum", self.ema_momentum),
+            ("distill_alpha", self.distill_alpha),
+            ("text_mask_ratio", self.text_mask_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::Config(format!("{name} {v} is outside [0, 1]")));
+            }
+        }
+        if !(0.0..1.0).contains(&self.patch_drop_ratio) {
+            return Err(Error::Config(format!(
+                "patch_drop_ratio {} is outside [0, 1)",
+                self.patch_drop_ratio
+            )));
+        }
+        if !self
+            .fgr_class_weights
+            .iter()
+            .all(|w| w.is_finite() && *w > 0.0)
+        {
+            return Err(Error::Config("FGR class weights must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The official fine-tuning optimiser recipe: ViT frozen (`visual_encoder.*`), AdamW
+/// (betas 0.9/0.999, eps 1e-8) with lr 1e-5 and weight decay 0.05 on every parameter
+/// (the official optimiser has no no-decay group), 500 linear warm-up steps, then cosine
+/// to 0 at `total_steps`. (The official script warms up from 1e-6 and decays per epoch.)
+pub fn finetune_trainer_config(total_steps: u64) -> TrainerConfig {
+    TrainerConfig {
+        optimizer: AdamWConfig {
+            lr: 1e-5,
+            weight_decay: 0.05,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        groups: ParamGroupConfig {
+            no_decay: Vec::new(),
+            no_decay_rank_le1: false,
+            ..ParamGroupConfig::default()
+        }
+        .with_frozen(["visual_encoder.*"]),
+        schedule: Schedule::warmup_cosine(500, total_steps, 0.0),
+        ..TrainerConfig::default()
+    }
+}
+
+/// A 63-bit key for an image id string (FNV-1a), or for a manifest index when there is no
+/// id; keys are what [`gcpr_loss`] and [`tgd_loss`] compare.
+pub fn image_keys(ids: &[Option<String>], indices: &[usize]) -> Vec<i64> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| match id {
+            Some(s) => {
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in s.as_bytes() {
+                    h ^= u64::from(*b);
+                    h = h.wrapping_mul(0x0100_0000_01b3);
+                }
+                (h & ((1u64 << 62) - 1)) as i64
+            }
+            None => (1i64 << 62) | indices.get(i).copied().unwrap_or(i) as i64,
+        })
+        .collect()
+}
+
+/// `[rows, cols]` f32 matrix with 1 where the keys are equal.
+pub fn positive_mask(rows: &[i64], cols: &[i64], device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| cols.iter().map(move |c| f32::from(u8::from(r == c))))
+        .collect();
+    Ok(Tensor::from_vec(v, (rows.len(), cols.len()), device)?)
+}
+
+/// Multi-positive targets: [`positive_mask`] with each row divided by its sum. Every row
+/// must have a positive.
+pub fn multi_positive_targets(rows: &[i64], cols: &[i64], device: &Device) -> Result<Tensor> {
+    let pos = positive_mask(rows, cols, device)?;
+    let sums = pos.sum_keepdim(1)?;
+    let min = sums.min_all()?.to_scalar::<f32>()?;
+    if min <= 0.0 {
+        return Err(Error::InvalidArgument(
+            "a row has no positive: every query's own key must be among the keys".into(),
+        ));
+    }
+    Ok(pos.broadcast_div(&sums)?)
+}
+
+fn check_ids(n: usize, ids: &[i64]) -> Result<()> {
+    if ids.len() != n {
+        return Err(Error::InvalidArgument(format!(
+            "{} image keys for a batch of {n}",
+            ids.len()
+        )));
+    }
+    Ok(())
+}
+
+/// GCPR: in-batch InfoNCE with multi-positive targets, both directions averaged.
+/// `image_feat`, `text_feat`: `[B, D]` normalised; `temp`: the 0-d temperature (gradients
+/// flow into it); `ids`: image keys of the `B` pairs.
+pub fn gcpr_loss(
+    image_feat: &Tensor,
+    text_feat: &Tensor,
+    temp: &Tensor,
+    ids: &[i64],
+) -> Result<Tensor> {
+    check_ids(image_feat.dim(0)?, ids)?;
+    let targets =
+        multi_positive_targets(ids, ids, image_feat.device())?.to_dtype(image_feat.dtype())?;
+    let temp = temp.to_dtype(image_feat.dtype())?;
+    let sim_i2t = image_feat.matmul(&text_feat.t()?)?.broadcast_div(&temp)?;
+    let sim_t2i = text_feat.matmul(&image_feat.t()?)?.broadcast_div(&temp)?;
+    let l_i2t = ops::soft_cross_entropy(&sim_i2t, &targets)?;
+    let l_t2i = ops::soft_cross_entropy(&sim_t2i, &targets)?;
+    Ok(((l_i2t + l_t2i)? * 0.5)?)
+}
+
+/// The FGR sampling weights (no gradient): `softmax(image·textᵀ / temp)` per image row
+/// (`w_i2t`, picks a text for each image) and `softmax(text·imageᵀ / temp)` per text row
+/// (`w_t2i`, picks an image for each text), with positives set to 0.
+pub fn hard_negative_weights(
+    image_feat: &Tensor,
+    text_feat: &Tensor,
+    temp: &Tensor,
+    ids: &[i64],
+) -> Result<(Tensor, Tensor)> {
+    check_ids(image_feat.dim(0)?, ids)?;
+    let img = image_feat.detach().to_dtype(DType::F32)?;
+    let txt = text_feat.detach().to_dtype(DType::F32)?;
+    let temp = temp.detach().to_dtype(DType::F32)?;
+    let keep = (1.0 - positive_mask(ids, ids, img.device())?)?;
+    let w_i2t = ops::softmax_last_dim(&img.matmul(&txt.t()?)?.broadcast_div(&temp)?)?;
+    let w_t2i = ops::softmax_last_dim(&txt.matmul(&img.t()?)?.broadcast_div(&temp)?)?;
+    Ok(((w_i2t * &keep)?, (w_t2i * &keep)?))
+}
+
+/// The hard negatives of FGR, indices into the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HardNegatives {
+    /// For text `i`, the negative image (official `image_embeds_neg`).
+    pub image_for_text: Vec<usize>,
+    /// For image `i`, the negative text (official `text_hidden_states_neg`).
+    pub text_for_image: Vec<usize>,
+}
+
+fn sample_row(w: &[f32], i: usize, rng: &mut ChaCha8Rng) -> usize {
+    let total: f64 = w.iter().map(|x| f64::from(x.max(0.0))).sum();
+    if total > 0.0 && total.is_finite() {
+        let mut u = rng.random::<f64>() * total;
+        let mut last = i;
+        for (j, x) in w.iter().enumerate() {
+            let x = f64::from(x.max(0.0));
+            if x > 0.0 {
+                last = j;
+                if u < x {
+                    return j;
+                }
+                u -= x;
+            }
+        }
+        return last;
+    }
+    // Every other pair is a positive (or the weights underflowed): any other index.
+    let n = w.len();
+    if n <= 1 {
+        return i;
+    }
+    let k = rng.random_range(0..n - 1);
+    if k >= i {
+        k + 1
+    } else {
+        k
+    }
+}
+
+/// Draws one negative per row of each weight matrix (`torch.multinomial(w[i], 1)`).
+pub fn sample_hard_negatives(
+    weights_i2t: &Tensor,
+    weights_t2i: &Tensor,
+    rng: &mut ChaCha8Rng,
+) -> Result<HardNegatives> {
+    let w_t2i = weights_t2i.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let w_i2t = weights_i2t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    // Same order as the official loop: images for texts first, then texts for images.
+    let image_for_text = w_t2i
+        .iter()
+        .enumerate()
+        .map(|(i, r)| sample_row(r, i, rng))
+        .collect();
+    let text_for_image = w_i2t
+        .iter()
+        .enumerate()
+        .map(|(i, r)| sample_row(r, i, rng))
+        .collect();
+    Ok(HardNegatives {
+        image_for_text,
+        text_for_image,
+    })
+}
+
+fn index(v: &[usize], device: &Device) -> Result<Tensor> {
+    let v: Vec<u32> = v.iter().map(|&x| x as u32).collect();
+    Ok(Tensor::new(v.as_slice(), device)?)
+}
+
+fn weighted_ce(logits: &Tensor, labels: &[u32], class_weights: [f64; 2]) -> Result<Tensor> {
+    let dev = logits.device();
+    let logp = ops::log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let lab = Tensor::new(labels, dev)?.unsqueeze(1)?;
+    let picked = logp.gather(&lab, 1)?.squeeze(1)?;
+    let w: Vec<f32> = labels
+        .iter()
+        .map(|&l| class_weights[l as usize] as f32)
+        .collect();
+    let total: f32 = w.iter().sum();
+    let w = Tensor::new(w.as_slice(), dev)?;
+    Ok(((picked * w)?.sum_all()? / f64::from(-total))?)
+}
+
+/// FGR: ITM cross-entropy with class weights on both cross encoders, averaged. The pairs
+/// are the `B` positives `(text i, image i)`, then `(text i, image image_for_text[i])`, then
+/// `(text text_for_image[i], image i)`.
+pub fn fgr_loss(
+    model: &R2d2,
+    image_tokens: &Tensor,
+    text_states: &Tensor,
+    text_mask: &Tensor,
+    negatives: &HardNegatives,
+    class_weights: [f64; 2],
+) -> Result<Tensor> {
+    let b = image_tokens.dim(0)?;
+    if negatives.image_for_text.len() != b || negatives.text_for_image.len() != b {
+        return Err(Error::InvalidArgument(format!(
+            "FGR: {} / {} negatives for a batch of {b}",
+            negatives.image_for_text.len(),
+            negatives.text_for_image.len()
+        )));
+    }
+    if negatives
+        .image_for_text
+        .iter()
+        .chain(&negatives.text_for_image)
+        .any(|&j| j >= b)
+    {
+        return Err(Error::InvalidArgument(
+            "FGR: a negative index is out of range".into(),
+        ));
+    }
+    let dev = image_tokens.device();
+    let img_neg = image_tokens.index_select(&index(&negatives.image_for_text, dev)?, 0)?;
+    let ti = index(&negatives.text_for_image, dev)?;
+    let txt_neg = text_states.index_select(&ti, 0)?;
+    let mask_neg = text_mask.index_select(&ti, 0)?;
+    let images = Tensor::cat(&[image_tokens, &img_neg, image_tokens], 0)?;
+    let texts = Tensor::cat(&[text_states, text_states, &txt_neg], 0)?;
+    let masks = Tensor::cat(&[text_mask, text_mask, &mask_neg], 0)?;
+    let (lt, li) = model.itm_logits(&images, &texts, &masks)?;
+    let mut labels = vec![1u32; b];
+    labels.extend(std::iter::repeat_n(0u32, 2 * b));
+    let l_t = weighted_ce(&lt, &labels, class_weights)?;
+    let l_i = weighted_ce(&li, &labels, class_weights)?;
+    Ok(((l_t + l_i)? * 0.5)?)
+}
+
+/// A FIFO queue of teacher features for TgD (ALBEF's `image_queue`, `text_queue`,
+/// `idx_queue`), stored row-major `[size, dim]`.
+#[derive(Debug, Clone)]
+pub struct FeatureQueue {
+    /// `[size, dim]` normalised teacher image features.
+    pub image: Tensor,
+    /// `[size, dim]` normalised teacher text features.
+    pub text: Tensor,
+    /// Image keys of the rows ([`EMPTY_ID`] for never-filled rows).
+    pub ids: Vec<i64>,
+    /// The next row to overwrite.
+    pub ptr: usize,
+}
+
+impl FeatureQueue {
+    /// A queue of `size` random normalised features (as ALBEF initialises it) with empty
+    /// ids.
+    pub fn new(size: usize, dim: usize, seed: u64, device: &Device) -> Result<Self> {
+        use rand_distr_free::normal;
+        let mut rng = super::rng::derive_rng(seed, &[super::rng::streams::INIT, 0x5155]);
+        let mut gen = |n: usize| -> Vec<f32> { (0..n).map(|_| normal(&mut rng)).collect() };
+        let image = Tensor::from_vec(gen(size * dim), (size, dim), device)?;
+        let text = Tensor::from_vec(gen(size * dim), (size, dim), device)?;
+        Ok(Self {
+            image: ops::l2_normalize(&image)?,
+            text: ops::l2_normalize(&text)?,
+            ids: vec![EMPTY_ID; size],
+            ptr: 0,
+        })
+    }
+
+    /// A queue with given contents.
+    pub fn from_parts(image: Tensor, text: Tensor, ids: Vec<i64>, ptr: usize) -> Result<Self> {
+        let (n, d) = image.dims2()?;
+        if text.dims() != [n, d] || ids.len() != n || (n > 0 && ptr >= n) {
+            return Err(Error::InvalidArgument(format!(
+                "queue parts disagree: image {:?}, text {:?}, {} ids, ptr {ptr}",
+                image.dims(),
+                text.dims(),
+                ids.len()
+            )));
+        }
+        Ok(Self {
+            image,
+            text,
+            ids,
+            ptr,
+        })
+    }
+
+    /// Rows in the queue.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Writes the rows at the pointer, wrapping around (ALBEF `_dequeue_and_enqueue`).
+    pub fn enqueue(&mut self, image: &Tensor, text: &Tensor, ids: &[i64]) -> Result<()> {
+        let n = self.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let b = ids.len();
+        let image = image.detach().to_dtype(self.image.dtype())?;
+        let text = text.detach().to_dtype(self.text.dtype())?;
+        // Only the last `n` rows matter when the batch is larger than the queue.
+        let skip = b.saturating_sub(n);
+        let mut rows: Vec<usize> = (0..n).collect();
+        for (k, i) in (skip..b).enumerate() {
+            let r = (self.ptr + k) % n;
+            rows[r] = n + i;
+            self.ids[r] = ids[i];
+        }
+        let idx = index(&rows, self.image.device())?;
+        self.image = Tensor::cat(&[&self.image, &image], 0)?.index_select(&idx, 0)?;
+        self.text = Tensor::cat(&[&self.text, &text], 0)?.index_select(&idx, 0)?;
+        self.ptr = (self.ptr + (b - skip)) % n;
+        Ok(())
+    }
+
+    fn save(&self, prefix: &str, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        let dev = self.image.device();
+        out.insert(format!("{prefix}image"), self.image.copy()?);
+        out.insert(format!("{prefix}text"), self.text.copy()?);
+        out.insert(
+            format!("{prefix}ids"),
+            Tensor::new(self.ids.as_slice(), dev)?,
+        );
+        out.insert(
+            format!("{prefix}ptr"),
+            Tensor::new(&[self.ptr as i64], dev)?,
+        );
+        Ok(())
+    }
+
+    fn load(prefix: &str, s: &BTreeMap<String, Tensor>, device: &Device) -> Result<Option<Self>> {
+        let get = |k: &str| s.get(&format!("{prefix}{k}"));
+        let (Some(image), Some(text), Some(ids), Some(ptr)) =
+            (get("image"), get("text"), get("ids"), get("ptr"))
+        else {
+            return Ok(None);
+        };
+        let ids = ids.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        let ptr = ptr.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        let ptr = ptr.first().copied().unwrap_or(0).max(0) as usize;
+        Ok(Some(Self::from_parts(
+            image.to_dtype(DType::F32)?.to_device(device)?,
+            text.to_dtype(DType::F32)?.to_device(device)?,
+            ids,
+            ptr,
+        )?))
+    }
+}
+
+/// A tiny, dependency-free standard normal (Box–Muller) for queue initialisation.
+mod rand_distr_free {
+    use rand::Rng;
+
+    pub fn normal(rng: &mut impl Rng) -> f32 {
+        let u1: f64 = rng.random::<f64>().max(1e-300);
+        let u2: f64 = rng.random::<f64>();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+/// TgD: distillation from an EMA teacher over in-batch and queued teacher features.
+///
+/// `s_*`: the student's normalised features `[B, D]` (with gradient); `t_*`: the teacher's
+/// (no gradient); `ids`: the batch's image keys; `queue`: earlier teacher features; `temp`:
+/// the temperature (gradient flows through the student side only); `alpha`: weight of
+/// the teacher's soft targets.
+#[allow(clippy::too_many_arguments)]
+pub fn tgd_loss(
+    s_img: &Tensor,
+    s_txt: &Tensor,
+    t_img: &Tensor,
+    t_txt: &Tensor,
+    ids: &[i64],
+    queue: Option<&FeatureQueue>,
+    temp: &Tensor,
+    alpha: f64,
+) -> Result<Tensor> {
+    check_ids(s_img.dim(0)?, ids)?;
+    let dtype = s_img.dtype();
+    let t_img = t_img.detach().to_dtype(dtype)?;
+    let t_txt = t_txt.detach().to_dtype(dtype)?;
+    let mut all_ids = ids.to_vec();
+    let (img_keys, txt_keys) = match queue {
+        Some(q) if !q.is_empty() => {
+            all_ids.extend_from_slice(&q.ids);
+            (
+                Tensor::cat(&[&t_img, &q.image.to_dtype(dtype)?], 0)?,
+                Tensor::cat(&[&t_txt, &q.text.to_dtype(dtype)?], 0)?,
+            )
+        }
+        _ => (t_img.clone(), t_txt.clone()),
+    };
+    let hard = multi_positive_targets(ids, &all_ids, s_img.device())?.to_dtype(dtype)?;
+    let temp_d = temp.detach().to_dtype(dtype)?;
+    let soft = |q: &Tensor, k: &Tensor| -> Result<Tensor> {
+        let p = ops::softmax_last_dim(&q.matmul(&k.t()?)?.broadcast_div(&temp_d)?)?;
+        Ok(((p * alpha)? + (&hard * (1.0 - alpha))?)?)
+    };
+    let tg_i2t = soft(&t_img, &txt_keys)?;
+    let tg_t2i = soft(&t_txt, &img_keys)?;
+    let temp = temp.to_dtype(dtype)?;
+    let sim_i2t = s_img.matmul(&txt_keys.t()?)?.broadcast_div(&temp)?;
+    let sim_t2i = s_txt.matmul(&img_keys.t()?)?.broadcast_div(&temp)?;
+    let l_i2t = ops::soft_cross_entropy(&sim_i2t, &tg_i2t)?;
+    let l_t2i = ops::soft_cross_entropy(&sim_t2i, &tg_t2i)?;
+    Ok(((l_i2t + l_t2i)? * 0.5)?)
+}
+
+/// The feature loss between student and teacher features `[B, D]` (teacher detached).
+pub fn feature_loss(student: &Tensor, teacher: &Tensor, kind: FeatureLoss) -> Result<Tensor> {
+    let t = teacher.detach().to_dtype(student.dtype())?;
+    match kind {
+        FeatureLoss::Cosine => {
+            let dot = (student * &t)?.sum(D::Minus1)?;
+            let ns = student.sqr()?.sum(D::Minus1)?.sqrt()?;
+            let nt = t.sqr()?.sum(D::Minus1)?.sqrt()?;
+            // torch cosine_similarity: dot / max(|a|·|b|, 1e-8).
+            let den = (ns * nt)?.clamp(1e-8, f64::INFINITY)?;
+            Ok((1.0 - (dot / den)?.mean_all()?)?)
+        }
+        FeatureLoss::Mse => Ok((student - &t)?.sqr()?.mean_all()?),
+    }
+}
+
+/// FgD: ½[feature loss of the image embeddings + that of the text embeddings].
+pub fn fgd_loss(
+    s_img: &Tensor,
+    s_txt: &Tensor,
+    t_img: &Tensor,
+    t_txt: &Tensor,
+    kind: FeatureLoss,
+) -> Result<Tensor> {
+    let li = feature_loss(s_img, t_img, kind)?;
+    let lt = feature_loss(s_txt, t_txt, kind)?;
+    Ok(((li + lt)? * 0.5)?)
+}
+
+/// Replaces each text token by `mask_id` with probability `ratio`; `[CLS]` (position 0),
+/// the last real token (`[SEP]`) and padding are never masked. Keeps the ids' dtype.
+pub fn mask_text_tokens(
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    ratio: f64,
+    mask_id: u32,
+    rng: &mut ChaCha8Rng,
+) -> Result<Tensor> {
+    let mut ids = input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let mask = attention_mask.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    for (row, m) in ids.iter_mut().zip(&mask) {
+        let len = m.iter().filter(|&&x| x != 0).count();
+        for tok in row.iter_mut().take(len.saturating_sub(1)).skip(1) {
+            if rng.random::<f64>() < ratio {
+                *tok = i64::from(mask_id);
+            }
+        }
+    }
+    let (b, t) = input_ids.dims2()?;
+    let flat: Vec<i64> = ids.into_iter().flatten().collect();
+    Ok(Tensor::from_vec(flat, (b, t), input_ids.device())?.to_dtype(input_ids.dtype())?)
+}
+
+/// For each of `n` images, the ViT tokens to keep: CLS (0) and a random
+/// `round((1 − drop_ratio)·patches)` of the patch tokens (at least one), ascending.
+pub fn sample_kept_tokens(
+    n: usize,
+    patches: usize,
+    drop_ratio: f64,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Vec<usize>> {
+    let keep = (((1.0 - drop_ratio) * patches as f64).round() as usize).clamp(1, patches.max(1));
+    (0..n)
+        .map(|_| {
+            let mut all: Vec<usize> = (1..=patches).collect();
+            for i in 0..keep.min(all.len()) {
+                let j = rng.random_range(i..all.len());
+                all.swap(i, j);
+            }
+            let mut k: Vec<usize> = all.into_iter().take(keep).collect();
+            k.sort_unstable();
+            let mut out = vec![0];
+            out.extend(k);
+            out
+        })
+        .collect()
+}
+
+/// The ViT after its embeddings (`pre_layrnorm` and the encoder), sharing the model's
+/// weights, so that the FgD student can run on a subset of the patch tokens.
+#[derive(Debug, Clone)]
+pub struct VisionTrunk {
+    pre_layrnorm: LayerNorm,
+    encoder: PreNormEncoder,
+}
+
+impl VisionTrunk {
+    /// Built from the same var builder (and therefore the same vars) as the model.
+    pub fn new(model: &R2d2, vb: VarBuilder) -> Result<Self> {
+        let c = &model.config().vision_config;
+        let vb = vb.pp("visual_encoder");
+        let dims = LayerDims {
+            hidden: c.hidden_size,
+            heads: c.num_attention_heads,
+            intermediate: c.intermediate_size,
+            eps: c.layer_norm_eps,
+            act: c.hidden_act,
+        };
+        Ok(Self {
+            pre_layrnorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            encoder: PreNormEncoder::new(&dims, c.num_hidden_layers, vb.pp("encoder"))?,
+        })
+    }
+
+    /// Image tokens and normalised embeddings of `pixel_values` keeping only the tokens
+    /// `keep[i]` of image `i` (all rows the same length); `None` keeps every token.
+    pub fn encode_image(
+        &self,
+        model: &R2d2,
+        pixel_values: &Tensor,
+        keep: Option<&[Vec<usize>]>,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut x = model.visual_encoder.embeddings(pixel_values)?;
+        if let Some(keep) = keep {
+            if keep.len() != x.dim(0)? {
+                return Err(Error::InvalidArgument(format!(
+                    "{} kept-token lists for {} images",
+                    keep.len(),
+                    x.dim(0)?
+                )));
+            }
+            let rows = keep
+                .iter()
+                .enumerate()
+                .map(|(i, k)| Ok(x.i(i)?.index_select(&index(k, x.device())?, 0)?))
+                .collect::<Result<Vec<_>>>()?;
+            x = Tensor::stack(&rows, 0)?;
+        }
+        let x = self.pre_layrnorm.forward(&x)?;
+        let tokens = self.encoder.forward(&x, None)?;
+        let embeds = ops::l2_normalize(&model.vision_proj.forward(&tokens.i((.., 0))?)?)?;
+        Ok((tokens, embeds))
+    }
+}
+
+/// An EMA teacher: a copy of the student built from plain (non-tracking) tensors that
+/// share storage with the vars the EMA updates.
+struct Teacher {
+    model: R2d2,
+    vars: BTreeMap<String, Var>,
+    ema: EmaPairs,
+}
+
+impl Teacher {
+    fn new(student: &R2d2, student_vars: &VarMap) -> Result<Self> {
+        let data = student_vars
+            .data()
+            .lock()
+            .map_err(|_| Error::Training("var map lock poisoned".into()))?;
+        let mut vars = BTreeMap::new();
+        let mut plain = HashMap::new();
+        let mut pairs = Vec::new();
+        for (name, v) in data.iter() {
+            let t = Var::from_tensor(&v.as_detached_tensor().copy()?)?;
+            plain.insert(name.clone(), t.as_detached_tensor());
+            pairs.push((name.clone(), t.clone(), v.clone()));
+            vars.insert(name.clone(), t);
+        }
+        drop(data);
+        let first = plain
+            .values()
+            .next()
+            .ok_or_else(|| Error::InvalidArgument("the student's var map is empty".into()))?;
+        let (dtype, device) = (first.dtype(), first.device().clone());
+        let vb = VarBuilder::from_tensors(plain, dtype, &device);
+        let model = R2d2::new(student.config(), vb)?;
+        Ok(Self {
+            model,
+            vars,
+            ema: EmaPairs::new(pairs)?,
+        })
+    }
+}
+
+/// Inputs of one R2D2 training micro-batch.
+#[derive(Debug, Clone, Copy)]
+pub struct R2d2Inputs<'a> {
+    /// `[B, 3, S, S]` normalised pixels.
+    pub pixel_values: &'a Tensor,
+    /// `[B, T]` token ids.
+    pub input_ids: &'a Tensor,
+    /// `[B, T]` 0/1 padding mask.
+    pub attention_mask: &'a Tensor,
+    /// Image keys ([`image_keys`]): equal keys are positives.
+    pub image_ids: &'a [i64],
+}
+
+/// The weighted total and the value of each objective that ran.
+#[derive(Debug, Clone)]
+pub struct R2d2Losses {
+    /// Σ weight · loss (with gradient).
+    pub total: Tensor,
+    pub gcpr: Option<f64>,
+    pub fgr: Option<f64>,
+    pub tgd: Option<f64>,
+    pub fgd: Option<f64>,
+}
+
+struct MutState {
+    teacher: Option<Teacher>,
+    queue: Option<FeatureQueue>,
+}
+
+/// The R2D2 / PRD2 objectives over a student model: call [`R2d2Objective::loss`] from the
+/// [`crate::train::Fit`] loss closure, and pass [`R2d2Objective::extra_state`] to
+/// [`crate::train::Fit::extra_state`] so that the teacher and queue are checkpointed.
+pub struct R2d2Objective {
+    cfg: R2d2LossConfig,
+    temp: Option<Var>,
+    trunk: Option<VisionTrunk>,
+    state: RefCell<MutState>,
+}
+
+impl std::fmt::Debug for R2d2Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("R2d2Objective")
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl R2d2Objective {
+    /// Sets up the objectives for `student`, built with `vb` over the trainable `vars`
+    /// (e.g. from `Loader::trainable` or a [`VarMap`]): the EMA teacher (a copy of the
+    /// student) and the queue when TgD or FgD is on, and the patch-dropping ViT trunk.
+    pub fn new(cfg: R2d2LossConfig, student: &R2d2, vars: &VarMap, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.fgr_weight > 0.0 && !student.config().has_joint_layers() {
+            return Err(Error::Config(
+                "FGR needs the cross encoders: PRD2 trains with GCPR and TgD (fgr_weight 0)".into(),
+            ));
+        }
+        let temp = vars
+            .data()
+            .lock()
+            .map_err(|_| Error::Training("var map lock poisoned".into()))?
+            .get("temp")
+            .cloned();
+        let teacher = if cfg.needs_teacher() {
+            Some(Teacher::new(student, vars)?)
+        } else {
+            None
+        };
+        let queue = if cfg.tgd_weight > 0.0 && cfg.queue_size > 0 {
+            Some(FeatureQueue::new(
+                cfg.queue_size,
+                student.config().embed_dim,
+                cfg.queue_seed,
+                student.temp.device(),
+            )?)
+        } else {
+            None
+        };
+        let trunk = if cfg.fgd_weight > 0.0 && cfg.patch_drop_ratio > 0.0 {
+            Some(VisionTrunk::new(student, vb)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            temp,
+            trunk,
+            state: RefCell::new(MutState { teacher, queue }),
+        })
+    }
+
+    pub fn config(&self) -> &R2d2LossConfig {
+        &self.cfg
+    }
+
+    /// Replaces the TgD queue (tests; a resumed run restores it through
+    /// [`R2d2Objective::extra_state`]).
+    pub fn set_queue(&self, queue: Option<FeatureQueue>) {
+        self.state.borrow_mut().queue = queue;
+    }
+
+    /// A copy of the TgD queue.
+    pub fn queue(&self) -> Option<FeatureQueue> {
+        self.state.borrow().queue.clone()
+    }
+
+    /// The teacher's normalised image and text embeddings of full inputs.
+    pub fn teacher_features(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let st = self.state.borrow();
+        let Some(t) = st.teacher.as_ref() else {
+            return Ok(None);
+        };
+        let (_, img) = t.model.encode_image(pixel_values)?;
+        let (_, txt) = t.model.encode_text(input_ids, attention_mask)?;
+        Ok(Some((img.detach(), txt.detach())))
+    }
+
+    /// The checkpointable state (teacher weights, queue) for [`crate::train::Fit`].
+    pub fn extra_state(&self) -> R2d2ExtraState<'_> {
+        R2d2ExtraState(self)
+    }
+
+    /// Clamps `temp` into the configured range (no gradient), as the official code does
+    /// before every forward pass.
+    pub fn clamp_temp(&self) -> Result<()> {
+        if let Some(t) = &self.temp {
+            let c = t
+                .as_detached_tensor()
+                .clamp(self.cfg.temp_min, self.cfg.temp_max)?;
+            t.set(&c)?;
+        }
+        Ok(())
+    }
+
+    /// The student's image tokens and embeddings (the ViT without gradient when
+    /// `freeze_vision`).
+    fn student_image(
+        &self,
+        model: &R2d2,
+        pixels: &Tensor,
+        keep: Option<&[Vec<usize>]>,
+    ) -> Result<(Tensor, Tensor)> {
+        let tokens = match (&self.trunk, keep) {
+            (Some(trunk), Some(_)) => trunk.encode_image(model, pixels, keep)?.0,
+            _ => model.visual_encoder.forward(pixels)?,
+        };
+        let tokens = if self.cfg.freeze_vision {
+            tokens.detach()
+        } else {
+            tokens
+        };
+        let embeds = ops::l2_normalize(&model.vision_proj.forward(&tokens.i((.., 0))?)?)?;
+        Ok((tokens, embeds))
+    }
+
+    /// The weighted loss of one micro-batch. On the first micro-batch of a step this
+    /// clamps `temp` and moves the EMA teacher toward the student (before the teacher's
+    /// features are computed, as ALBEF). FGR negatives, text masks and dropped patches
+    /// come from `ctx.rng` ([`STREAM_FGR`], [`STREAM_TEXT_MASK`], [`STREAM_PATCH_DROP`]).
+    pub fn loss(&self, model: &R2d2, x: &R2d2Inputs, ctx: &StepCtx) -> Result<R2d2Losses> {
+        let c = &self.cfg;
+        let b = x.pixel_values.dim(0)?;
+        check_ids(b, x.image_ids)?;
+        if ctx.micro == 0 {
+            self.clamp_temp()?;
+            if let Some(t) = self.state.borrow_mut().teacher.as_mut() {
+                t.ema.update(c.ema_momentum)?;
+            }
+        }
+        let temp = &model.temp;
+        let (tokens, img) = self.student_image(model, x.pixel_values, None)?;
+        let (states, txt) = model.encode_text(x.input_ids, x.attention_mask)?;
+        let mut total: Option<Tensor> = None;
+        let mut add = |l: &Tensor, w: f64| -> Result<f64> {
+            let v = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let lw = (l.to_dtype(DType::F32)? * w)?;
+            total = Some(match total.take() {
+                None => lw,
+                Some(t) => (t + lw)?,
+            });
+            Ok(v)
+        };
+        let mut out = (None, None, None, None);
+        if c.gcpr_weight > 0.0 {
+            let l = gcpr_loss(&img, &txt, temp, x.image_ids)?;
+            out.0 = Some(add(&l, c.gcpr_weight)?);
+        }
+        if c.fgr_weight > 0.0 {
+            let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, temp, x.image_ids)?;
+            let negs = sample_hard_negatives(&w_i2t, &w_t2i, &mut ctx.rng(STREAM_FGR))?;
+            let l = fgr_loss(
+                model,
+                &tokens,
+                &states,
+                x.attention_mask,
+                &negs,
+                c.fgr_class_weights,
+            )?;
+            out.1 = Some(add(&l, c.fgr_weight)?);
+        }
+        if c.needs_teacher() {
+            let (t_img, t_txt) = self
+                .teacher_features(x.pixel_values, x.input_ids, x.attention_mask)?
+                .ok_or_else(|| Error::Training("the EMA teacher is missing".into()))?;
+            if c.tgd_weight > 0.0 {
+                let l = {
+                    let st = self.state.borrow();
+                    tgd_loss(
+                        &img,
+                        &txt,
+                        &t_img,
+                        &t_txt,
+                        x.image_ids,
+                        st.queue.as_ref(),
+                        temp,
+                        c.distill_alpha,
+                    )?
+                };
+                out.2 = Some(add(&l, c.tgd_weight)?);
+                if let Some(q) = self.state.borrow_mut().queue.as_mut() {
+                    q.enqueue(&t_img, &t_txt, x.image_ids)?;
+                }
+            }
+            if c.fgd_weight > 0.0 {
+                let masked = mask_text_tokens(
+                    x.input_ids,
+                    x.attention_mask,
+                    c.text_mask_ratio,
+                    c.mask_token_id,
+                    &mut ctx.rng(STREAM_TEXT_MASK),
+                )?;
+                let keep = match &self.trunk {
+                    Some(_) => {
+                        let patches = model.config().vision_config.num_positions() - 1;
+                        Some(sample_kept_tokens(
+                            b,
+                            patches,
+                            c.patch_drop_ratio,
+                            &mut ctx.rng(STREAM_PATCH_DROP),
+                        ))
+                    }
+                    None => None,
+                };
+                let (_, s_img) = self.student_image(model, x.pixel_values, keep.as_deref())?;
+                let (_, s_txt) = model.encode_text(&masked, x.attention_mask)?;
+                let l = fgd_loss(&s_img, &s_txt, &t_img, &t_txt, c.feature_loss)?;
+                out.3 = Some(add(&l, c.fgd_weight)?);
+            }
+        }
+        let total = total.ok_or_else(|| Error::Config("no objective is enabled".into()))?;
+        Ok(R2d2Losses {
+            total,
+            gcpr: out.0,
+            fgr: out.1,
+            tgd: out.2,
+            fgd: out.3,
+        })
+    }
+
+    /// The FgD loss with the masks given (for tests and analysis): the student sees
+    /// `masked_ids` and the image tokens `keep`, the teacher the full inputs.
+    pub fn fgd_with_masks(
+        &self,
+        model: &R2d2,
+        x: &R2d2Inputs,
+        masked_ids: &Tensor,
+        keep: Option<&[Vec<usize>]>,
+    ) -> Result<Tensor> {
+        let (t_img, t_txt) = self
+            .teacher_features(x.pixel_values, x.input_ids, x.attention_mask)?
+            .ok_or_else(|| Error::Config("FgD needs the teacher (fgd_weight > 0)".into()))?;
+        let trunk = match &self.trunk {
+            Some(t) => t.clone(),
+            None => {
+                return Err(Error::Config(
+                    "patch dropping needs patch_drop_ratio > 0".into(),
+                ))
+            }
+        };
+        let (_, s_img) = trunk.encode_image(model, x.pixel_values, keep)?;
+        let (_, s_txt) = model.encode_text(masked_ids, x.attention_mask)?;
+        fgd_loss(&s_img, &s_txt, &t_img, &t_txt, self.cfg.feature_loss)
+    }
+}
+
+/// [`R2d2Objective`]'s teacher weights (`teacher.{name}`) and TgD queue (`tgd_queue.*`)
+/// as a [`crate::train::ExtraState`].
+#[derive(Debug)]
+pub struct R2d2ExtraState<'a>(&'a R2d2Objective);
+
+const QUEUE_PREFIX: &str = "tgd_queue.";
+const TEACHER_PREFIX: &str = "teacher.";
+
+impl ExtraState for R2d2ExtraState<'_> {
+    fn save_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let st = self.0.state.borrow();
+        let mut out = BTreeMap::new();
+        if let Some(t) = &st.teacher {
+            for (name, v) in &t.vars {
+                out.insert(
+                    format!("{TEACHER_PREFIX}{name}"),
+                    v.as_detached_tensor().copy()?,
+                );
+            }
+            out.extend(t.ema.state_tensors()?);
+        }
+        if let Some(q) = &st.queue {
+            q.save(QUEUE_PREFIX, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        let mut st = self.0.state.borrow_mut();
+        if let Some(t) = st.teacher.as_mut() {
+            for (name, v) in &t.vars {
+                if let Some(x) = tensors.get(&format!("{TEACHER_PREFIX}{name}")) {
+                    if x.dims() != v.dims() {
+                        return Err(Error::Training(format!(
+                            "teacher tensor `{name}` has shape {:?} in the checkpoint, {:?} here",
+                            x.dims(),
+                            v.dims()
+                        )));
+                    }
+                    v.set(&x.to_dtype(v.dtype())?.to_device(v.device())?)?;
+                }
+            }
+            t.ema.load_state_tensors(tensors)?;
+        }
+        if let Some(q) = st.queue.as_mut() {
+            if let Some(loaded) = FeatureQueue::load(QUEUE_PREFIX, tensors, q.image.device())? {
+                *q = loaded;
+            }
+        }
+        Ok(())
+    }
+}
