@@ -1050,12 +1050,31 @@ impl ExtraState for MocoExtraState {
     }
 }
 
+/// Whether a bias gets PyTorch's default `U(±1/√fan_in)` init: those of the heads' plain
+/// `nn.Linear` / `nn.Conv2d` layers (`max_pool`, `imgFC`, `textFC`, the encoder layers'
+/// `linear1` / `linear2`). BERT, attention projections and norms start at zero.
+fn default_bias_init(name: &str) -> bool {
+    name.contains(".learnable.") && !name.contains("self_attn") && !name.contains("norm")
+}
+
+fn shapes_fan_in(bias: &str, fan_ins: &HashMap<String, usize>) -> usize {
+    let weight = format!("{}weight", bias.trim_end_matches("bias"));
+    fan_ins.get(&weight).copied().unwrap_or(1)
+}
+
 /// Fresh weights for a BriVL of config `cfg` (training from scratch), seeded: convolutions
 /// `N(0, 2 / fan_out)` (timm's EfficientNet init), linear and attention weights uniform
-/// in `±1/√fan_in` (PyTorch's default), embeddings `N(0, 0.02)` (BERT), normalisation
-/// scales 1, biases and shifts 0, BN running statistics 0 and 1.
+/// in `±1/√fan_in` (PyTorch's default), the heads' biases likewise, embeddings
+/// `N(0, 0.02)` (BERT), normalisation scales 1, other biases and shifts 0, BN running
+/// statistics 0 and 1.
 pub fn random_init(cfg: &BrivlConfig, seed: u64) -> Result<TensorSource> {
     let shapes = checkpoint::parameter_shapes(|vb| Brivl::new(cfg, vb))?;
+    // fan-in of each weight, to initialise its bias.
+    let fan_ins: HashMap<String, usize> = shapes
+        .iter()
+        .filter(|(_, s)| s.len() >= 2)
+        .map(|(n, s)| (n.clone(), s[1..].iter().product()))
+        .collect();
     let mut rng = derive_rng(seed, &[0x494e_4954]);
     let mut out = HashMap::new();
     for (name, shape) in shapes {
@@ -1063,8 +1082,17 @@ pub fn random_init(cfg: &BrivlConfig, seed: u64) -> Result<TensorSource> {
         let rank1 = shape.len() <= 1;
         let data: Vec<f32> = if name.ends_with("running_var") {
             vec![1.0; n]
-        } else if name.ends_with("running_mean") || name.ends_with("bias") {
+        } else if name.ends_with("running_mean")
+            || (name.ends_with("bias") && !default_bias_init(&name))
+        {
             vec![0.0; n]
+        } else if name.ends_with("bias") {
+            // PyTorch's default for Linear / Conv2d biases: U(±1/√fan_in).
+            let fan_in = shapes_fan_in(&name, &fan_ins);
+            let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+            (0..n)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect()
         } else if rank1 {
             // Norm scales (LayerNorm, BatchNorm weight).
             vec![1.0; n]

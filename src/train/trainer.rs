@@ -473,12 +473,8 @@ pub fn grad_coverage(
             None => out.missing.push(name.clone()),
             Some(g) => {
                 let g = g.to_dtype(DType::F32)?;
-                let finite = g
-                    .abs()?
-                    .max_keepdim(0)?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
+                // Flattened first: scalars (a temperature) have no dimension to reduce.
+                let finite = g.flatten_all()?.abs()?.max(0)?.to_scalar::<f32>()?;
                 if !finite.is_finite() {
                     out.non_finite.push(name.clone());
                 } else if finite == 0.0 {

@@ -12,7 +12,10 @@ use tuwen::models::brivl::{Brivl, BrivlConfig};
 use tuwen::train::brivl::{
     default_trainable, topk_positives, BrivlInputs, BrivlMoco, MocoConfig, MocoQueues,
 };
-use tuwen::train::{AdamWConfig, Patterns, Schedule, StepCtx, Trainer, TrainerConfig};
+use tuwen::train::synthetic::{write_shapes_dataset, ShapesConfig, ShapesDataset};
+use tuwen::train::{
+    AdamWConfig, DataConfig, DataLoader, Fit, Patterns, Schedule, StepCtx, Trainer, TrainerConfig,
+};
 use tuwen::Error;
 
 use crate::common::{fixture, get, load_st, shared};
@@ -473,4 +476,237 @@ fn brivl_default_trainable_is_the_originals_rule() {
     let p = Patterns::new(default_trainable(&large).unwrap()).unwrap();
     assert!(p.matches("textencoder.backbone.bert.encoder.layer.20.output.dense.weight"));
     assert!(!p.matches("textencoder.backbone.bert.encoder.layer.19.output.dense.weight"));
+}
+
+const TOKENIZER: &str = "data/hfl-roberta-wwm-ext/tokenizer.json";
+
+/// A small BriVL for training from scratch at 64 px: EfficientNet with channel ×0.125 and
+/// depth ×0.25 (160 features on a 2×2 map), a 2-layer BERT of width 64, one head layer per
+/// tower, a 2×2 box grid plus the whole image.
+fn scratch_config() -> BrivlConfig {
+    BrivlConfig::from_value(
+        &serde_json::json!({
+            "TEXT_FEATURE_DIM": 64, "TEXT_TRANSFORMER_HEAD": 4, "TEXT_TRANSFORMER_LAYER": 1,
+            "MAX_TEXT_LEN": 16, "IMG_SIZE": 64, "IMG_FEATURE_DIM": 160,
+            "IMG_TRANSFORMER_HEAD": 4, "IMG_TRANSFORMER_LAYER": 1, "MAX_IMG_LEN": 5,
+            "BOX_GRID": 2, "GRID_SIZE": 4, "QUEUE_SIZE": 96, "MOMENTUM": 0.99,
+            "TEMPERATURE": 0.07, "transformer_ff_dim": 256,
+            "efficientnet": {"channel_multiplier": 0.125, "depth_multiplier": 0.25},
+            "text_encoder": {"hidden_size": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "intermediate_size": 128},
+        }),
+        "scratch test config",
+    )
+    .unwrap()
+}
+
+fn scratch_moco(multi: bool) -> BrivlMoco {
+    let cfg = scratch_config();
+    let mut m = MocoConfig::for_model(&cfg).unwrap();
+    m.trainable = tuwen::train::brivl::all_trainable();
+    m.multi_positive = multi;
+    m.topk = 4;
+    BrivlMoco::from_scratch(&cfg, m, 3, &Device::Cpu, DType::F32)
+        .unwrap()
+        .with_tokenizer(&shared(TOKENIZER))
+        .unwrap()
+}
+
+/// Training from scratch: fresh weights build, and steps on synthetic shapes give finite
+/// losses and gradients (zero rows before an L2 normalisation do not turn into NaN).
+#[test]
+fn brivl_moco_from_scratch_steps_are_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_shapes_dataset(&dir.path().join("d"), &ShapesConfig::new(32, 5)).unwrap();
+    let moco = scratch_moco(false);
+    let mut trainer = Trainer::from_varmap(
+        moco.vars(),
+        TrainerConfig {
+            groups: moco.param_groups(),
+            max_grad_norm: Some(5.0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    moco.attach(&mut trainer);
+    let mut dc = DataConfig::new(24, 64);
+    dc.pipeline = moco.image_pipeline(None);
+    let mut loader = DataLoader::new(data.manifest.clone(), dc).unwrap();
+    for _ in 0..3 {
+        let x = moco.inputs(&loader.next_batch().unwrap()).unwrap();
+        let r = trainer
+            .step(&[x], |x, c| Ok(moco.loss(x, c)?.loss))
+            .unwrap();
+        println!("{r:?}");
+        assert!(r.skipped.is_none() && r.loss.is_finite() && r.grad_norm.is_finite());
+    }
+    assert_eq!(moco.queues().unwrap().image_ptr, 72);
+}
+
+/// A tiny-fixture MoCo run on synthetic shapes: `steps` steps with checkpoints every 2,
+/// optionally resuming; returns the losses of the steps it ran and the final state.
+struct RunOut {
+    losses: Vec<(u64, f64)>,
+    queues: MocoQueues,
+    keys: BTreeMap<String, Tensor>,
+    query: BTreeMap<String, Tensor>,
+    resumed: bool,
+}
+
+fn moco_run(
+    data: &ShapesDataset,
+    ckpt: &std::path::Path,
+    steps: u64,
+    resume: bool,
+    fail_extra_write: bool,
+) -> tuwen::Result<RunOut> {
+    let mut mc = moco_config(false);
+    mc.seed = 7;
+    let moco = BrivlMoco::from_source(
+        &tiny_config(),
+        mc,
+        source_with_mom(),
+        "tiny+mom",
+        &Device::Cpu,
+        DType::F32,
+    )?
+    .with_tokenizer(&shared(TOKENIZER))?
+    .with_box_grid(2);
+    let cfg = TrainerConfig {
+        optimizer: AdamWConfig {
+            lr: 1e-3,
+            ..Default::default()
+        },
+        groups: moco.param_groups(),
+        schedule: Schedule::warmup_cosine(2, 8, 0.1),
+        seed: 3,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::from_varmap(moco.vars(), cfg)?;
+    moco.attach(&mut trainer);
+    let mut dc = DataConfig::new(4, moco.config().img_size);
+    dc.seed = 2;
+    dc.pipeline = moco.image_pipeline(Some(tuwen::train::AugmentConfig::default()));
+    let mut loader = DataLoader::new(data.manifest.clone(), dc)?;
+    let mut mgr = tuwen::train::CheckpointManager::new(ckpt, 2)?;
+    if fail_extra_write {
+        // A full disk while the step-6 checkpoint writes its MoCo state.
+        mgr.set_before_write(Some(Box::new(|p: &std::path::Path| {
+            if p.ends_with("extra.safetensors") && p.to_string_lossy().contains("000000006") {
+                Err(std::io::Error::from_raw_os_error(28))
+            } else {
+                Ok(())
+            }
+        })));
+    }
+    let mut extra = moco.extra_state();
+    let summary = Fit::new(&mut trainer, &mut loader, steps)
+        .checkpoints(&mgr, 2)
+        .resume(resume)
+        .extra_state(&mut extra)
+        .run(|b, c| Ok(moco.loss(&moco.inputs(b)?, c)?.loss))?;
+    Ok(RunOut {
+        losses: summary.losses,
+        queues: moco.queues()?,
+        keys: moco.key_tensors()?,
+        query: moco.query_tensors()?,
+        resumed: summary.resumed_from.is_some(),
+    })
+}
+
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Resuming mid-run reproduces the uninterrupted run bit for bit (losses, query and key
+/// encoders, queues and pointers), and a checkpoint write that fails midway leaves the
+/// previous checkpoint to resume from.
+#[test]
+fn brivl_moco_resume_is_exact_and_a_failed_save_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_shapes_dataset(&dir.path().join("d"), &ShapesConfig::new(24, 4)).unwrap();
+    let full = moco_run(&data, &dir.path().join("a"), 8, false, false).unwrap();
+    assert_eq!(full.losses.len(), 8);
+
+    let ck = dir.path().join("b");
+    let first = moco_run(&data, &ck, 4, false, false).unwrap();
+    assert_eq!(first.losses[..], full.losses[..4]);
+    // The next save (step 6) dies on a full disk: the run stops with the error...
+    let e = moco_run(&data, &ck, 8, true, true)
+        .err()
+        .expect("the save must fail");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("extra.safetensors") && msg.contains("No space left"),
+        "{msg}"
+    );
+    // ...and step 4 is still the newest complete checkpoint; resuming from it matches.
+    let mgr = tuwen::train::CheckpointManager::new(&ck, 2).unwrap();
+    assert!(mgr.latest().unwrap().unwrap().ends_with("step-000000004"));
+    let rest = moco_run(&data, &ck, 8, true, false).unwrap();
+    assert!(rest.resumed);
+    assert_eq!(rest.losses[..], full.losses[4..], "resumed losses differ");
+    assert_eq!(
+        (rest.queues.image_ptr, rest.queues.text_ptr),
+        (full.queues.image_ptr, full.queues.text_ptr)
+    );
+    assert!(same_bits(&rest.queues.image, &full.queues.image));
+    assert!(same_bits(&rest.queues.text, &full.queues.text));
+    for (k, v) in &full.keys {
+        assert!(same_bits(v, &rest.keys[k]), "key encoder {k} differs");
+    }
+    for (k, v) in &full.query {
+        if v.dtype() == DType::F32 {
+            assert!(same_bits(v, &rest.query[k]), "query {k} differs");
+        }
+    }
+}
+
+/// A non-finite loss skips the step: no weight update and no queue entry comes from it
+/// (the key encoders moved before the keys, as in the original), and training continues.
+#[test]
+fn brivl_moco_nan_step_is_skipped_and_enqueues_nothing() {
+    let moco = build(false);
+    let mut trainer = Trainer::from_varmap(
+        moco.vars(),
+        TrainerConfig {
+            groups: moco.param_groups(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    moco.attach(&mut trainer);
+    let x = inputs(None);
+    let step = |t: &mut Trainer, poison: bool| {
+        t.step(&[x.clone()], |x, c| {
+            let l = moco.loss(x, c)?.loss;
+            Ok(if poison { (l * f64::NAN)? } else { l })
+        })
+        .unwrap()
+    };
+    let r0 = step(&mut trainer, false);
+    assert!(r0.skipped.is_none());
+    let q0 = moco.queues().unwrap();
+    assert_eq!(q0.image_ptr, 3);
+    let w0 = moco.query_tensors().unwrap();
+    let r1 = step(&mut trainer, true);
+    println!("poisoned step: {:?}", r1.skipped);
+    assert!(r1.skipped.is_some());
+    let q1 = moco.queues().unwrap();
+    assert_eq!(
+        (q1.image_ptr, q1.text_ptr),
+        (3, 3),
+        "a skipped step enqueued keys"
+    );
+    assert!(same_bits(&q0.image, &q1.image));
+    let w1 = moco.query_tensors().unwrap();
+    for (k, v) in &w0 {
+        if v.dtype() == DType::F32 {
+            assert!(same_bits(v, &w1[k]), "{k} changed in a skipped step");
+        }
+    }
+    let r2 = step(&mut trainer, false);
+    assert!(r2.skipped.is_none() && r2.loss.is_finite());
+    assert_eq!(moco.queues().unwrap().image_ptr, 6);
 }

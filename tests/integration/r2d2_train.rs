@@ -419,19 +419,7 @@ fn every_trainable_parameter_gets_a_gradient_under_each_objective() {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let store = losses.total.backward().unwrap();
-        // `grad_coverage` cannot reduce 0-d tensors: `temp` is checked by hand.
-        let (scalars, named): (Vec<_>, Vec<_>) =
-            named.into_iter().partition(|(_, v)| v.rank() == 0);
         let cov = grad_coverage(&named, &store).unwrap();
-        for (n, v) in &scalars {
-            let g = store
-                .get(v.as_tensor())
-                .map(|g| g.to_scalar::<f32>().unwrap());
-            if expected(n) {
-                let g = g.unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
-                assert!(g.is_finite() && g != 0.0, "{name}: gradient of {n} is {g}");
-            }
-        }
         assert!(
             cov.non_finite.is_empty(),
             "{name}: non-finite {:?}",
