@@ -679,7 +679,7 @@ fn brivl_moco_nan_step_is_skipped_and_enqueues_nothing() {
     moco.attach(&mut trainer);
     let x = inputs(None);
     let step = |t: &mut Trainer, poison: bool| {
-        t.step(&[x.clone()], |x, c| {
+        t.step(std::slice::from_ref(&x), |x, c| {
             let l = moco.loss(x, c)?.loss;
             Ok(if poison { (l * f64::NAN)? } else { l })
         })
