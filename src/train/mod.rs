@@ -56,6 +56,7 @@
 pub mod augment;
 pub mod brivl;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod fit;
 pub mod log;
@@ -64,6 +65,7 @@ pub mod pattern;
 pub mod r2d2;
 pub mod rng;
 pub mod schedule;
+pub mod siglip;
 pub mod state;
 pub mod synthetic;
 pub mod trainer;
@@ -71,6 +73,7 @@ pub mod webdataset;
 
 pub use augment::AugmentConfig;
 pub use data::{Batch, DataConfig, DataLoader, DataPosition, ImagePipeline, Manifest, Sample};
+pub use dist::{all_gather_with_grad, Collective, LocalGroup};
 pub use eval::{EvalFn, EvalHook};
 pub use fit::{ExtraState, Fit, FitSummary};
 pub use log::{MetricsLog, Progress};

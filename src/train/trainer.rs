@@ -2,12 +2,14 @@
 //! the schedule, post-step hooks; plus EMA/momentum updates and gradient coverage.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use super::dist::{all_reduce_grads, Collective};
 use super::optim::{AdamW, AdamWConfig, Grads, ParamGroupConfig};
 use super::rng::{derive_rng, streams, ChaCha8Rng};
 use super::schedule::Schedule;
@@ -157,6 +159,8 @@ pub struct Trainer {
     opt: AdamW,
     counters: TrainerCounters,
     hooks: Vec<Hook>,
+    /// Data-parallel group: gradients are averaged over its ranks.
+    collective: Option<Arc<dyn Collective>>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -165,6 +169,7 @@ impl std::fmt::Debug for Trainer {
             .field("config", &self.config)
             .field("counters", &self.counters)
             .field("hooks", &self.hooks.len())
+            .field("collective", &self.collective)
             .finish()
     }
 }
@@ -201,6 +206,7 @@ impl Trainer {
             opt,
             counters: TrainerCounters::default(),
             hooks: Vec::new(),
+            collective: None,
         })
     }
 
@@ -255,6 +261,34 @@ impl Trainer {
         self.hooks.push(Box::new(hook));
     }
 
+    /// Makes this trainer one rank of a data-parallel group (see [`super::dist`]): the
+    /// weights (f32 masters included) are broadcast from rank 0 now, and every later step
+    /// averages the accumulated gradients over the ranks before clipping and updating, so
+    /// all ranks take the same step. Non-finite losses are agreed on, so that every rank
+    /// skips the same steps.
+    ///
+    /// Every rank must call this, after restoring a checkpoint if it resumes (optimiser
+    /// state is not broadcast: every rank loads the same checkpoint).
+    pub fn set_collective(&mut self, comm: Arc<dyn Collective>) -> Result<()> {
+        if comm.world_size() > 1 {
+            let weights = self.opt.weights()?;
+            let mut synced = BTreeMap::new();
+            for (name, w) in weights {
+                let b = comm.broadcast(&w, 0)?;
+                synced.insert(name, b);
+            }
+            self.opt
+                .load_weights(&synced, "the broadcast from rank 0")?;
+        }
+        self.collective = Some(comm);
+        Ok(())
+    }
+
+    /// The data-parallel group set by [`Trainer::set_collective`].
+    pub fn collective(&self) -> Option<&Arc<dyn Collective>> {
+        self.collective.as_ref()
+    }
+
     /// One optimiser step over `micro_batches` (normally `grad_accum` of them).
     ///
     /// For each micro-batch `loss_fn` returns a scalar loss; gradients are summed and
@@ -265,6 +299,9 @@ impl Trainer {
     /// A non-finite loss or gradient norm skips the update (the report says why); after
     /// `max_consecutive_skips` skips in a row an [`Error::Training`] stops training. The
     /// weights are then those of the last good step.
+    ///
+    /// With a collective ([`Trainer::set_collective`]) the averaged gradients are further
+    /// averaged over the ranks before the norm is measured.
     pub fn step<B, F>(&mut self, micro_batches: &[B], mut loss_fn: F) -> Result<StepReport>
     where
         B: BatchInfo,
@@ -298,7 +335,18 @@ impl Trainer {
                 )));
             }
             let value = loss.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
-            if !value.is_finite() {
+            // In a group, one rank's non-finite loss skips the step on every rank (the
+            // others would otherwise wait for it in the collectives of the backward pass).
+            let peers_bad = match &self.collective {
+                Some(c) if c.world_size() > 1 => {
+                    let bad = Tensor::new(&[(!value.is_finite()) as u8 as f32], loss.device())?;
+                    c.all_reduce_sum(&bad)?.to_vec1::<f32>()?[0] > 0.0
+                }
+                _ => false,
+            };
+            if !value.is_finite() || peers_bad {
+                // Another rank's loss was non-finite: reported as NaN here.
+                let value = if value.is_finite() { f64::NAN } else { value };
                 skipped = Some(SkipReason::NonFiniteLoss { micro, value });
                 loss_sum = value;
                 break;
@@ -328,6 +376,15 @@ impl Trainer {
             let mut grads = acc.unwrap_or_else(|| self.opt.empty_grads());
             if n > 1 {
                 grads.scale(1.0 / n as f64)?;
+            }
+            if let Some(c) = &self.collective {
+                let vars: Vec<Var> = self
+                    .opt
+                    .trained()
+                    .into_iter()
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                all_reduce_grads(&mut grads, &vars, c.as_ref())?;
             }
             grad_norm = grads.global_norm()?;
             if !grad_norm.is_finite() {
