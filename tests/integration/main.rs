@@ -10,5 +10,6 @@ mod hub;
 mod r2d2;
 mod r2d2_train;
 mod siglip2;
+mod siglip_train;
 mod train;
 mod webdataset;
