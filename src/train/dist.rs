@@ -228,9 +228,9 @@ pub fn all_reduce_grads(grads: &mut Grads, vars: &[Var], comm: &dyn Collective) 
         }
         let mut parts = Vec::with_capacity(end - start + 1);
         let mut present = Vec::with_capacity(end - start);
-        for i in start..end {
-            let numel: usize = shapes[i].iter().product();
-            match &grads.grads[i] {
+        for (shape, g) in shapes[start..end].iter().zip(&grads.grads[start..end]) {
+            let numel: usize = shape.iter().product();
+            match g {
                 Some(g) => {
                     parts.push(g.to_dtype(dtype)?.flatten_all()?.to_device(device)?);
                     present.push(1f64);

@@ -98,6 +98,35 @@ pub fn sigmoid_loss_from_logits(logits: &Tensor, offset: usize) -> Result<Tensor
     Ok((ll.sum_all()? * (-1.0 / m as f64))?)
 }
 
+/// The sigmoid loss where every pair with equal group ids is positive (several captions of
+/// one image, or samples of one class): `z_ij = +1` when `text_groups[i] ==
+/// image_groups[j]`. Normalised like [`sigmoid_loss_from_logits`].
+pub fn sigmoid_loss_grouped(
+    logits: &Tensor,
+    text_groups: &[u64],
+    image_groups: &[u64],
+) -> Result<Tensor> {
+    let (m, n) = logits.dims2()?;
+    if text_groups.len() != m || image_groups.len() != n {
+        return Err(Error::InvalidArgument(format!(
+            "grouped sigmoid loss: {} text and {} image groups for logits {m}x{n}",
+            text_groups.len(),
+            image_groups.len()
+        )));
+    }
+    let z: Vec<f32> = text_groups
+        .iter()
+        .flat_map(|t| {
+            image_groups
+                .iter()
+                .map(move |i| if t == i { 1.0 } else { -1.0 })
+        })
+        .collect();
+    let z = Tensor::from_vec(z, (m, n), logits.device())?.to_dtype(logits.dtype())?;
+    let ll = ops::log_sigmoid(&(logits * z)?)?;
+    Ok((ll.sum_all()? * (-1.0 / m as f64))?)
+}
+
 /// The binary KL divergence `KL(σ(t) ‖ σ(s))` per pair, summed over the last dimension
 /// and averaged over the first, for student logits `s` and (constant) teacher logits `t`.
 pub fn sigmoid_kl(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
@@ -238,6 +267,29 @@ impl SiglipObjective {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<SiglipLoss> {
+        self.loss_impl(images, input_ids, attention_mask, None)
+    }
+
+    /// Like [`SiglipObjective::loss`], but every (text, image) pair whose samples share a
+    /// group id is positive ([`sigmoid_loss_grouped`]), across ranks too: e.g. the image
+    /// id when an image has several captions in the batch, or a class.
+    pub fn loss_grouped(
+        &self,
+        images: SiglipPixels<'_>,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        groups: &[u64],
+    ) -> Result<SiglipLoss> {
+        self.loss_impl(images, input_ids, attention_mask, Some(groups))
+    }
+
+    fn loss_impl(
+        &self,
+        images: SiglipPixels<'_>,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        groups: Option<&[u64]>,
+    ) -> Result<SiglipLoss> {
         let img = image_features(&self.student, images)?;
         let txt = text_features(&self.student, input_ids, attention_mask)?;
         let b = img.dim(0)?;
@@ -253,7 +305,25 @@ impl SiglipObjective {
         };
         let (scale, bias) = self.student.logit_params();
         let logits = pair_logits(&txt, &all_img, scale, bias)?;
-        let sigmoid = sigmoid_loss_from_logits(&logits, offset)?;
+        let sigmoid = match groups {
+            None => sigmoid_loss_from_logits(&logits, offset)?,
+            Some(g) => {
+                let all = match &self.comm {
+                    Some(c) if c.world_size() > 1 => {
+                        let mine: Vec<i64> = g.iter().map(|&x| x as i64).collect();
+                        let t = Tensor::from_vec(mine, g.len(), &Device::Cpu)?;
+                        c.all_gather(&t)?
+                            .to_device(&Device::Cpu)?
+                            .to_vec1::<i64>()?
+                            .into_iter()
+                            .map(|x| x as u64)
+                            .collect()
+                    }
+                    _ => g.to_vec(),
+                };
+                sigmoid_loss_grouped(&logits, g, &all)?
+            }
+        };
         let w = self.config.distill_weight;
         let (total, distill) = match (&self.teacher, w > 0.0) {
             (Some(teacher), true) => {
@@ -410,9 +480,9 @@ mod tests {
         let t = txt.to_vec2::<f32>().unwrap();
         let x = img.to_vec2::<f32>().unwrap();
         let mut r = 0f64;
-        for i in 0..4 {
-            for j in 0..4 {
-                let cos: f32 = (0..3).map(|k| t[i][k] * x[j][k]).sum();
+        for (i, ti) in t.iter().enumerate() {
+            for (j, xj) in x.iter().enumerate() {
+                let cos: f32 = (0..3).map(|k| ti[k] * xj[k]).sum();
                 let l = (1.5f64.exp() * cos as f64) - 0.7;
                 let z = if i == j { 1.0 } else { -1.0 };
                 r -= -(1.0 + (-z * l).exp()).ln();
