@@ -118,7 +118,10 @@ impl CustomOp1 for GatherWithGrad {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (storage, layout) = self.gathered.storage_and_layout();
         match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, self.gathered.shape().clone())),
+            Storage::Cuda(s) => Ok((
+                candle_core::backend::BackendStorage::try_clone(s, layout)?,
+                self.gathered.shape().clone(),
+            )),
             _ => candle_core::bail!("all-gather-with-grad: the gathered tensor is not on CUDA"),
         }
     }
@@ -369,13 +372,17 @@ impl LocalGroup {
                     scope.spawn(move || {
                         let shared = h.shared.clone();
                         let rank = h.rank;
-                        let out = worker(Arc::new(h));
+                        // Keep a handle until the failure is recorded: dropping the last one
+                        // would abort the group with a less telling reason first.
+                        let handle: Arc<dyn Collective> = Arc::new(h);
+                        let out = worker(handle.clone());
                         if let Err(e) = &out {
                             if let Ok(mut f) = first_failure.lock() {
                                 f.get_or_insert(rank);
                             }
                             abort(&shared, format!("rank {rank} failed: {e}"));
                         }
+                        drop(handle);
                         out
                     })
                 })
