@@ -45,6 +45,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::data::{Batch, ImagePipeline, ResizeKind, IMAGENET_MEAN, IMAGENET_STD};
+use super::dist::Collective;
 use super::fit::ExtraState;
 use super::pattern::Patterns;
 use super::rng::derive_rng;
@@ -450,6 +451,8 @@ struct MocoState {
     queues: MocoQueues,
     /// Keys of the current step, enqueued when the step succeeds.
     pending: Vec<(Tensor, Tensor)>,
+    /// Data-parallel group: keys of all ranks are enqueued.
+    comm: Option<Arc<dyn Collective>>,
 }
 
 /// BriVL with momentum encoders and queues: the MoCo objective.
@@ -577,6 +580,7 @@ impl BrivlMoco {
             model: None,
             queues,
             pending: Vec::new(),
+            comm: None,
         };
         let this = Self {
             model,
@@ -633,6 +637,15 @@ impl BrivlMoco {
             TextStyle::Bert,
             self.cfg.max_text_len,
         )?);
+        Ok(self)
+    }
+
+    /// Data-parallel training: the keys of every rank are gathered and enqueued (in rank
+    /// order) on every rank, so the queues stay identical; `QUEUE_SIZE` must then be a
+    /// multiple of batch × accumulation × world size. Give the same group to
+    /// [`Trainer::set_collective`].
+    pub fn with_collective(self, comm: Arc<dyn Collective>) -> Result<Self> {
+        lock(&self.state)?.comm = Some(comm);
         Ok(self)
     }
 
@@ -765,11 +778,15 @@ impl BrivlMoco {
     /// [`BrivlMoco::attach`]), so a skipped step enqueues nothing.
     pub fn loss(&self, x: &BrivlInputs, ctx: &StepCtx) -> Result<MocoLoss> {
         let b = x.pixel_values.dims4()?.0;
-        let global = b * ctx.n_micro;
+        let world = lock(&self.state)?
+            .comm
+            .as_ref()
+            .map_or(1, |c| c.world_size());
+        let global = b * ctx.n_micro * world;
         if !self.moco.queue_size.is_multiple_of(global) {
             return Err(Error::Config(format!(
                 "the MoCo queue size {} must be a multiple of the global batch (batch {b} × \
-                 {} micro-batches = {global})",
+                 {} micro-batches × {world} workers = {global})",
                 self.moco.queue_size, ctx.n_micro
             )));
         }
@@ -960,8 +977,14 @@ fn commit(state: &Mutex<MocoState>) -> Result<()> {
         return Ok(());
     }
     let (imgs, txts): (Vec<Tensor>, Vec<Tensor>) = st.pending.drain(..).unzip();
-    let ki = Tensor::cat(&imgs, 0)?;
-    let kt = Tensor::cat(&txts, 0)?;
+    let mut ki = Tensor::cat(&imgs, 0)?;
+    let mut kt = Tensor::cat(&txts, 0)?;
+    if let Some(c) = &st.comm {
+        if c.world_size() > 1 {
+            ki = c.all_gather(&ki.contiguous()?)?;
+            kt = c.all_gather(&kt.contiguous()?)?;
+        }
+    }
     st.queues.enqueue(&ki, &kt)
 }
 

@@ -710,3 +710,90 @@ fn brivl_moco_nan_step_is_skipped_and_enqueues_nothing() {
     assert!(r2.skipped.is_none() && r2.loss.is_finite());
     assert_eq!(moco.queues().unwrap().image_ptr, 6);
 }
+
+fn cat_inputs(a: &BrivlInputs, b: &BrivlInputs) -> BrivlInputs {
+    let c = |x: &Tensor, y: &Tensor| Tensor::cat(&[x, y], 0).unwrap();
+    BrivlInputs {
+        pixel_values: c(&a.pixel_values, &b.pixel_values),
+        boxes: c(&a.boxes, &b.boxes),
+        box_mask: c(&a.box_mask, &b.box_mask),
+        input_ids: c(&a.input_ids, &b.input_ids),
+        text_mask: c(&a.text_mask, &b.text_mask),
+    }
+}
+
+/// Two data-parallel workers with 3 pairs each take the same step as one worker with the 6
+/// pairs: the same weights, key encoders and queues (keys gathered in rank order).
+#[test]
+fn brivl_moco_two_workers_equal_one_worker_with_both_batches() {
+    use std::sync::Arc;
+    use tuwen::train::dist::{Collective, LocalGroup};
+    let r = refs();
+    let parts = [inputs(None), inputs(Some(&[2, 0, 1]))];
+    let trainer_cfg = |moco: &BrivlMoco| TrainerConfig {
+        optimizer: AdamWConfig {
+            lr: 1e-3,
+            eps: 1e-6,
+            ..Default::default()
+        },
+        groups: moco.param_groups(),
+        schedule: Schedule::constant(),
+        ..Default::default()
+    };
+    let one = {
+        let moco = build(false);
+        moco.set_queues(given_queues(&r, "queue_img_0", "queue_text_0"))
+            .unwrap();
+        let mut t = Trainer::from_varmap(moco.vars(), trainer_cfg(&moco)).unwrap();
+        moco.attach(&mut t);
+        let both = cat_inputs(&parts[0], &parts[1]);
+        t.step(std::slice::from_ref(&both), |x, c| {
+            Ok(moco.loss(x, c)?.loss)
+        })
+        .unwrap();
+        (
+            moco.queues().unwrap(),
+            moco.query_tensors().unwrap(),
+            moco.key_tensors().unwrap(),
+        )
+    };
+    let many = LocalGroup::run(2, |comm: Arc<dyn Collective>| {
+        let rank = comm.rank();
+        let moco = build(false).with_collective(comm.clone())?;
+        moco.set_queues(given_queues(&r, "queue_img_0", "queue_text_0"))?;
+        let mut t = Trainer::from_varmap(moco.vars(), trainer_cfg(&moco))?;
+        t.set_collective(comm)?;
+        moco.attach(&mut t);
+        t.step(std::slice::from_ref(&parts[rank]), |x, c| {
+            Ok(moco.loss(x, c)?.loss)
+        })?;
+        Ok((moco.queues()?, moco.query_tensors()?, moco.key_tensors()?))
+    })
+    .unwrap();
+    for (rank, (q, w, k)) in many.iter().enumerate() {
+        assert_eq!((q.image_ptr, q.text_ptr), (6, 6));
+        assert_rel(
+            &format!("rank {rank} image queue"),
+            &q.image,
+            &one.0.image,
+            1e-5,
+        );
+        assert_rel(
+            &format!("rank {rank} text queue"),
+            &q.text,
+            &one.0.text,
+            1e-5,
+        );
+        for name in ref_list("grad_params") {
+            assert_rel_param(
+                &format!("rank {rank} query {name}"),
+                &name,
+                &w[&name],
+                &one.1[&name],
+                1e-5,
+            );
+        }
+        let mom = "imgencoder_mom.learnable.imgFC.fc1.weight";
+        assert_rel(&format!("rank {rank} {mom}"), &k[mom], &one.2[mom], 1e-5);
+    }
+}
