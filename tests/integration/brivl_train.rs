@@ -797,3 +797,79 @@ fn brivl_moco_two_workers_equal_one_worker_with_both_batches() {
         assert_rel(&format!("rank {rank} {mom}"), &k[mom], &one.2[mom], 1e-5);
     }
 }
+
+/// Bad inputs to the objective are typed errors that name the problem.
+#[test]
+fn brivl_moco_bad_inputs_are_named() {
+    let cfg = tiny_config();
+    let mom_key = "imgencoder_mom.learnable.imgFC.fc1.weight";
+    let with = |edit: &dyn Fn(&mut HashMap<String, Tensor>)| {
+        let TensorSource::Map(mut m) = source_with_mom() else {
+            unreachable!()
+        };
+        edit(&mut m);
+        BrivlMoco::from_source(
+            &cfg,
+            moco_config(false),
+            TensorSource::Map(m),
+            "edited",
+            &Device::Cpu,
+            DType::F32,
+        )
+    };
+    match with(&|m| {
+        m.remove(mom_key);
+    }) {
+        Err(Error::MissingTensor { key, .. }) => assert_eq!(key, mom_key),
+        other => panic!("expected a missing _mom tensor, got {:?}", other.err()),
+    }
+    match with(&|m| {
+        m.insert(
+            mom_key.into(),
+            Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+    }) {
+        Err(Error::ShapeMismatch { key, .. }) => assert_eq!(key, mom_key),
+        other => panic!("expected a mis-shaped _mom tensor, got {:?}", other.err()),
+    }
+    let mut bad = moco_config(false);
+    bad.trainable = vec!["nothing.matches.*".into()];
+    assert!(matches!(
+        BrivlMoco::from_source(&cfg, bad, source_with_mom(), "m", &Device::Cpu, DType::F32),
+        Err(Error::Config(_))
+    ));
+    let mut bad = moco_config(false);
+    bad.temperature = 0.0;
+    assert!(bad.validate().is_err());
+
+    let moco = build(false);
+    // Queues of the wrong shape, inputs whose batch sizes disagree, no tokenizer.
+    let q = MocoQueues::random(8, 12, 0, &Device::Cpu).unwrap();
+    assert!(matches!(
+        moco.set_queues(q),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let x = inputs(None);
+    let short = x.input_ids.narrow(0, 0, 2).unwrap();
+    let e = BrivlInputs::new(&x.pixel_values, &x.boxes, &x.box_mask, &short, &x.text_mask)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("input_ids"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_shapes_dataset(dir.path(), &ShapesConfig::new(4, 0)).unwrap();
+    let mut dc = DataConfig::new(4, 96);
+    dc.pipeline = moco.image_pipeline(None);
+    let b = DataLoader::new(data.manifest, dc)
+        .unwrap()
+        .next_batch()
+        .unwrap();
+    assert!(matches!(moco.inputs(&b), Err(Error::Tokenizer { .. })));
+    // A checkpoint whose MoCo state lacks the queues.
+    let mut extra = moco.extra_state();
+    let mut saved = tuwen::train::ExtraState::save_state(&extra).unwrap();
+    saved.remove("text_queue");
+    match tuwen::train::ExtraState::load_state(&mut extra, &saved) {
+        Err(Error::MissingTensor { key, .. }) => assert_eq!(key, "text_queue"),
+        other => panic!("expected a missing queue, got {other:?}"),
+    }
+}
