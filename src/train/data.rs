@@ -562,6 +562,54 @@ impl Batch {
     }
 }
 
+/// One decoded, augmented sample on its way into a [`Batch`].
+pub(crate) struct Decoded {
+    pub index: usize,
+    pub pixels: Vec<f32>,
+    pub caption: String,
+    pub id: Option<String>,
+    pub boxes: Option<Vec<[f32; 4]>>,
+    pub size: (u32, u32),
+}
+
+impl Batch {
+    /// Stacks decoded `[3, size, size]` samples into a batch.
+    pub(crate) fn assemble(
+        items: Vec<Decoded>,
+        size: usize,
+        epoch: u64,
+        position_after: DataPosition,
+        skipped: Vec<SkippedSample>,
+    ) -> Result<Self> {
+        let count = items.len();
+        let mut pixels = Vec::with_capacity(count * 3 * size * size);
+        let mut captions = Vec::with_capacity(count);
+        let mut indices = Vec::with_capacity(count);
+        let mut ids = Vec::with_capacity(count);
+        let mut boxes = Vec::with_capacity(count);
+        let mut image_sizes = Vec::with_capacity(count);
+        for d in items {
+            pixels.extend_from_slice(&d.pixels);
+            captions.push(d.caption);
+            indices.push(d.index);
+            ids.push(d.id);
+            boxes.push(d.boxes);
+            image_sizes.push(d.size);
+        }
+        Ok(Self {
+            images: Tensor::from_vec(pixels, (count, 3, size, size), &Device::Cpu)?,
+            captions,
+            indices,
+            ids,
+            boxes,
+            image_sizes,
+            epoch,
+            position_after,
+            skipped,
+        })
+    }
+}
+
 impl BatchInfo for Batch {
     fn num_samples(&self) -> usize {
         self.len()
@@ -740,34 +788,27 @@ impl DataLoader {
         // A batch that reaches the end leaves the cursor at `n`: the next call reports the
         // end of the epoch, then moves on.
         self.pos.cursor = cursor;
-        let s = self.config.pipeline.size;
-        let count = got.len();
-        let mut pixels = Vec::with_capacity(count * 3 * s * s);
-        let mut captions = Vec::with_capacity(count);
-        let mut indices = Vec::with_capacity(count);
-        let mut ids = Vec::with_capacity(count);
-        let mut boxes = Vec::with_capacity(count);
-        let mut sizes = Vec::with_capacity(count);
-        for l in got {
-            pixels.extend_from_slice(&l.pixels);
-            let sample = &self.manifest.samples[l.index];
-            captions.push(l.caption);
-            indices.push(l.index);
-            ids.push(sample.id.clone());
-            boxes.push(sample.boxes.clone());
-            sizes.push(l.size);
-        }
-        Ok(Some(Batch {
-            images: Tensor::from_vec(pixels, (count, 3, s, s), &Device::Cpu)?,
-            captions,
-            indices,
-            ids,
-            boxes,
-            image_sizes: sizes,
+        let items = got
+            .into_iter()
+            .map(|l| {
+                let sample = &self.manifest.samples[l.index];
+                Decoded {
+                    index: l.index,
+                    pixels: l.pixels,
+                    caption: l.caption,
+                    id: sample.id.clone(),
+                    boxes: sample.boxes.clone(),
+                    size: l.size,
+                }
+            })
+            .collect();
+        Ok(Some(Batch::assemble(
+            items,
+            self.config.pipeline.size,
             epoch,
-            position_after: self.pos,
+            self.pos,
             skipped,
-        }))
+        )?))
     }
 }
 

@@ -69,12 +69,13 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use rand::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::data::{parse_boxes, Batch, DataConfig, DataPosition, Sample, SkippedSample};
+use super::data::{
+    parse_boxes, Batch, DataConfig, DataPosition, Decoded as Loaded, Sample, SkippedSample,
+};
 pub use super::data::{BatchSource, ShardCursor};
 use super::rng::{derive_rng, streams};
 use crate::error::{Error, Result};
@@ -840,15 +841,6 @@ fn reader_thread(job: ReaderJob, tx: SyncSender<Msg>) {
     }
 }
 
-struct Loaded {
-    index: usize,
-    pixels: Vec<f32>,
-    caption: String,
-    id: Option<String>,
-    boxes: Option<Vec<[f32; 4]>>,
-    size: (u32, u32),
-}
-
 /// The streaming shard loader (see the module docs).
 pub struct WebDatasetLoader {
     paths: Arc<Vec<PathBuf>>,
@@ -1179,33 +1171,13 @@ impl WebDatasetLoader {
             self.pos.shard = Some(self.cursor(0, 0));
             return Ok(None);
         }
-        let s = self.config.pipeline.size;
-        let count = got.len();
-        let mut pixels = Vec::with_capacity(count * 3 * s * s);
-        let mut captions = Vec::with_capacity(count);
-        let mut indices = Vec::with_capacity(count);
-        let mut ids = Vec::with_capacity(count);
-        let mut boxes = Vec::with_capacity(count);
-        let mut sizes = Vec::with_capacity(count);
-        for l in got {
-            pixels.extend_from_slice(&l.pixels);
-            captions.push(l.caption);
-            indices.push(l.index);
-            ids.push(l.id);
-            boxes.push(l.boxes);
-            sizes.push(l.size);
-        }
-        Ok(Some(Batch {
-            images: Tensor::from_vec(pixels, (count, 3, s, s), &Device::Cpu)?,
-            captions,
-            indices,
-            ids,
-            boxes,
-            image_sizes: sizes,
+        Ok(Some(Batch::assemble(
+            got,
+            self.config.pipeline.size,
             epoch,
-            position_after: self.pos,
+            self.pos,
             skipped,
-        }))
+        )?))
     }
 }
 
