@@ -15,6 +15,12 @@
 //!   stay parameters, so the blocks can be fine-tuned (BriVL trains `blocks.3`–`blocks.6`).
 //!   The per-channel scale is folded into the preceding convolution's weights on every
 //!   forward, which is exact up to rounding and keeps gradients for both.
+//! * **Batch statistics on request.** [`EfficientNet::set_batch_norm_training`] switches every
+//!   BatchNorm to PyTorch's train mode: it normalises with the batch's mean and biased
+//!   variance over `(batch, h, w)` (differentiably) and moves its running statistics by
+//!   `momentum` (0.1, PyTorch's default, which timm keeps for the `tf_` ports) towards the
+//!   batch mean and the unbiased variance. The running statistics are updated in place, so
+//!   the var map and checkpoints of a training run see them.
 //! * SiLU everywhere, squeeze-excitation with `round(0.25 · block input channels)` reduced
 //!   channels, a residual only when the stride is 1 and the width does not change.
 //!
@@ -32,6 +38,9 @@ use candle_core::{
     CpuStorage, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Module, Result, Shape,
     Tensor, D,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +83,10 @@ fn default_bn_eps() -> f64 {
     1e-3
 }
 
+fn default_bn_momentum() -> f64 {
+    0.1
+}
+
 /// The two multipliers that pick an EfficientNet out of the b0 definition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EfficientNetConfig {
@@ -82,6 +95,10 @@ pub struct EfficientNetConfig {
     /// BatchNorm epsilon: 1e-3 for the TF ports.
     #[serde(default = "default_bn_eps")]
     pub bn_eps: f64,
+    /// BatchNorm momentum of the running statistics in train mode (PyTorch's convention:
+    /// `running ← (1 − momentum)·running + momentum·batch`).
+    #[serde(default = "default_bn_momentum")]
+    pub bn_momentum: f64,
     /// The width of the features, if the writer of the config stated it; it is derived from
     /// the channel multiplier and checked against this value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,6 +154,7 @@ impl EfficientNetConfig {
             channel_multiplier: c,
             depth_multiplier: d,
             bn_eps: 1e-3,
+            bn_momentum: default_bn_momentum(),
             num_features: None,
         })
     }
@@ -241,7 +259,9 @@ pub fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
         .pad_with_zeros(3, left, right)
 }
 
-/// Inference-mode BatchNorm with trainable affine parameters and constant statistics.
+/// BatchNorm with trainable affine parameters. In inference mode the statistics are the
+/// running ones (constants); in train mode ([`BatchNorm::forward_train`]) they are the
+/// batch's, and the running ones move towards them.
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
     weight: Tensor,
@@ -249,16 +269,18 @@ pub struct BatchNorm {
     running_mean: Tensor,
     running_var: Tensor,
     eps: f64,
+    momentum: f64,
 }
 
 impl BatchNorm {
-    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(channels: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get(channels, "weight")?,
             bias: vb.get(channels, "bias")?,
             running_mean: vb.get(channels, "running_mean")?,
             running_var: vb.get(channels, "running_var")?,
             eps,
+            momentum,
         })
     }
 
@@ -269,6 +291,52 @@ impl BatchNorm {
         let scale = self.weight.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let shift = (&self.bias - mean.mul(&scale)?)?;
         Ok((scale, shift))
+    }
+
+    /// The running mean and variance (`[c]`).
+    pub fn running_stats(&self) -> (&Tensor, &Tensor) {
+        (&self.running_mean, &self.running_var)
+    }
+
+    /// Train mode on `x` `[b, c, h, w]`: normalises with the batch mean and biased variance
+    /// (gradients flow through both), then updates the running statistics in place with the
+    /// batch mean and the unbiased variance. Fails, like PyTorch, when a channel has a
+    /// single value.
+    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = b * h * w;
+        if n < 2 {
+            candle_core::bail!(
+                "BatchNorm in train mode needs more than one value per channel, got input \
+                 {:?}",
+                x.dims()
+            )
+        }
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let sum =
+            |t: &Tensor| -> Result<Tensor> { t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3) };
+        let mean = (sum(&xf)? / n as f64)?;
+        let centered = xf.broadcast_sub(&mean)?;
+        let var = (sum(&centered.sqr()?)? / n as f64)?;
+        let weight = self.weight.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+        let bias = self.bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+        let scale = weight.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
+        let y = centered.broadcast_mul(&scale)?.broadcast_add(&bias)?;
+        let m = self.momentum;
+        let unbiased = (var.detach() * (n as f64 / (n - 1) as f64))?;
+        for (running, batch) in [
+            (&self.running_mean, mean.detach()),
+            (&self.running_var, unbiased),
+        ] {
+            let rd = running.dtype();
+            let new = ((running.to_dtype(DType::F32)? * (1.0 - m))? + (batch.flatten_all()? * m)?)?
+                .to_dtype(rd)?;
+            // Written into the buffer's own storage: the var map (and so checkpoints) and
+            // every clone of the model see the new statistics.
+            running.slice_set(&new, 0, 0)?;
+        }
+        y.to_dtype(dtype)
     }
 }
 
@@ -304,6 +372,17 @@ struct ConvBn {
     kind: ConvKind,
     act: bool,
     folded: Option<(Tensor, Tensor)>,
+    mode: Arc<BnMode>,
+}
+
+/// The BatchNorm mode of one network, shared by its layers.
+#[derive(Debug, Default)]
+struct BnMode {
+    /// Batch statistics (PyTorch's train mode).
+    training: AtomicBool,
+    /// Train mode was on at some point: the running statistics may have moved, so the
+    /// BN folded at construction is stale.
+    stats_moved: AtomicBool,
 }
 
 impl ConvBn {
@@ -313,7 +392,7 @@ impl ConvBn {
         out_chs: usize,
         kind: ConvKind,
         act: bool,
-        eps: f64,
+        (cfg, mode): (&EfficientNetConfig, &Arc<BnMode>),
         conv: &str,
         bn: &str,
         vb: &VarBuilder,
@@ -329,10 +408,11 @@ impl ConvBn {
         };
         let mut this = Self {
             weight,
-            bn: BatchNorm::new(out_chs, eps, vb.pp(bn))?,
+            bn: BatchNorm::new(out_chs, cfg.bn_eps, cfg.bn_momentum, vb.pp(bn))?,
             kind,
             act,
             folded: None,
+            mode: mode.clone(),
         };
         let frozen = ![&this.weight, &this.bn.weight, &this.bn.bias]
             .iter()
@@ -363,8 +443,55 @@ impl ConvBn {
 
     fn folded(&self) -> Result<(Tensor, Tensor)> {
         match &self.folded {
-            Some(f) => Ok(f.clone()),
-            None => self.fold(),
+            Some(f) if !self.mode.stats_moved.load(Ordering::Relaxed) => Ok(f.clone()),
+            _ => self.fold(),
+        }
+    }
+
+    /// Train mode: the convolution with the unscaled weights, BN with batch statistics,
+    /// the residual, SiLU.
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        gate: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, c, h, wd) = x.dims4()?;
+        let out_chs = self.weight.dim(0)?;
+        let y = match self.kind {
+            ConvKind::Pointwise => {
+                let xr = x.reshape((b, c, h * wd))?;
+                let xr = match gate {
+                    Some(g) => xr.broadcast_mul(&g.unsqueeze(2)?)?,
+                    None => xr,
+                };
+                self.weight
+                    .flatten_from(1)?
+                    .broadcast_matmul(&xr)?
+                    .reshape((b, out_chs, h, wd))?
+            }
+            ConvKind::Depthwise { kernel, stride } => depthwise_conv2d(
+                &pad_same(x, kernel, stride)?,
+                &self.weight.reshape((out_chs, kernel * kernel))?,
+                kernel,
+                stride,
+            )?,
+            ConvKind::Dense { kernel, stride } => {
+                pad_same(x, kernel, stride)?.conv2d(&self.weight, 0, stride, 1, 1)?
+            }
+        };
+        if gate.is_some() && self.kind != ConvKind::Pointwise {
+            candle_core::bail!("only 1×1 convolutions take a gate")
+        }
+        let y = self.bn.forward_train(&y)?;
+        let y = match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        if self.act {
+            y.silu()
+        } else {
+            Ok(y)
         }
     }
 
@@ -380,6 +507,9 @@ impl ConvBn {
         gate: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if self.mode.training.load(Ordering::Relaxed) {
+            return self.forward_train(x, gate, residual);
+        }
         let (w, shift) = self.folded()?;
         let out_chs = shift.dim(0)?;
         let (b, c, h, wd) = x.dims4()?;
@@ -908,7 +1038,11 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(spec: &BlockSpec, eps: f64, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        spec: &BlockSpec,
+        bn: (&EfficientNetConfig, &Arc<BnMode>),
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let dw = ConvKind::Depthwise {
             kernel: spec.kernel,
             stride: spec.stride,
@@ -922,7 +1056,7 @@ impl Block {
                     spec.in_chs,
                     dw,
                     true,
-                    eps,
+                    bn,
                     "conv_dw",
                     "bn1",
                     &vb,
@@ -932,7 +1066,7 @@ impl Block {
                     spec.out_chs,
                     pw,
                     false,
-                    eps,
+                    bn,
                     "conv_pw",
                     "bn2",
                     &vb,
@@ -944,7 +1078,7 @@ impl Block {
                     spec.mid_chs,
                     pw,
                     true,
-                    eps,
+                    bn,
                     "conv_pw",
                     "bn1",
                     &vb,
@@ -954,7 +1088,7 @@ impl Block {
                     spec.mid_chs,
                     dw,
                     true,
-                    eps,
+                    bn,
                     "conv_dw",
                     "bn2",
                     &vb,
@@ -964,7 +1098,7 @@ impl Block {
                     spec.out_chs,
                     pw,
                     false,
-                    eps,
+                    bn,
                     "conv_pwl",
                     "bn3",
                     &vb,
@@ -1006,12 +1140,14 @@ pub struct EfficientNet {
     stages: Vec<Vec<Block>>,
     head: ConvBn,
     cfg: EfficientNetConfig,
+    mode: Arc<BnMode>,
 }
 
 impl EfficientNet {
     pub fn new(cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::Msg)?;
-        let eps = cfg.bn_eps;
+        let mode = Arc::new(BnMode::default());
+        let bn = (cfg, &mode);
         let stem = ConvBn::new(
             3,
             cfg.stem_channels(),
@@ -1020,7 +1156,7 @@ impl EfficientNet {
                 stride: 2,
             },
             true,
-            eps,
+            bn,
             "conv_stem",
             "bn1",
             &vb,
@@ -1037,7 +1173,7 @@ impl EfficientNet {
                     .enumerate()
                     .map(|(bi, spec)| {
                         last = spec.out_chs;
-                        Block::new(spec, eps, vbb.pp(si).pp(bi))
+                        Block::new(spec, bn, vbb.pp(si).pp(bi))
                     })
                     .collect::<Result<Vec<_>>>()
             })
@@ -1047,7 +1183,7 @@ impl EfficientNet {
             cfg.feature_channels(),
             ConvKind::Pointwise,
             true,
-            eps,
+            bn,
             "conv_head",
             "bn2",
             &vb,
@@ -1057,7 +1193,23 @@ impl EfficientNet {
             stages,
             head,
             cfg: cfg.clone(),
+            mode,
         })
+    }
+
+    /// Switches every BatchNorm between inference mode (running statistics, the default)
+    /// and PyTorch's train mode (batch statistics; each forward moves the running
+    /// statistics). Clones of this network share the setting.
+    pub fn set_batch_norm_training(&self, on: bool) {
+        if on {
+            self.mode.stats_moved.store(true, Ordering::Relaxed);
+        }
+        self.mode.training.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether BatchNorm uses batch statistics.
+    pub fn batch_norm_training(&self) -> bool {
+        self.mode.training.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &EfficientNetConfig {

@@ -498,6 +498,7 @@ fn check_efficientnet(name: &str, channel: f64, depth: f64) {
         channel_multiplier: channel,
         depth_multiplier: depth,
         bn_eps: 1e-3,
+        bn_momentum: 0.1,
         num_features: None,
     };
     let loader = Loader::new(TensorSource::open(&weights, None).unwrap(), name);
@@ -541,6 +542,101 @@ fn check_efficientnet(name: &str, channel: f64, depth: f64) {
 #[test]
 fn brivl_efficientnet_matches_timm_c0125_d05() {
     check_efficientnet("tf_effnet_c0125_d05", 0.125, 0.5);
+}
+
+/// PyTorch's train mode: batch statistics in the forward and its gradients, and the running
+/// statistics after one step, against timm's model in `train()` mode.
+#[test]
+fn brivl_efficientnet_train_mode_matches_timm() {
+    let name = "tf_effnet_c0125_d05";
+    let weights = fixture(&format!("efficientnet/{name}.safetensors"));
+    let ex = load_st(&fixture(&format!("efficientnet/{name}_train.safetensors")));
+    let cfg = EfficientNetConfig::tf_variant("tf_efficientnet_b0").unwrap();
+    let cfg = EfficientNetConfig {
+        channel_multiplier: 0.125,
+        depth_multiplier: 0.5,
+        ..cfg
+    };
+    let (loader, vars) = Loader::new(TensorSource::open(&weights, None).unwrap(), name)
+        .trainable()
+        .unwrap();
+    let net = EfficientNet::new(&cfg, loader.var_builder(DType::F32, &Device::Cpu))
+        .map_err(|e| loader.error(e))
+        .unwrap();
+    let eval_before = net.forward_features(get(&ex, "input")).unwrap();
+    net.set_batch_norm_training(true);
+    assert!(net.batch_norm_training());
+    let f = net.forward_features(get(&ex, "input")).unwrap();
+    assert_close(
+        "efficientnet train-mode features",
+        &f,
+        get(&ex, "features"),
+        1e-4,
+    );
+    let grads = (f * get(&ex, "probe"))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let data = vars.data().lock().unwrap();
+    let mut stats = 0;
+    for (k, v) in ex.iter() {
+        if let Some(param) = k.strip_prefix("grad.") {
+            let g = grads.get(data[param].as_tensor()).unwrap();
+            let scale = v
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let rel = max_abs_diff(g, v) / scale.max(1e-6);
+            println!("train-mode grad {param}: rel diff {rel:.2e}");
+            assert!(rel < 1e-4, "train-mode grad {param}: rel diff {rel}");
+        } else if let Some(buf) = k.strip_prefix("after.") {
+            assert_close(
+                &format!("running stat {buf}"),
+                data[buf].as_tensor(),
+                v,
+                1e-4,
+            );
+            stats += 1;
+        }
+    }
+    assert!(stats > 40, "only {stats} running statistics checked");
+    // Back in inference mode the moved statistics are used (no stale folded BN).
+    drop(data);
+    net.set_batch_norm_training(false);
+    let eval_after = net.forward_features(get(&ex, "input")).unwrap();
+    let moved = (&eval_after - &eval_before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        moved > 1e-3,
+        "inference after train mode ignores the new statistics"
+    );
+    // The same with nothing trainable: the BN folded at construction must not be reused
+    // once the statistics moved, and the no-gradient kernels give the same train mode.
+    let frozen_loader = Loader::new(TensorSource::open(&weights, None).unwrap(), name);
+    let frozen =
+        EfficientNet::new(&cfg, frozen_loader.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    frozen.set_batch_norm_training(true);
+    let f = frozen.forward_features(get(&ex, "input")).unwrap();
+    assert_close("frozen train-mode features", &f, get(&ex, "features"), 1e-4);
+    frozen.set_batch_norm_training(false);
+    let f = frozen.forward_features(get(&ex, "input")).unwrap();
+    assert_close("frozen eval after train mode", &f, &eval_after, 1e-4);
+    // A single value per channel is an error, not a NaN.
+    net.set_batch_norm_training(true);
+    let one = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let err = net.forward_features(&one).unwrap_err().to_string();
+    assert!(err.contains("more than one value per channel"), "{err}");
 }
 
 #[test]
