@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use tuwen::models::brivl::BrivlConfig;
 use tuwen::models::{parse_device, parse_dtype};
-use tuwen::train::brivl::{all_trainable, BrivlMoco, MocoConfig};
+use tuwen::train::brivl::{all_trainable, BatchNormMode, BrivlMoco, MocoConfig};
 use tuwen::train::{
     AdamWConfig, AugmentConfig, CheckpointManager, DataConfig, DataLoader, EvalFn, Fit, Manifest,
     MetricsLog, Schedule, Trainer, TrainerConfig,
@@ -101,6 +101,10 @@ struct Args {
     /// Box grid for images without boxes (0: whole image only).
     #[arg(long)]
     box_grid: Option<usize>,
+    /// BatchNorm statistics while training: `running` (the checkpoint's, frozen; default)
+    /// or `batch` (PyTorch's train mode; default with --from-scratch).
+    #[arg(long)]
+    batch_norm: Option<String>,
     /// Turn off colour jitter / grayscale.
     #[arg(long)]
     no_augment: bool,
@@ -167,6 +171,7 @@ fn merge(cli: Args) -> tuwen::Result<Args> {
             cli.trainable
         },
         box_grid: cli.box_grid.or(file.box_grid),
+        batch_norm: cli.batch_norm.or(file.batch_norm),
         no_augment: cli.no_augment || file.no_augment,
         seed: cli.seed.or(file.seed),
         save_every: cli.save_every.or(file.save_every),
@@ -216,6 +221,16 @@ fn run(args: Args) -> tuwen::Result<()> {
     }
     moco.multi_positive = args.multi_positive;
     moco.seed = args.seed.unwrap_or(0);
+    moco.batch_norm = match args.batch_norm.as_deref() {
+        None if args.from_scratch => BatchNormMode::Batch,
+        None | Some("running") => BatchNormMode::Running,
+        Some("batch") => BatchNormMode::Batch,
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "--batch-norm must be `running` or `batch`, not `{other}`"
+            )))
+        }
+    };
     if !args.trainable.is_empty() {
         moco.trainable = args.trainable.clone();
     } else if args.from_scratch {

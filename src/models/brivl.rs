@@ -598,6 +598,17 @@ impl Brivl {
         })
     }
 
+    /// Switches the image backbone's BatchNorm to batch statistics (PyTorch's train mode;
+    /// see [`EfficientNet::set_batch_norm_training`]) or back to the running ones.
+    pub fn set_batch_norm_training(&self, on: bool) {
+        self.image.backbone.set_batch_norm_training(on);
+    }
+
+    /// Whether the image backbone's BatchNorm uses batch statistics.
+    pub fn batch_norm_training(&self) -> bool {
+        self.image.backbone.batch_norm_training()
+    }
+
     pub fn config(&self) -> &BrivlConfig {
         &self.cfg
     }

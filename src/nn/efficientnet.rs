@@ -35,8 +35,8 @@
 //! in place after the 1×1 convolutions.
 
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Module, Result, Shape,
-    Tensor, D,
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Module,
+    Result, Shape, Tensor, D,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -470,8 +470,8 @@ impl ConvBn {
                     .broadcast_matmul(&xr)?
                     .reshape((b, out_chs, h, wd))?
             }
-            ConvKind::Depthwise { kernel, stride } => depthwise_conv2d(
-                &pad_same(x, kernel, stride)?,
+            ConvKind::Depthwise { kernel, stride } => depthwise_conv2d_same(
+                x,
                 &self.weight.reshape((out_chs, kernel * kernel))?,
                 kernel,
                 stride,
@@ -547,8 +547,7 @@ impl ConvBn {
                     };
                     return x.contiguous()?.apply_op3_no_bwd(&w, &shift, &op);
                 }
-                let y =
-                    depthwise_conv2d_composed(&pad_same(x, kernel, stride)?, &w, kernel, stride)?;
+                let y = depthwise_conv2d_same(x, &w, kernel, stride)?;
                 self.epilogue(y, &shift, None)
             }
             ConvKind::Dense { kernel, stride } => {
@@ -997,6 +996,235 @@ impl CustomOp3 for DepthwiseCpu {
     }
 }
 
+/// A depthwise convolution with TF "same" padding and a backward pass: `x` `[b, c, h, w]`,
+/// `weight` `[c, k·k]`. On the CPU in `f32` it runs direct kernels in both directions
+/// (forward, input gradient, weight gradient); elsewhere the composed, differentiable form.
+pub fn depthwise_conv2d_same(
+    x: &Tensor,
+    weight: &Tensor,
+    kernel: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(cpu_f32(x) && cpu_f32(weight)) {
+        return depthwise_conv2d_composed(&pad_same(x, kernel, stride)?, weight, kernel, stride);
+    }
+    let (_, c, h, w) = x.dims4()?;
+    let (wc, kk) = weight.dims2()?;
+    if wc != c || kk != kernel * kernel || stride == 0 {
+        candle_core::bail!(
+            "depthwise weight {:?} does not fit {c} channels and kernel {kernel}",
+            weight.dims()
+        )
+    }
+    let (top, bottom) = same_padding(h, kernel, stride);
+    let (left, right) = same_padding(w, kernel, stride);
+    let g = DwGeom {
+        h,
+        w,
+        ho: (h + top + bottom - kernel) / stride + 1,
+        wo: (w + left + right - kernel) / stride + 1,
+        k: kernel,
+        s: stride,
+        pt: top,
+        pl: left,
+    };
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, DepthwiseTrain { g })
+}
+
+/// [`depthwise_conv2d_same`]'s CPU op.
+struct DepthwiseTrain {
+    g: DwGeom,
+}
+
+impl CustomOp2 for DepthwiseTrain {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let wt = contiguous_f32(s2, l2, self.name())?;
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let g = self.g;
+        let kk = g.k * g.k;
+        let mut out = vec![0f32; b * c * g.ho * g.wo];
+        out.par_chunks_mut(g.ho * g.wo)
+            .enumerate()
+            .for_each(|(plane, o)| {
+                let ch = plane % c;
+                let src = &x[plane * h * w..(plane + 1) * h * w];
+                let taps = &wt[ch * kk..(ch + 1) * kk];
+                #[cfg(target_arch = "x86_64")]
+                if avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    unsafe { dw_plane_avx2(g, src, taps, o, 0.0, false) };
+                    return;
+                }
+                dw_plane(g, src, taps, o, 0.0, false, false);
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(weight, &DepthwiseGradInput { g: self.g })?;
+        let gw = x.apply_op2_no_bwd(&grad, &DepthwiseGradWeight { g: self.g })?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// For output position range `0..n` along one axis with stride `s` and tap offset `d − p`:
+/// the outputs whose input index `o·s + d − p` lies in `0..len`.
+fn valid_outputs(n: usize, s: usize, off: isize, len: usize) -> (usize, usize) {
+    let lo = if off >= 0 {
+        0
+    } else {
+        ((-off) as usize).div_ceil(s)
+    };
+    let hi = if (len as isize) <= off {
+        0
+    } else {
+        (((len as isize - off) as usize).div_ceil(s)).min(n)
+    };
+    (lo.min(hi), hi)
+}
+
+/// The input gradient of [`DepthwiseTrain`]: `(grad [b, c, ho, wo], weight)` to `[b, c, h, w]`.
+struct DepthwiseGradInput {
+    g: DwGeom,
+}
+
+impl CustomOp2 for DepthwiseGradInput {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let gy = contiguous_f32(s1, l1, self.name())?;
+        let wt = contiguous_f32(s2, l2, self.name())?;
+        let (b, c, _, _) = l1.shape().dims4()?;
+        let DwGeom {
+            h,
+            w,
+            ho,
+            wo,
+            k,
+            s,
+            pt,
+            pl,
+        } = self.g;
+        let mut out = vec![0f32; b * c * h * w];
+        out.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(plane, gx)| {
+                let ch = plane % c;
+                let g = &gy[plane * ho * wo..(plane + 1) * ho * wo];
+                let taps = &wt[ch * k * k..(ch + 1) * k * k];
+                for dy in 0..k {
+                    let (oy0, oy1) = valid_outputs(ho, s, dy as isize - pt as isize, h);
+                    for dx in 0..k {
+                        let t = taps[dy * k + dx];
+                        let off = dx as isize - pl as isize;
+                        let (ox0, ox1) = valid_outputs(wo, s, off, w);
+                        for oy in oy0..oy1 {
+                            let iy = oy * s + dy - pt;
+                            let grow = &g[oy * wo..(oy + 1) * wo];
+                            let xrow = &mut gx[iy * w..(iy + 1) * w];
+                            for ox in ox0..ox1 {
+                                let ix = (ox * s) as isize + off;
+                                xrow[ix as usize] += t * grow[ox];
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+    }
+}
+
+/// The weight gradient of [`DepthwiseTrain`]: `(x [b, c, h, w], grad [b, c, ho, wo])` to
+/// `[c, k·k]`.
+struct DepthwiseGradWeight {
+    g: DwGeom,
+}
+
+impl CustomOp2 for DepthwiseGradWeight {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let gy = contiguous_f32(s2, l2, self.name())?;
+        let (b, c, _, _) = l1.shape().dims4()?;
+        let DwGeom {
+            h,
+            w,
+            ho,
+            wo,
+            k,
+            s,
+            pt,
+            pl,
+        } = self.g;
+        let mut out = vec![0f32; c * k * k];
+        out.par_chunks_mut(k * k).enumerate().for_each(|(ch, gw)| {
+            for bi in 0..b {
+                let plane = bi * c + ch;
+                let xs = &x[plane * h * w..(plane + 1) * h * w];
+                let g = &gy[plane * ho * wo..(plane + 1) * ho * wo];
+                for dy in 0..k {
+                    let (oy0, oy1) = valid_outputs(ho, s, dy as isize - pt as isize, h);
+                    for dx in 0..k {
+                        let off = dx as isize - pl as isize;
+                        let (ox0, ox1) = valid_outputs(wo, s, off, w);
+                        let mut acc = 0f32;
+                        for oy in oy0..oy1 {
+                            let iy = oy * s + dy - pt;
+                            let grow = &g[oy * wo..(oy + 1) * wo];
+                            let xrow = &xs[iy * w..(iy + 1) * w];
+                            for ox in ox0..ox1 {
+                                acc += grow[ox] * xrow[((ox * s) as isize + off) as usize];
+                            }
+                        }
+                        gw[dy * k + dx] += acc;
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((c, k * k))))
+    }
+}
+
 /// Squeeze-excitation's gate `sigmoid(expand(silu(reduce(mean_hw(x)))))`, `[b, c]`; the
 /// block multiplies it into the next 1×1 convolution.
 #[derive(Debug, Clone)]
@@ -1275,6 +1503,64 @@ impl Module for EfficientNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU depthwise op with backward against the composed (autograd) form.
+    #[test]
+    fn depthwise_op_gradients_match_composed() {
+        let dev = Device::Cpu;
+        for (k, s, h, w) in [
+            (3, 1, 7, 9),
+            (3, 2, 8, 11),
+            (5, 2, 9, 6),
+            (5, 1, 5, 5),
+            (3, 2, 1, 4),
+        ] {
+            let x = candle_core::Var::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+            let wt = candle_core::Var::randn(0f32, 1.0, (3, k * k), &dev).unwrap();
+            let ours = depthwise_conv2d_same(x.as_tensor(), wt.as_tensor(), k, s).unwrap();
+            let reference = depthwise_conv2d_composed(
+                &pad_same(x.as_tensor(), k, s).unwrap(),
+                wt.as_tensor(),
+                k,
+                s,
+            )
+            .unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "k{k} s{s} {h}x{w}");
+            let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(diff(&ours, &reference) < 1e-5, "forward k{k} s{s} {h}x{w}");
+            let g1 = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("weight", &wt)] {
+                let a = g1.get(v.as_tensor()).unwrap();
+                let b = g2.get(v.as_tensor()).unwrap();
+                assert!(
+                    diff(a, b) < 1e-4,
+                    "grad {name} k{k} s{s} {h}x{w}: {}",
+                    diff(a, b)
+                );
+            }
+        }
+    }
 
     #[test]
     fn rounding_matches_timm() {

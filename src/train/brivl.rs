@@ -90,6 +90,25 @@ pub struct MocoConfig {
     /// Seed of the initial random queues.
     #[serde(default)]
     pub seed: u64,
+    /// The backbone's BatchNorm statistics while training.
+    #[serde(default)]
+    pub batch_norm: BatchNormMode,
+}
+
+/// Which statistics the image backbone's BatchNorm uses while training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchNormMode {
+    /// The checkpoint's running statistics, as constants (frozen BN, inference mode): the
+    /// usual choice for continued pre-training from published weights with small batches,
+    /// and the mode in which data-parallel workers take exactly one worker's step.
+    #[default]
+    Running,
+    /// Each batch's statistics, with the running ones updated by momentum (PyTorch's train
+    /// mode), in the query and the key encoder; evaluation switches back to the running
+    /// statistics. Needed to train from random initialisation. The statistics are per
+    /// worker (no synchronised BN).
+    Batch,
 }
 
 fn one() -> usize {
@@ -108,6 +127,7 @@ impl MocoConfig {
             topk: cfg.topk.max(1),
             trainable: default_trainable(cfg)?,
             seed: 0,
+            batch_norm: BatchNormMode::Running,
         })
     }
 
@@ -448,6 +468,8 @@ struct MocoState {
     /// Names the momentum update moves (the others are the query's own frozen tensors).
     moving: Vec<String>,
     model: Option<Brivl>,
+    /// BatchNorm with batch statistics in the key encoder.
+    bn_training: bool,
     queues: MocoQueues,
     /// Keys of the current step, enqueued when the step succeeds.
     pending: Vec<(Tensor, Tensor)>,
@@ -566,6 +588,9 @@ impl BrivlMoco {
             } else if tracked {
                 moving.push(name.clone());
                 q.to_dtype(DType::F32)?.copy()?
+            } else if is_buffer(name) {
+                // The key encoder's own statistics (they move in batch-statistics mode).
+                q.to_dtype(DType::F32)?.copy()?
             } else {
                 // Frozen and identical in both encoders: share it.
                 q.clone()
@@ -578,6 +603,7 @@ impl BrivlMoco {
             params,
             moving,
             model: None,
+            bn_training: moco.batch_norm == BatchNormMode::Batch,
             queues,
             pending: Vec::new(),
             comm: None,
@@ -595,6 +621,8 @@ impl BrivlMoco {
             state: Arc::new(Mutex::new(state)),
             report,
         };
+        this.model
+            .set_batch_norm_training(this.moco.batch_norm == BatchNormMode::Batch);
         this.rebuild_key()?;
         Ok(this)
     }
@@ -832,11 +860,19 @@ impl BrivlMoco {
         cfg.pipeline = self.image_pipeline(None);
         let mut loader = super::DataLoader::new(manifest.clone(), cfg)?;
         let (mut imgs, mut txts) = (Vec::new(), Vec::new());
-        while let Some(b) = loader.next_batch_in_epoch()? {
-            let (i, t) = self.query_embeds(&self.inputs(&b)?)?;
-            imgs.push(i);
-            txts.push(t);
-        }
+        // Inference mode: running BatchNorm statistics, whatever the training mode.
+        let training = self.model.batch_norm_training();
+        self.model.set_batch_norm_training(false);
+        let embedded = (|| -> Result<()> {
+            while let Some(b) = loader.next_batch_in_epoch()? {
+                let (i, t) = self.query_embeds(&self.inputs(&b)?)?;
+                imgs.push(i.detach());
+                txts.push(t.detach());
+            }
+            Ok(())
+        })();
+        self.model.set_batch_norm_training(training);
+        embedded?;
         if imgs.is_empty() {
             return Err(Error::Data {
                 origin: manifest.origin.clone(),
@@ -957,7 +993,9 @@ fn rebuild_key(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let vb = VarBuilder::from_tensors(map, dtype, device);
-    st.model = Some(Brivl::new(cfg, vb)?);
+    let model = Brivl::new(cfg, vb)?;
+    model.set_batch_norm_training(st.bn_training);
+    st.model = Some(model);
     Ok(())
 }
 

@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use tuwen::checkpoint::{is_buffer, parameter_shapes, TensorSource};
 use tuwen::models::brivl::{Brivl, BrivlConfig};
 use tuwen::train::brivl::{
-    default_trainable, topk_positives, BrivlInputs, BrivlMoco, MocoConfig, MocoQueues,
+    default_trainable, topk_positives, BatchNormMode, BrivlInputs, BrivlMoco, MocoConfig,
+    MocoQueues,
 };
 use tuwen::train::synthetic::{write_shapes_dataset, ShapesConfig, ShapesDataset};
 use tuwen::train::{
@@ -47,6 +48,7 @@ fn moco_config(multi: bool) -> MocoConfig {
         topk: 2,
         trainable: test_trainable(),
         seed: 0,
+        batch_norm: BatchNormMode::Running,
     }
 }
 
@@ -872,4 +874,115 @@ fn brivl_moco_bad_inputs_are_named() {
         Err(Error::MissingTensor { key, .. }) => assert_eq!(key, "text_queue"),
         other => panic!("expected a missing queue, got {other:?}"),
     }
+}
+
+/// Held-out image→caption Recall@1 over the class captions, BatchNorm in inference mode.
+fn brivl_class_recall(moco: &BrivlMoco, held: &BrivlInputs, labels: &[usize]) -> f64 {
+    let training = moco.model.batch_norm_training();
+    moco.model.set_batch_norm_training(false);
+    let (img, _) = moco.query_embeds(held).unwrap();
+    moco.model.set_batch_norm_training(training);
+    let tok = tuwen::preprocess::TextProcessor::from_file(
+        &shared(TOKENIZER),
+        tuwen::preprocess::TextStyle::Bert,
+        moco.config().max_text_len,
+    )
+    .unwrap();
+    let captions = tuwen::train::synthetic::class_captions();
+    let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let t = tok.encode_batch(&refs, &Device::Cpu).unwrap();
+    let mask = t.attention_mask.to_dtype(DType::F32).unwrap();
+    let txt = moco.model.text_embeds(&t.input_ids, &mask).unwrap();
+    let scores = img
+        .matmul(&txt.t().unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    tuwen::train::synthetic::class_recall_at_1(&scores, labels).unwrap()
+}
+
+/// A tiny BriVL from random initialisation learns the synthetic coloured shapes with
+/// Chinese captions (`tuwen::train::synthetic`, varied wording) through the data loader,
+/// with the MoCo objective (momentum encoders, queues) and BatchNorm in train mode:
+/// held-out image→caption Recall@1 over the 24 class captions goes from chance to 0.9.
+/// Ignored: this tiny BriVL still learns too slowly from random initialisation (see the
+/// README's training section); run it with `--ignored`.
+#[test]
+#[ignore = "the tiny BriVL does not reach Recall@1 0.9 from scratch within the step budget yet"]
+fn tiny_brivl_learns_synthetic_captions() {
+    let start = std::time::Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let train_set =
+        write_shapes_dataset(&dir.path().join("train"), &ShapesConfig::new(2400, 0)).unwrap();
+    let held_set =
+        write_shapes_dataset(&dir.path().join("held"), &ShapesConfig::new(240, 1)).unwrap();
+    let cfg = scratch_config();
+    let batch = 24;
+    let mut mc = MocoConfig::for_model(&cfg).unwrap();
+    mc.trainable = tuwen::train::brivl::all_trainable();
+    mc.batch_norm = BatchNormMode::Batch;
+    mc.queue_size = 4 * batch;
+    let moco = BrivlMoco::from_scratch(&cfg, mc, 3, &Device::Cpu, DType::F32)
+        .unwrap()
+        .with_tokenizer(&shared(TOKENIZER))
+        .unwrap();
+    let max_steps = 800u64;
+    let mut trainer = Trainer::from_varmap(
+        moco.vars(),
+        TrainerConfig {
+            optimizer: AdamWConfig {
+                lr: 2e-3,
+                weight_decay: 0.01,
+                ..Default::default()
+            },
+            groups: moco.param_groups(),
+            schedule: Schedule::warmup_cosine(30, max_steps, 0.05),
+            max_grad_norm: Some(1.0),
+            seed: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    moco.attach(&mut trainer);
+    let mut dc = DataConfig::new(batch, cfg.img_size);
+    dc.seed = 3;
+    dc.pipeline = moco.image_pipeline(None);
+    let mut train = DataLoader::new(train_set.manifest.clone(), dc).unwrap();
+    let mut hc = DataConfig::new(240, cfg.img_size);
+    hc.shuffle = false;
+    hc.drop_last = false;
+    hc.pipeline = moco.image_pipeline(None);
+    let held_batch = DataLoader::new(held_set.manifest.clone(), hc)
+        .unwrap()
+        .next_batch()
+        .unwrap();
+    let held = moco.inputs(&held_batch).unwrap();
+    let r0 = brivl_class_recall(&moco, &held, &held_set.labels);
+    println!("held-out R@1 at init {r0:.3}");
+    assert!(r0 < 0.3, "R@1 {r0} before training");
+    let mut r1 = 0.0;
+    let mut steps = 0;
+    while steps < max_steps {
+        let x = moco.inputs(&train.next_batch().unwrap()).unwrap();
+        let report = trainer
+            .step(&[x], |x, c| Ok(moco.loss(x, c)?.loss))
+            .unwrap();
+        steps += 1;
+        if steps % 50 == 0 {
+            r1 = brivl_class_recall(&moco, &held, &held_set.labels);
+            println!(
+                "step {steps}: loss {:.4}, held-out R@1 {r1:.3}, {:.0}s",
+                report.loss,
+                start.elapsed().as_secs_f64()
+            );
+            if r1 >= 0.9 {
+                break;
+            }
+        }
+    }
+    println!(
+        "held-out i2t R@1 {r1:.3} after {steps} steps, {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(r1 >= 0.9, "R@1 {r1} after {steps} steps");
 }
