@@ -1152,9 +1152,9 @@ impl CustomOp2 for DepthwiseGradInput {
                             let iy = oy * s + dy - pt;
                             let grow = &g[oy * wo..(oy + 1) * wo];
                             let xrow = &mut gx[iy * w..(iy + 1) * w];
-                            for ox in ox0..ox1 {
+                            for (ox, gv) in grow.iter().enumerate().take(ox1).skip(ox0) {
                                 let ix = (ox * s) as isize + off;
-                                xrow[ix as usize] += t * grow[ox];
+                                xrow[ix as usize] += t * gv;
                             }
                         }
                     }
