@@ -487,20 +487,20 @@ fn recall_in_training(
 
 /// A tiny SigLIP from random init learns the synthetic coloured shapes with Chinese
 /// captions through the data loader with the grouped sigmoid loss: held-out image→caption
-/// Recall@1 over the 24 class captions should go from chance (1/24) to at least 0.9.
-/// Training stops when a separate validation split reaches 0.95 (checked every 50 steps).
+/// Recall@1 over the 24 class captions goes from chance (1/24) to at least 0.9. Training
+/// stops when a separate validation split reaches 0.95 (checked every 50 steps), after
+/// 1500 steps at most.
 ///
-/// Not yet at the bar. What is known: colour is learnt within 50 steps, and at lr 3e-3
-/// both towers then collapse onto it (same-colour captions and images at cosine ≈ 0.99),
-/// a saddle of the loss where no gradient tells the shapes apart; validation Recall@1
-/// stalled at 0.4–0.6 after 800 steps, every error a wrong shape of the right colour (a
-/// logit bias of −10, a logit scale of 30, batch 64, patch 4 or ungrouped positives did
-/// not help). At 1e-3 the features keep their spread and the shapes follow, but with 960
-/// training images the model overfits (training loss 0.4, validation ≈ 0.78 at 1200
-/// steps); with 4800 images validation Recall@1 reached 0.82 at 900 steps and 0.85 at
-/// 1300, short of 0.9. Run it with `--ignored` while tuning.
+/// Two things matter. Colour is learnt within 50 steps, and at lr 3e-3 both towers then
+/// collapse onto it (same-colour captions and images at cosine ≈ 0.99), a saddle of the
+/// loss where no gradient tells the shapes apart: Recall@1 stalled at 0.4–0.6, every error
+/// a wrong shape of the right colour (a logit bias of −10, a logit scale of 30, batch 64,
+/// patch 4 or ungrouped positives did not help). At 1e-3 the features keep their spread
+/// and the shapes follow. With 960 training images the model then overfits (training loss
+/// 0.4, validation ≈ 0.78 at 1200 steps); 4800 images keep it general. Measured: held-out
+/// Recall@1 0.925 after 1500 steps (validation 0.906), ≈ 0.1 s a step on an idle 2-core
+/// machine.
 #[test]
-#[ignore = "a tiny SigLIP reaches Recall@1 ≈ 0.85, not yet 0.9, within a few CPU minutes"]
 fn tiny_siglip_learns_synthetic_captions() {
     let tmp = tempfile::tempdir().unwrap();
     let train =
