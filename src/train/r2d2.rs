@@ -12,7 +12,13 @@
 //!   `softmax(sim / temp)` with positives zeroed ([`hard_negative_weights`],
 //!   [`sample_hard_negatives`], seeded by [`StepCtx::rng`]); the `3B` pairs are labelled
 //!   `[1]·B + [0]·2B` and scored by `cross_entropy(weight = [1, 2])` on `itm_head`
-//!   (text-joint CLS) and `itm_head_i` (image-joint CLS), averaged.
+//!   (text-joint CLS) and `itm_head_i` (image-joint CLS), averaged. Under data
+//!   parallelism ([`R2d2Objective::with_collective`]) the negatives come from the batch of
+//!   every rank, as in BLIP's `negative_all_rank` (ALBEF's successor): each rank's
+//!   positives are scored against the gathered features, the negative images' tokens are
+//!   gathered with gradient ([`super::dist::all_gather_with_grad`]) and the negative
+//!   texts' ids and masks are gathered and re-encoded locally ([`gather_fgr_world`],
+//!   [`fgr_loss_world`]).
 //! * **TgD** ([`tgd_loss`], teacher-guided distillation): an EMA teacher (momentum 0.995,
 //!   updated before its features are computed, as ALBEF's `_momentum_update`) gives the
 //!   keys, in-batch teacher features plus a [`FeatureQueue`] of earlier ones; the targets
@@ -34,15 +40,17 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::dist::{all_gather_with_grad, Collective};
 use super::fit::ExtraState;
 use super::optim::{AdamWConfig, ParamGroupConfig};
-use super::rng::ChaCha8Rng;
+use super::rng::{derive_rng, streams, ChaCha8Rng};
 use super::schedule::Schedule;
 use super::trainer::{EmaPairs, StepCtx, TrainerConfig};
 use crate::error::{Error, Result};
@@ -308,17 +316,36 @@ pub fn hard_negative_weights(
     temp: &Tensor,
     ids: &[i64],
 ) -> Result<(Tensor, Tensor)> {
+    hard_negative_weights_against(image_feat, text_feat, image_feat, text_feat, temp, ids, ids)
+}
+
+/// [`hard_negative_weights`] of this rank's `b` pairs (rows) against the `n` pairs of every
+/// rank (columns, `world_*`, e.g. [`FgrWorld`]): `[b, n]` matrices whose entries are 0
+/// where the keys match (this rank's own pairs included).
+pub fn hard_negative_weights_against(
+    image_feat: &Tensor,
+    text_feat: &Tensor,
+    world_image_feat: &Tensor,
+    world_text_feat: &Tensor,
+    temp: &Tensor,
+    ids: &[i64],
+    world_ids: &[i64],
+) -> Result<(Tensor, Tensor)> {
     check_ids(image_feat.dim(0)?, ids)?;
+    check_ids(world_image_feat.dim(0)?, world_ids)?;
     let img = image_feat.detach().to_dtype(DType::F32)?;
     let txt = text_feat.detach().to_dtype(DType::F32)?;
+    let w_img = world_image_feat.detach().to_dtype(DType::F32)?;
+    let w_txt = world_text_feat.detach().to_dtype(DType::F32)?;
     let temp = temp.detach().to_dtype(DType::F32)?;
-    let keep = (1.0 - positive_mask(ids, ids, img.device())?)?;
-    let w_i2t = ops::softmax_last_dim(&img.matmul(&txt.t()?)?.broadcast_div(&temp)?)?;
-    let w_t2i = ops::softmax_last_dim(&txt.matmul(&img.t()?)?.broadcast_div(&temp)?)?;
+    let keep = (1.0 - positive_mask(ids, world_ids, img.device())?)?;
+    let w_i2t = ops::softmax_last_dim(&img.matmul(&w_txt.t()?)?.broadcast_div(&temp)?)?;
+    let w_t2i = ops::softmax_last_dim(&txt.matmul(&w_img.t()?)?.broadcast_div(&temp)?)?;
     Ok(((w_i2t * &keep)?, (w_t2i * &keep)?))
 }
 
-/// The hard negatives of FGR, indices into the batch.
+/// The hard negatives of FGR: indices into the batch, or, under data parallelism, into
+/// the gathered batch of all ranks (rank `r`'s pairs are rows `r·b .. (r+1)·b`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HardNegatives {
     /// For text `i`, the negative image (official `image_embeds_neg`).
@@ -363,18 +390,30 @@ pub fn sample_hard_negatives(
     weights_t2i: &Tensor,
     rng: &mut ChaCha8Rng,
 ) -> Result<HardNegatives> {
+    sample_hard_negatives_at(weights_i2t, weights_t2i, 0, rng)
+}
+
+/// [`sample_hard_negatives`] for rows that are the pairs `offset..offset + b` of the
+/// columns (a rank's rows against the gathered batch): a row whose weights are all zero
+/// (every column a positive) falls back to any column but its own, `offset + i`.
+pub fn sample_hard_negatives_at(
+    weights_i2t: &Tensor,
+    weights_t2i: &Tensor,
+    offset: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<HardNegatives> {
     let w_t2i = weights_t2i.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let w_i2t = weights_i2t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     // Same order as the official loop: images for texts first, then texts for images.
     let image_for_text = w_t2i
         .iter()
         .enumerate()
-        .map(|(i, r)| sample_row(r, i, rng))
+        .map(|(i, r)| sample_row(r, offset + i, rng))
         .collect();
     let text_for_image = w_i2t
         .iter()
         .enumerate()
-        .map(|(i, r)| sample_row(r, i, rng))
+        .map(|(i, r)| sample_row(r, offset + i, rng))
         .collect();
     Ok(HardNegatives {
         image_for_text,
@@ -435,15 +474,158 @@ pub fn fgr_loss(
     let ti = index(&negatives.text_for_image, dev)?;
     let txt_neg = text_states.index_select(&ti, 0)?;
     let mask_neg = text_mask.index_select(&ti, 0)?;
-    let images = Tensor::cat(&[image_tokens, &img_neg, image_tokens], 0)?;
-    let texts = Tensor::cat(&[text_states, text_states, &txt_neg], 0)?;
-    let masks = Tensor::cat(&[text_mask, text_mask, &mask_neg], 0)?;
+    fgr_loss_given(
+        model,
+        image_tokens,
+        text_states,
+        text_mask,
+        (&img_neg, &txt_neg, &mask_neg),
+        class_weights,
+    )
+}
+
+/// FGR from the selected negatives: `neg.0` the negative image tokens of the texts,
+/// `neg.1`, `neg.2` the negative texts' states and masks of the images.
+fn fgr_loss_given(
+    model: &R2d2,
+    image_tokens: &Tensor,
+    text_states: &Tensor,
+    text_mask: &Tensor,
+    neg: (&Tensor, &Tensor, &Tensor),
+    class_weights: [f64; 2],
+) -> Result<Tensor> {
+    let b = image_tokens.dim(0)?;
+    let (img_neg, txt_neg, mask_neg) = neg;
+    let images = Tensor::cat(&[image_tokens, img_neg, image_tokens], 0)?;
+    let texts = Tensor::cat(&[text_states, text_states, txt_neg], 0)?;
+    let masks = Tensor::cat(&[text_mask, text_mask, mask_neg], 0)?;
     let (lt, li) = model.itm_logits(&images, &texts, &masks)?;
     let mut labels = vec![1u32; b];
     labels.extend(std::iter::repeat_n(0u32, 2 * b));
     let l_t = weighted_ce(&lt, &labels, class_weights)?;
     let l_i = weighted_ce(&li, &labels, class_weights)?;
     Ok(((l_t + l_i)? * 0.5)?)
+}
+
+/// What FGR needs from every rank to draw negatives across the data-parallel group
+/// ([`gather_fgr_world`]): the `n = N·b` pairs of all ranks in rank order.
+#[derive(Debug, Clone)]
+pub struct FgrWorld {
+    /// `[n, P, D]` image tokens, gathered with gradient (a negative image's gradient
+    /// returns to its rank).
+    pub image_tokens: Tensor,
+    /// `[n, T]` token ids and masks (a negative text is re-encoded by the rank using it).
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    /// `[n, E]` normalised embeddings, without gradient (the sampling weights).
+    pub image_feat: Tensor,
+    pub text_feat: Tensor,
+    /// The image keys of the `n` pairs.
+    pub ids: Vec<i64>,
+    /// This rank's first row, `rank · b`.
+    pub offset: usize,
+}
+
+/// Gathers [`FgrWorld`] over `comm` from this rank's image tokens, normalised image and
+/// text embeddings, token ids, mask and image keys. Every rank must call it with the
+/// same shapes. With a group of one the "world" is the local batch.
+pub fn gather_fgr_world(
+    comm: &Arc<dyn Collective>,
+    image_tokens: &Tensor,
+    image_feat: &Tensor,
+    text_feat: &Tensor,
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+    ids: &[i64],
+) -> Result<FgrWorld> {
+    let b = image_tokens.dim(0)?;
+    check_ids(b, ids)?;
+    let keys = Tensor::new(ids, &Device::Cpu)?;
+    let world_ids = comm
+        .all_gather(&keys)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<i64>()?;
+    Ok(FgrWorld {
+        image_feat: comm.all_gather(&image_feat.detach())?,
+        text_feat: comm.all_gather(&text_feat.detach())?,
+        ids: world_ids,
+        image_tokens: all_gather_with_grad(image_tokens, comm)?,
+        input_ids: comm.all_gather(input_ids)?,
+        attention_mask: comm.all_gather(attention_mask)?,
+        offset: comm.rank() * b,
+    })
+}
+
+/// [`fgr_loss`] with negatives drawn from every rank: `negatives` index the rows of
+/// `world`; this rank's pairs are `image_tokens`, `text_states`, `text_mask` (rows
+/// `world.offset ..` of the world). The negative images' tokens come from
+/// `world.image_tokens`; the negative texts are encoded here from `world.input_ids`.
+/// Averaging the ranks' gradients gives the gradient of the single-worker [`fgr_loss`]
+/// over the concatenated batch with the same negatives.
+pub fn fgr_loss_world(
+    model: &R2d2,
+    image_tokens: &Tensor,
+    text_states: &Tensor,
+    text_mask: &Tensor,
+    world: &FgrWorld,
+    negatives: &HardNegatives,
+    class_weights: [f64; 2],
+) -> Result<Tensor> {
+    let b = image_tokens.dim(0)?;
+    let n = world.image_tokens.dim(0)?;
+    if negatives.image_for_text.len() != b || negatives.text_for_image.len() != b {
+        return Err(Error::InvalidArgument(format!(
+            "FGR: {} / {} negatives for a batch of {b}",
+            negatives.image_for_text.len(),
+            negatives.text_for_image.len()
+        )));
+    }
+    if negatives
+        .image_for_text
+        .iter()
+        .chain(&negatives.text_for_image)
+        .any(|&j| j >= n)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "FGR: a negative index is out of range of the {n} pairs of all ranks"
+        )));
+    }
+    let dev = image_tokens.device();
+    let img_neg = world
+        .image_tokens
+        .index_select(&index(&negatives.image_for_text, dev)?, 0)?;
+    let ti = index(&negatives.text_for_image, world.input_ids.device())?;
+    let ids_neg = world.input_ids.index_select(&ti, 0)?;
+    let mask_neg = world.attention_mask.index_select(&ti, 0)?;
+    let (txt_neg, _) = model.encode_text(&ids_neg, &mask_neg)?;
+    fgr_loss_given(
+        model,
+        image_tokens,
+        text_states,
+        text_mask,
+        (&img_neg, &txt_neg, &mask_neg),
+        class_weights,
+    )
+}
+
+/// The generator of FGR's sampler: [`StepCtx::rng`]`(`[`STREAM_FGR`]`)` for a single
+/// worker; with several ranks each rank draws from its own stream (the rank is part of
+/// the seed), so that ranks do not repeat each other's draws.
+pub fn fgr_rng(ctx: &StepCtx, rank: usize, world_size: usize) -> ChaCha8Rng {
+    if world_size <= 1 {
+        ctx.rng(STREAM_FGR)
+    } else {
+        derive_rng(
+            ctx.seed,
+            &[
+                streams::STEP,
+                STREAM_FGR,
+                ctx.step,
+                ctx.micro as u64,
+                rank as u64,
+            ],
+        )
+    }
 }
 
 /// A FIFO queue of teacher features for TgD (ALBEF's `image_queue`, `text_queue`,
@@ -818,6 +1000,9 @@ pub struct R2d2Losses {
     pub fgr: Option<f64>,
     pub tgd: Option<f64>,
     pub fgd: Option<f64>,
+    /// FGR's sampled negatives (indices into the gathered batch of all ranks under data
+    /// parallelism), when FGR ran.
+    pub fgr_negatives: Option<HardNegatives>,
 }
 
 struct MutState {
@@ -832,6 +1017,7 @@ pub struct R2d2Objective {
     cfg: R2d2LossConfig,
     temp: Option<Var>,
     trunk: Option<VisionTrunk>,
+    comm: Option<Arc<dyn Collective>>,
     state: RefCell<MutState>,
 }
 
@@ -884,12 +1070,20 @@ impl R2d2Objective {
             cfg,
             temp,
             trunk,
+            comm: None,
             state: RefCell::new(MutState { teacher, queue }),
         })
     }
 
     pub fn config(&self) -> &R2d2LossConfig {
         &self.cfg
+    }
+
+    /// Draws FGR's hard negatives from the batches of every rank of `comm` (a group of
+    /// one changes nothing). GCPR, TgD and FgD stay in-batch per rank.
+    pub fn with_collective(mut self, comm: Arc<dyn Collective>) -> Self {
+        self.comm = Some(comm);
+        self
     }
 
     /// Replaces the TgD queue (tests; a resumed run restores it through
@@ -989,17 +1183,57 @@ impl R2d2Objective {
             let l = gcpr_loss(&img, &txt, temp, x.image_ids)?;
             out.0 = Some(add(&l, c.gcpr_weight)?);
         }
+        let mut fgr_negatives = None;
         if c.fgr_weight > 0.0 {
-            let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, temp, x.image_ids)?;
-            let negs = sample_hard_negatives(&w_i2t, &w_t2i, &mut ctx.rng(STREAM_FGR))?;
-            let l = fgr_loss(
-                model,
-                &tokens,
-                &states,
-                x.attention_mask,
-                &negs,
-                c.fgr_class_weights,
-            )?;
+            let l = match self.comm.as_ref().filter(|c| c.world_size() > 1) {
+                None => {
+                    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, temp, x.image_ids)?;
+                    let negs = sample_hard_negatives(&w_i2t, &w_t2i, &mut ctx.rng(STREAM_FGR))?;
+                    let l = fgr_loss(
+                        model,
+                        &tokens,
+                        &states,
+                        x.attention_mask,
+                        &negs,
+                        c.fgr_class_weights,
+                    )?;
+                    fgr_negatives = Some(negs);
+                    l
+                }
+                Some(comm) => {
+                    let world = gather_fgr_world(
+                        comm,
+                        &tokens,
+                        &img,
+                        &txt,
+                        x.input_ids,
+                        x.attention_mask,
+                        x.image_ids,
+                    )?;
+                    let (w_i2t, w_t2i) = hard_negative_weights_against(
+                        &img,
+                        &txt,
+                        &world.image_feat,
+                        &world.text_feat,
+                        temp,
+                        x.image_ids,
+                        &world.ids,
+                    )?;
+                    let mut rng = fgr_rng(ctx, comm.rank(), comm.world_size());
+                    let negs = sample_hard_negatives_at(&w_i2t, &w_t2i, world.offset, &mut rng)?;
+                    let l = fgr_loss_world(
+                        model,
+                        &tokens,
+                        &states,
+                        x.attention_mask,
+                        &world,
+                        &negs,
+                        c.fgr_class_weights,
+                    )?;
+                    fgr_negatives = Some(negs);
+                    l
+                }
+            };
             out.1 = Some(add(&l, c.fgr_weight)?);
         }
         if c.needs_teacher() {
@@ -1058,6 +1292,7 @@ impl R2d2Objective {
             fgr: out.1,
             tgd: out.2,
             fgd: out.3,
+            fgr_negatives,
         })
     }
 

@@ -3,6 +3,7 @@
 //! checkpointable teacher and queue, and a learning test on synthetic captioned images.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -10,10 +11,12 @@ use tuwen::checkpoint::{parameter_shapes, Loader, TensorSource};
 use tuwen::models::r2d2::{JointConfig, R2d2, R2d2Config};
 use tuwen::nn::{Activation, BertConfig, ClipVisionConfig};
 use tuwen::preprocess::{FixedProcessor, TextProcessor, TextStyle};
+use tuwen::train::dist::{Collective, LocalGroup};
 use tuwen::train::r2d2::{
-    fgr_loss, gcpr_loss, hard_negative_weights, image_keys, mask_text_tokens,
-    sample_hard_negatives, sample_kept_tokens, tgd_loss, FeatureLoss, FeatureQueue, HardNegatives,
-    R2d2Inputs, R2d2LossConfig, R2d2Objective,
+    fgr_loss, fgr_loss_world, gather_fgr_world, gcpr_loss, hard_negative_weights,
+    hard_negative_weights_against, image_keys, mask_text_tokens, sample_hard_negatives,
+    sample_kept_tokens, tgd_loss, FeatureLoss, FeatureQueue, HardNegatives, R2d2Inputs,
+    R2d2LossConfig, R2d2Objective,
 };
 use tuwen::train::rng::derive_rng;
 use tuwen::train::{
@@ -342,6 +345,233 @@ fn samplers_respect_positives_and_are_seeded() {
         assert!(k.windows(2).all(|w| w[0] < w[1]) && *k.last().unwrap() <= 16);
     }
     assert_ne!(keep[0], keep[1]);
+}
+
+// ---------------------------------------------------------------------------------------
+// FGR negatives across data-parallel ranks
+// ---------------------------------------------------------------------------------------
+
+/// A global batch of 8 pairs: the fixture's 4 and 4 more (pixels scaled by −0.8, the
+/// texts rotated by one, keys shifted by 1000).
+fn global_fgr_batch() -> Fixed {
+    let a = fixed_batch(&refs());
+    let rot = Tensor::new(&[1u32, 2, 3, 0], &Device::Cpu).unwrap();
+    let cat = |x: &Tensor, y: &Tensor| Tensor::cat(&[x, y], 0).unwrap();
+    let mut keys = a.keys.clone();
+    keys.extend(a.keys.iter().map(|k| k + 1000));
+    Fixed {
+        pixels: cat(&a.pixels, &(&a.pixels * -0.8).unwrap()),
+        ids: cat(&a.ids, &a.ids.index_select(&rot, 0).unwrap()),
+        mask: cat(&a.mask, &a.mask.index_select(&rot, 0).unwrap()),
+        keys,
+    }
+}
+
+/// Rank `rank`'s share of `g` among `world` ranks.
+fn rank_share(g: &Fixed, rank: usize, world: usize) -> Fixed {
+    let b = g.keys.len() / world;
+    Fixed {
+        pixels: g.pixels.narrow(0, rank * b, b).unwrap(),
+        ids: g.ids.narrow(0, rank * b, b).unwrap(),
+        mask: g.mask.narrow(0, rank * b, b).unwrap(),
+        keys: g.keys[rank * b..(rank + 1) * b].to_vec(),
+    }
+}
+
+fn fgr_only() -> R2d2LossConfig {
+    R2d2LossConfig {
+        gcpr_weight: 0.0,
+        fgr_weight: 1.0,
+        tgd_weight: 0.0,
+        fgd_weight: 0.0,
+        ..R2d2LossConfig::default()
+    }
+}
+
+/// Each rank's FGR negatives (indices into the gathered batch) over `steps` steps of the
+/// objective with 2 workers and run seed `seed`.
+fn dp_fgr_negatives(seed: u64, steps: u64) -> Vec<Vec<HardNegatives>> {
+    let g = global_fgr_batch();
+    LocalGroup::run(2, |comm: Arc<dyn Collective>| {
+        let (net, vars, vb) = tiny_trainable();
+        let obj = R2d2Objective::new(fgr_only(), &net, &vars, vb)?.with_collective(comm.clone());
+        let x = rank_share(&g, comm.rank(), 2);
+        let inputs = R2d2Inputs {
+            pixel_values: &x.pixels,
+            input_ids: &x.ids,
+            attention_mask: &x.mask,
+            image_ids: &x.keys,
+        };
+        (0..steps)
+            .map(|step| {
+                let ctx = StepCtx {
+                    step,
+                    micro: 0,
+                    n_micro: 1,
+                    seed,
+                };
+                let l = obj.loss(&net, &inputs, &ctx)?;
+                assert!(l.fgr.unwrap().is_finite());
+                Ok(l.fgr_negatives.expect("FGR ran"))
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// With 2 workers, each rank draws its FGR negatives from the 8 pairs of both ranks
+/// (never a positive, and some from the other rank), and the draws are fixed by the seed.
+#[test]
+fn fgr_negatives_are_drawn_from_every_rank_and_seeded() {
+    let g = global_fgr_batch();
+    let steps = 6;
+    let a = dp_fgr_negatives(11, steps);
+    let mut foreign = [0usize; 2];
+    for (rank, per_step) in a.iter().enumerate() {
+        assert_eq!(per_step.len(), steps as usize);
+        for negs in per_step {
+            for (i, (&img, &txt)) in negs
+                .image_for_text
+                .iter()
+                .zip(&negs.text_for_image)
+                .enumerate()
+            {
+                let own = rank * 4 + i;
+                for j in [img, txt] {
+                    assert!(j < 8, "index {j} outside the gathered batch");
+                    assert_ne!(
+                        g.keys[j], g.keys[own],
+                        "rank {rank}: a positive as negative"
+                    );
+                    foreign[rank] += usize::from(j / 4 != rank);
+                }
+            }
+        }
+    }
+    println!(
+        "FGR negatives from the other rank: rank 0 {} / {}, rank 1 {} / {}",
+        foreign[0],
+        8 * steps,
+        foreign[1],
+        8 * steps
+    );
+    assert!(
+        foreign[0] > 0 && foreign[1] > 0,
+        "no negative came from the other rank: {foreign:?}"
+    );
+    // Deterministic per seed; another seed draws differently.
+    assert_eq!(dp_fgr_negatives(11, steps), a);
+    assert_ne!(dp_fgr_negatives(12, steps), a);
+}
+
+fn grads_by_name(vars: &VarMap, loss: &Tensor) -> BTreeMap<String, Tensor> {
+    let store = loss.backward().unwrap();
+    vars.data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, v)| store.get(v.as_tensor()).map(|g| (k.clone(), g.clone())))
+        .collect()
+}
+
+/// FGR over 2 workers of 4 pairs, with negatives fixed across the ranks, has the loss and
+/// (ranks' gradients averaged, as the trainer does) the gradients of one worker over the
+/// 8 pairs with the same negatives; the sampling weights of a rank's rows are the
+/// single worker's rows.
+#[test]
+fn fgr_across_ranks_equals_one_worker_with_the_same_negatives() {
+    let g = global_fgr_batch();
+    // Global negatives, most from the other half of the batch.
+    let negs = HardNegatives {
+        image_for_text: (0..8).map(|i| (i + 4 + i % 3) % 8).collect(),
+        text_for_image: (0..8).map(|i| (i + 5) % 8).collect(),
+    };
+    let (net, vars, _) = tiny_trainable();
+    let (tokens, img) = net.encode_image(&g.pixels).unwrap();
+    let (states, txt) = net.encode_text(&g.ids, &g.mask).unwrap();
+    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, &net.temp, &g.keys).unwrap();
+    let single = fgr_loss(&net, &tokens, &states, &g.mask, &negs, [1.0, 2.0]).unwrap();
+    let single_loss = single.to_scalar::<f32>().unwrap();
+    let single_grads = grads_by_name(&vars, &single);
+
+    let ranks = LocalGroup::run(2, |comm: Arc<dyn Collective>| {
+        let (net, vars, _) = tiny_trainable();
+        let r = comm.rank();
+        let x = rank_share(&g, r, 2);
+        let (tokens, img) = net.encode_image(&x.pixels)?;
+        let (states, txt) = net.encode_text(&x.ids, &x.mask)?;
+        let world = gather_fgr_world(&comm, &tokens, &img, &txt, &x.ids, &x.mask, &x.keys)?;
+        assert_eq!(world.ids, g.keys);
+        assert_eq!(world.offset, 4 * r);
+        let w = hard_negative_weights_against(
+            &img,
+            &txt,
+            &world.image_feat,
+            &world.text_feat,
+            &net.temp,
+            &x.keys,
+            &world.ids,
+        )?;
+        let mine = HardNegatives {
+            image_for_text: negs.image_for_text[4 * r..4 * r + 4].to_vec(),
+            text_for_image: negs.text_for_image[4 * r..4 * r + 4].to_vec(),
+        };
+        let loss = fgr_loss_world(&net, &tokens, &states, &x.mask, &world, &mine, [1.0, 2.0])?;
+        Ok((loss.to_scalar::<f32>()?, grads_by_name(&vars, &loss), w))
+    })
+    .unwrap();
+
+    for (r, (_, _, (wi, wt))) in ranks.iter().enumerate() {
+        let di = max_abs_diff(wi, &w_i2t.narrow(0, 4 * r, 4).unwrap());
+        let dt = max_abs_diff(wt, &w_t2i.narrow(0, 4 * r, 4).unwrap());
+        assert!(
+            di < 1e-6 && dt < 1e-6,
+            "rank {r}: weights differ by {di} / {dt}"
+        );
+    }
+    let mean_loss = (ranks[0].0 + ranks[1].0) / 2.0;
+    let dl = (mean_loss - single_loss).abs() / single_loss.abs();
+    println!("FGR 2 ranks vs 1 worker: loss {mean_loss:.6} vs {single_loss:.6} (rel {dl:.2e})");
+    assert!(dl < 1e-5, "loss rel diff {dl}");
+    // Relative to each gradient's largest element, floored at 1e-3 of the largest
+    // gradient element overall: attention key biases have gradient zero in exact
+    // arithmetic (softmax ignores a constant shift) and hold rounding noise only.
+    let abs_max = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let global = single_grads.values().map(abs_max).fold(0f32, f32::max);
+    let mut worst = (0f32, String::new());
+    for (name, want) in &single_grads {
+        let got: Vec<&Tensor> = ranks.iter().filter_map(|r| r.1.get(name)).collect();
+        assert_eq!(got.len(), 2, "{name}: a rank has no gradient");
+        let avg = ((got[0] + got[1]).unwrap() * 0.5).unwrap();
+        let d = max_abs_diff(&avg, want) / abs_max(want).max(1e-3 * global);
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+    }
+    for r in &ranks {
+        assert_eq!(r.1.len(), single_grads.len(), "gradient sets differ");
+    }
+    println!(
+        "FGR 2 ranks vs 1 worker: {} gradients, worst rel diff {:.2e} ({})",
+        single_grads.len(),
+        worst.0,
+        worst.1
+    );
+    assert!(
+        worst.0 < 1e-4,
+        "gradient of {} differs by {}",
+        worst.1,
+        worst.0
+    );
 }
 
 fn step_ctx(step: u64) -> StepCtx {

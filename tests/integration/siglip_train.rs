@@ -485,15 +485,26 @@ fn recall_in_training(
     tuwen::train::synthetic::class_recall_at_1(&scores, labels).unwrap()
 }
 
-/// Not yet at the bar: on a shared 2-core machine this configuration reached validation
-/// Recall@1 ≈ 0.6 after 800 steps (patch 8, ≈ 0.25–0.5 s a step) and 0.44 after 300 steps
-/// with patch 4, below the 0.9 the issue asks for. Run it with `--ignored` while tuning.
+/// A tiny SigLIP from random init learns the synthetic coloured shapes with Chinese
+/// captions through the data loader with the grouped sigmoid loss: held-out image→caption
+/// Recall@1 over the 24 class captions goes from chance (1/24) to at least 0.9. Training
+/// stops when a separate validation split reaches 0.95 (checked every 50 steps), after
+/// 1500 steps at most.
+///
+/// Two things matter. Colour is learnt within 50 steps, and at lr 3e-3 both towers then
+/// collapse onto it (same-colour captions and images at cosine ≈ 0.99), a saddle of the
+/// loss where no gradient tells the shapes apart: Recall@1 stalled at 0.4–0.6, every error
+/// a wrong shape of the right colour (a logit bias of −10, a logit scale of 30, batch 64,
+/// patch 4 or ungrouped positives did not help). At 1e-3 the features keep their spread
+/// and the shapes follow. With 960 training images the model then overfits (training loss
+/// 0.4, validation ≈ 0.78 at 1200 steps); 4800 images keep it general. Measured: held-out
+/// Recall@1 0.925 after 1500 steps (validation 0.906), ≈ 0.1 s a step on an idle 2-core
+/// machine.
 #[test]
-#[ignore = "a tiny SigLIP does not yet reach Recall@1 0.9 within a few CPU minutes"]
 fn tiny_siglip_learns_synthetic_captions() {
     let tmp = tempfile::tempdir().unwrap();
     let train =
-        write_shapes_dataset(&tmp.path().join("train"), &ShapesConfig::new(960, 0)).unwrap();
+        write_shapes_dataset(&tmp.path().join("train"), &ShapesConfig::new(4800, 0)).unwrap();
     let val = write_shapes_dataset(&tmp.path().join("val"), &ShapesConfig::new(96, 2)).unwrap();
     let held = write_shapes_dataset(&tmp.path().join("held"), &ShapesConfig::new(240, 1)).unwrap();
     let init = tmp.path().join("init");
@@ -502,10 +513,10 @@ fn tiny_siglip_learns_synthetic_captions() {
     let m = load_trainable(&init, DType::F32, &Device::Cpu).unwrap();
     let text = m.text_processor.clone().unwrap();
     let obj = SiglipObjective::new(m.model.clone(), None, SiglipLossConfig::default()).unwrap();
-    let max_steps = 800;
+    let max_steps = 1500;
     let cfg = TrainerConfig {
         optimizer: AdamWConfig {
-            lr: 3e-3,
+            lr: 1e-3,
             weight_decay: 1e-4,
             ..Default::default()
         },
@@ -528,6 +539,11 @@ fn tiny_siglip_learns_synthetic_captions() {
         .map(|s| ImageInput::path(&s.image))
         .collect();
     let val_px = processor.process_batch(&val_inputs, &Device::Cpu).unwrap();
+
+    // Chance level before training.
+    let r0 = recall_in_training(obj.student(), &val_px, &caption_ids, &val.labels);
+    println!("learning: validation Recall@1 {r0:.3} before training");
+    assert!(r0 <= 0.2, "Recall@1 {r0} before training");
 
     // Train until the validation split (not the held-out one) reaches 0.95, at most
     // `max_steps` steps.
