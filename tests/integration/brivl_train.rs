@@ -926,12 +926,12 @@ fn tiny_brivl_learns_synthetic_captions() {
         .unwrap()
         .with_tokenizer(&shared(TOKENIZER))
         .unwrap();
-    let max_steps = 800u64;
+    let max_steps = 1500u64;
     let mut trainer = Trainer::from_varmap(
         moco.vars(),
         TrainerConfig {
             optimizer: AdamWConfig {
-                lr: 2e-3,
+                lr: 5e-4,
                 weight_decay: 0.01,
                 ..Default::default()
             },
