@@ -1,53 +1,15 @@
 //! Timing binary for the side-by-side comparison with PyTorch (`benches/compare_pytorch.py`).
 //!
 //! `cargo bench --bench compare -- --workload siglip2-b16-image --batch 8 --iters 5`
-//! prints one JSON line: `{"workload", "batch", "median_s", "min_s", "times"}`. Weights are
-//! random (timings depend on shapes only). `--list` prints the workloads.
+//! prints one JSON line: `{"workload", "batch", "median_s", "min_s", "times",
+//! "peak_rss_mib"}` after `--warmup` untimed runs (default 1). Weights are random (timings
+//! depend on shapes only); the workloads are in `workloads.rs`. `--list` prints them. Run one
+//! workload per process so that the peak RSS (`VmHWM`) is that workload's.
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use tuwen::checkpoint::random_var_builder;
-use tuwen::models::siglip2::{Siglip, SiglipConfig};
-
-type Run = Box<dyn FnMut() -> candle_core::Result<()>>;
-
-fn workload(name: &str, batch: usize) -> Result<Run, String> {
-    let dev = Device::Cpu;
-    let e = |e: candle_core::Error| e.to_string();
-    let siglip = |preset: &str| -> Result<Siglip, String> {
-        let cfg = SiglipConfig::preset(preset).ok_or("preset")?;
-        Siglip::new(&cfg, random_var_builder(7, DType::F32, &dev)).map_err(e)
-    };
-    Ok(match name {
-        "siglip2-b16-image" => {
-            let m = siglip("siglip2-base-patch16-224")?;
-            let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &dev).map_err(e)?;
-            Box::new(move || m.get_image_features(&px).map(|_| ()))
-        }
-        "siglip2-b16-text" => {
-            let m = siglip("siglip2-base-patch16-224")?;
-            let ids = Tensor::ones((batch, 64), DType::U32, &dev).map_err(e)?;
-            Box::new(move || m.get_text_features(&ids, None).map(|_| ()))
-        }
-        "siglip2-b16-naflex-image" => {
-            let m = siglip("siglip2-base-patch16-naflex")?;
-            let batch_ = tuwen::preprocess::NaFlexBatch {
-                pixel_values: Tensor::randn(0f32, 1.0, (batch, 256, 768), &dev).map_err(e)?,
-                pixel_attention_mask: Tensor::ones((batch, 256), DType::U32, &dev).map_err(e)?,
-                spatial_shapes: vec![(16, 16); batch],
-            };
-            Box::new(move || m.get_image_features_naflex(&batch_).map(|_| ()))
-        }
-        other => return Err(format!("unknown workload {other}")),
-    })
-}
-
-const WORKLOADS: &[&str] = &[
-    "siglip2-b16-image",
-    "siglip2-b16-text",
-    "siglip2-b16-naflex-image",
-];
+mod workloads;
+use workloads::{peak_rss_mib, workload, WORKLOADS};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -67,6 +29,7 @@ fn main() {
     };
     let batch: usize = get("--batch").and_then(|b| b.parse().ok()).unwrap_or(8);
     let iters: usize = get("--iters").and_then(|b| b.parse().ok()).unwrap_or(5);
+    let warmup: usize = get("--warmup").and_then(|b| b.parse().ok()).unwrap_or(1);
     let mut run = match workload(&name, batch) {
         Ok(r) => r,
         Err(e) => {
@@ -74,9 +37,11 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    for _ in 0..warmup {
+        if let Err(e) = run() {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
     }
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
@@ -90,8 +55,9 @@ fn main() {
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
+    let rss = peak_rss_mib().unwrap_or(f64::NAN);
     println!(
-        "{{\"workload\": \"{name}\", \"batch\": {batch}, \"median_s\": {median:.6}, \"min_s\": {:.6}, \"times\": {times:?}}}",
+        "{{\"workload\": \"{name}\", \"batch\": {batch}, \"median_s\": {median:.6}, \"min_s\": {:.6}, \"times\": {times:?}, \"peak_rss_mib\": {rss:.1}}}",
         sorted[0]
     );
 }

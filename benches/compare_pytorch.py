@@ -4,10 +4,30 @@
 Runs, in one invocation and alternating between the two, each workload at the given batch
 sizes: PyTorch on CPU with the same thread count, fp32, `torch.inference_mode()`, random
 weights; and the Rust timing binary `benches/compare.rs` (built with `cargo bench --bench
-compare --no-run`). Writes a ratio table (ours / PyTorch, lower is better) to
-benches/RESULTS.md with the machine, versions and date.
+compare --no-run`; the workloads are in `benches/workloads.rs`). Every measurement runs in
+its own process, so that its peak resident set size (`VmHWM`) is that workload's alone.
+Writes a ratio table (ours / PyTorch, lower is better) to benches/RESULTS.md with the
+machine, versions and date.
 
-    python3 benches/compare_pytorch.py --threads 2 --batches 1 8 --iters 5
+    python3 benches/compare_pytorch.py --threads 2 --batches 1 8 --iters 3
+
+The PyTorch side of each workload:
+
+* `siglip2-*`: transformers `SiglipModel` / `Siglip2Model` (B/16, text length 64);
+* `r2d2-vitl14-image`: transformers `CLIPVisionModel` (ViT-L/14, 224 px, quick_gelu) and
+  R2D2's `vision_proj` with L2 normalisation;
+* `r2d2-bert-text`: transformers `BertModel` (chinese-roberta-wwm-ext shape, 64 tokens, with
+  the padding mask) and `text_proj`;
+* `r2d2-itm-rerank`: R2D2's two 6-layer cross encoders (BLIP `xbert` layers written with
+  `nn.Linear`, `nn.LayerNorm` and `F.scaled_dot_product_attention`) and ITM heads, one image
+  (257 tokens) against 128 candidate texts of 64 tokens per query;
+* `brivl-image`: timm `tf_efficientnet_b5` `forward_features` at 380 px, then BriVL's RoI
+  grid sampling (`F.affine_grid` + `F.grid_sample`, 4x4 samples, 37 boxes), the 1x1 conv
+  applied after averaging the samples (as tuwen does; the original applies it before, which
+  gives the same numbers at 16 times the cost), 4 `nn.TransformerEncoderLayer`s and `imgFC`
+  (as in tests/fixtures/gen_brivl.py);
+* `brivl-text`: transformers `BertModel` on 80 tokens without a mask, 4
+  `nn.TransformerEncoderLayer`s with the padding mask, `textFC`.
 """
 import argparse
 import datetime
@@ -17,18 +37,43 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
-import torch
+RERANK_CANDIDATES = 128
+TEXT_LEN = 64
+
+
+def peak_rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def siglip_text_cfg():
+    return dict(vocab_size=256000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=64)
+
+
+def bert_cfg(**kw):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, max_position_embeddings=512, layer_norm_eps=1e-12, **kw)
 
 
 def torch_workload(name, batch):
-    from transformers import SiglipConfig, SiglipModel, Siglip2Config, Siglip2Model
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
 
     if name in ("siglip2-b16-image", "siglip2-b16-text"):
+        from transformers import SiglipConfig, SiglipModel
+
         cfg = SiglipConfig(
-            text_config=dict(vocab_size=256000, hidden_size=768, intermediate_size=3072,
-                             num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=64),
+            text_config=siglip_text_cfg(),
             vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                num_attention_heads=12, image_size=224, patch_size=16),
         )
@@ -36,12 +81,13 @@ def torch_workload(name, batch):
         if name.endswith("image"):
             px = torch.randn(batch, 3, 224, 224)
             return lambda: m.get_image_features(pixel_values=px)
-        ids = torch.ones(batch, 64, dtype=torch.long)
+        ids = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         return lambda: m.get_text_features(input_ids=ids)
     if name == "siglip2-b16-naflex-image":
+        from transformers import Siglip2Config, Siglip2Model
+
         cfg = Siglip2Config(
-            text_config=dict(vocab_size=256000, hidden_size=768, intermediate_size=3072,
-                             num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=64),
+            text_config=siglip_text_cfg(),
             vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                num_attention_heads=12, patch_size=16, num_patches=256),
         )
@@ -50,71 +96,278 @@ def torch_workload(name, batch):
         mask = torch.ones(batch, 256, dtype=torch.long)
         shapes = torch.tensor([[16, 16]] * batch)
         return lambda: m.get_image_features(pixel_values=px, pixel_attention_mask=mask, spatial_shapes=shapes)
+    if name == "r2d2-vitl14-image":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                               num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu")
+        vit = CLIPVisionModel(cfg).eval()
+        proj = nn.Linear(1024, 768)
+        px = torch.randn(batch, 3, 224, 224)
+        return lambda: F.normalize(proj(vit(pixel_values=px).last_hidden_state[:, 0]), dim=-1)
+    if name == "r2d2-bert-text":
+        from transformers import BertModel
+
+        bert = BertModel(bert_cfg(), add_pooling_layer=False).eval()
+        proj = nn.Linear(768, 768)
+        ids = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        mask = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        return lambda: F.normalize(proj(bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]), dim=-1)
+    if name == "r2d2-itm-rerank":
+        return itm_workload(batch)
+    if name == "brivl-image":
+        return brivl_image_workload(batch)
+    if name == "brivl-text":
+        return brivl_text_workload(batch)
     raise ValueError(name)
 
 
-def time_torch(name, batch, iters):
+def itm_workload(batch):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Attn(nn.Module):
+        def __init__(self, d, kv, heads):
+            super().__init__()
+            self.h = heads
+            self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(kv, d), nn.Linear(kv, d)
+            self.dense, self.norm = nn.Linear(d, d), nn.LayerNorm(d, eps=1e-12)
+
+        def forward(self, x, ctx, bias):
+            b, lq, d = x.shape
+            lk = ctx.shape[1]
+            q = self.query(x).view(b, lq, self.h, -1).transpose(1, 2)
+            k = self.key(ctx).view(b, lk, self.h, -1).transpose(1, 2)
+            v = self.value(ctx).view(b, lk, self.h, -1).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, lq, d)
+            return self.norm(self.dense(a) + x)
+
+    class Layer(nn.Module):
+        def __init__(self, d, kv):
+            super().__init__()
+            self.attention, self.cross = Attn(d, d, 12), Attn(d, kv, 12)
+            self.intermediate, self.output = nn.Linear(d, 3072), nn.Linear(3072, d)
+            self.norm = nn.LayerNorm(d, eps=1e-12)
+
+        def forward(self, x, self_bias, ctx, ctx_bias):
+            x = self.attention(x, x, self_bias)
+            x = self.cross(x, ctx, ctx_bias)
+            return self.norm(self.output(F.gelu(self.intermediate(x))) + x)
+
+    def bias(mask, neg):
+        return ((1.0 - mask.float()) * neg)[:, None, None, :]
+
+    tj = nn.ModuleList([Layer(768, 1024) for _ in range(6)]).eval()
+    ij = nn.ModuleList([Layer(768, 768) for _ in range(6)]).eval()
+    ij_proj, head, head_i = nn.Linear(1024, 768), nn.Linear(768, 2), nn.Linear(768, 2)
+    n = batch * RERANK_CANDIDATES
+    img = torch.randn(batch, 1, 257, 1024)
+    txt = torch.randn(n, TEXT_LEN, 768)
+    mask = torch.ones(n, TEXT_LEN, dtype=torch.long)
+
+    def run():
+        im = img.expand(batch, RERANK_CANDIDATES, 257, 1024).reshape(n, 257, 1024)
+        t = txt
+        for layer in tj:
+            t = layer(t, bias(mask, -10000.0), im, None)
+        q = ij_proj(im)
+        for layer in ij:
+            q = layer(q, None, txt, bias(mask, -1e9))
+        pt = head(t[:, 0]).softmax(-1)[:, 1]
+        pi = head_i(q[:, 0]).softmax(-1)[:, 1]
+        return (pt + pi) / 2
+
+    return run
+
+
+def brivl_heads(d, ff_in, heads, layers):
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Fc(nn.Module):
+        def __init__(self, i, h, o):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(i, h), nn.Linear(h, o)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(x)))
+
+    layer = nn.TransformerEncoderLayer(d_model=d, nhead=heads)
+    att = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    return att, Fc(d, ff_in, ff_in).eval()
+
+
+def masked_mean(x, mask):
+    m = mask.float().unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1)
+
+
+def brivl_image_workload(batch):
+    import timm
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    size, grid, d, nbox = 380, 4, 2048, 37
+    backbone = timm.create_model("tf_efficientnet_b5", pretrained=False).eval()
+    conv = nn.Conv2d(d, d, 1)
+    att, fc = brivl_heads(d, d, 4, 4)
+    g = 6
+    c = size / g
+    rows = [[k * c, i * c, (k + 1) * c, (i + 1) * c] for i in range(g) for k in range(g)] + [[0, 0, size, size]]
+    boxes = torch.tensor([rows] * batch, dtype=torch.float32)
+    mask = torch.ones(batch, nbox, dtype=torch.long)
+    px = torch.randn(batch, 3, size, size)
+
+    def roi(feat, rois):
+        b, ch, h, w = feat.shape
+        ratio = size / h
+        out = []
+        for i in range(b):
+            x1, y1, x2, y2 = (rois[i, :, j] / ratio for j in range(4))
+            zero = torch.zeros_like(x1)
+            theta = torch.stack(((x2 - x1) / (w - 1), zero, (x1 + x2 - w + 1) / (w - 1), zero,
+                                 (y2 - y1) / (h - 1), (y1 + y2 - h + 1) / (h - 1)), dim=1).view(-1, 2, 3)
+            gr = F.affine_grid(theta, (rois.shape[1], ch, grid, grid), align_corners=False)
+            s = F.grid_sample(feat[i: i + 1].expand(rois.shape[1], ch, h, w), gr, mode="bilinear",
+                              padding_mode="zeros", align_corners=False)
+            out.append(conv(s.mean((2, 3), keepdim=True)).flatten(1))
+        return torch.stack(out, 0)
+
+    def run():
+        x = roi(backbone.forward_features(px), boxes)
+        x = F.normalize(x, dim=-1)
+        x = att(x.transpose(0, 1), src_key_padding_mask=(mask == 0)).transpose(0, 1)
+        return F.normalize(fc(masked_mean(x, mask)), dim=-1)
+
+    return run
+
+
+def brivl_text_workload(batch):
+    import torch
+    import torch.nn.functional as F
+    from transformers import BertModel
+
+    length = 80
+    bert = BertModel(bert_cfg(), add_pooling_layer=False).eval()
+    att, fc = brivl_heads(768, 2048, 4, 4)
+    ids = torch.ones(batch, length, dtype=torch.long)
+    mask = torch.ones(batch, length, dtype=torch.long)
+
+    def run():
+        x = F.normalize(bert(ids).last_hidden_state, dim=-1)
+        x = att(x.transpose(0, 1), src_key_padding_mask=(mask == 0)).transpose(0, 1)
+        return F.normalize(fc(masked_mean(x, mask)), dim=-1)
+
+    return run
+
+
+def torch_child(name, batch, iters, warmup, threads):
+    import torch
+
+    torch.set_num_threads(threads)
     fn = torch_workload(name, batch)
     with torch.inference_mode():
-        fn()
+        for _ in range(warmup):
+            fn()
         times = []
         for _ in range(iters):
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    print(json.dumps({"workload": name, "batch": batch, "median_s": statistics.median(times),
+                      "times": times, "peak_rss_mib": peak_rss_mib()}))
 
 
 def rust_binary():
-    cands = [p for p in glob.glob("target/release/deps/compare-*") if os.access(p, os.X_OK) and not p.endswith(".d")]
-    if not cands:
+    def find():
+        return [p for p in glob.glob("target/release/deps/compare-*") if os.access(p, os.X_OK) and not p.endswith(".d")]
+
+    if not find():
         subprocess.run(["cargo", "bench", "--bench", "compare", "--no-run"], check=True)
-        cands = [p for p in glob.glob("target/release/deps/compare-*") if os.access(p, os.X_OK) and not p.endswith(".d")]
-    return max(cands, key=os.path.getmtime)
+    return max(find(), key=os.path.getmtime)
 
 
-def time_rust(binary, name, batch, iters, threads):
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run([binary, "--workload", name, "--batch", str(batch), "--iters", str(iters)],
-                         check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
+def run_json(cmd, env):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# Iterations after one warm-up, and the batches, per workload (the large ones take seconds).
+PLAN = {
+    "r2d2-vitl14-image": dict(iters=2),
+    "r2d2-itm-rerank": dict(iters=1, warmup=0, batches=[1]),
+}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--workloads", nargs="*")
+    ap.add_argument("--rust-binary", help="the compare binary (default: the newest built one)")
     ap.add_argument("--out", default="benches/RESULTS.md")
+    ap.add_argument("--child", nargs=2, metavar=("WORKLOAD", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    binary = rust_binary()
+    if args.child:
+        torch_child(args.child[0], int(args.child[1]), args.iters, args.warmup, args.threads)
+        return
+    binary = args.rust_binary or rust_binary()
     workloads = args.workloads or subprocess.run([binary, "--list"], capture_output=True, text=True,
                                                  check=True).stdout.split()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     rows = []
+    started = time.time()
     for name in workloads:
-        for b in args.batches:
-            t_torch = time_torch(name, b, args.iters)
-            t_ours = time_rust(binary, name, b, args.iters, args.threads)
-            rows.append((name, b, t_torch, t_ours))
-            print(f"{name:28s} batch {b:3d}: pytorch {t_torch:8.3f} s  tuwen {t_ours:8.3f} s  ratio {t_ours / t_torch:5.2f}",
-                  flush=True)
+        plan = PLAN.get(name, {})
+        iters = min(args.iters, plan.get("iters", args.iters))
+        for b in plan.get("batches", args.batches):
+            warmup = min(args.warmup, plan.get("warmup", args.warmup))
+            common = ["--iters", str(iters), "--warmup", str(warmup)]
+            pt = run_json([sys.executable, __file__, "--child", name, str(b), "--threads", str(args.threads)] + common, env)
+            ours = run_json([binary, "--workload", name, "--batch", str(b)] + common, env)
+            rows.append((name, b, pt, ours))
+            print(f"{name:26s} batch {b:3d}: pytorch {pt['median_s']:8.3f} s {pt['peak_rss_mib']:7.0f} MiB   "
+                  f"tuwen {ours['median_s']:8.3f} s {ours['peak_rss_mib']:7.0f} MiB   "
+                  f"time ratio {ours['median_s'] / pt['median_s']:5.2f}", flush=True)
+            # Rewritten after every row, so that an interrupted run keeps what it measured.
+            write_table(args, rows, time.time() - started)
+
+
+def write_table(args, rows, elapsed):
+    import torch
+    import timm
     import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     lines = [
         "# Benchmarks: tuwen vs PyTorch",
         "",
-        f"Measured {datetime.date.today()} on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, {args.threads} threads each, fp32, median of {args.iters} runs, "
-        f"one run of `benches/compare_pytorch.py` alternating the two.",
-        f"PyTorch {torch.__version__}, transformers {transformers.__version__}; tuwen "
-        f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}.",
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu} ({platform.machine()}), "
+        f"{os.cpu_count()} cores, {args.threads} threads each, fp32, CPU; one run of `benches/compare_pytorch.py` "
+        f"({elapsed / 60:.0f} min) alternating the two, every measurement in its own process; median of "
+        f"{args.iters} timed runs after {args.warmup} warm-up (fewer for the largest workloads, see `PLAN`).",
+        f"PyTorch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}; "
+        f"tuwen {commit}{' (with uncommitted changes)' if dirty else ''}.",
         "",
-        "| workload | batch | PyTorch s/batch | tuwen s/batch | ratio (tuwen / PyTorch) |",
-        "|---|---|---|---|---|",
+        "| workload | batch | PyTorch s/batch | tuwen s/batch | time ratio (tuwen / PyTorch) | PyTorch peak RSS MiB | tuwen peak RSS MiB | RSS ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, b, tt, to in rows:
-        lines.append(f"| {name} | {b} | {tt:.3f} | {to:.3f} | {to / tt:.2f} |")
+    for name, b, pt, ours in rows:
+        tp, to = pt["median_s"], ours["median_s"]
+        mp, mo = pt["peak_rss_mib"], ours["peak_rss_mib"]
+        lines.append(f"| {name} | {b} | {tp:.3f} | {to:.3f} | {to / tp:.2f} | {mp:.0f} | {mo:.0f} | {mo / mp:.2f} |")
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -1,46 +1,33 @@
 //! Encoder throughput at real sizes with random weights (the numbers depend on shapes, not
-//! on weight values). Run with `cargo bench --bench encoders`;
-//! pass a criterion filter to run a subset.
+//! on weight values): every workload of `workloads.rs` (SigLIP 2 B/16 and NaFlex, R2D2
+//! ViT-L/14, BERT and ITM re-ranking, BriVL's image and text towers) at batches 1 and 8
+//! (ITM: one query against 128 candidates). Run with `cargo bench --bench encoders`; pass a
+//! criterion filter to run a subset, e.g. `cargo bench --bench encoders -- siglip2`. The
+//! side-by-side comparison with PyTorch, with peak memory, is `compare_pytorch.py`.
 
-use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use tuwen::checkpoint::random_var_builder;
-use tuwen::models::siglip2::{Siglip, SiglipConfig};
 
-fn siglip(name: &str) -> Siglip {
-    let cfg = SiglipConfig::preset(name).expect("preset");
-    Siglip::new(&cfg, random_var_builder(7, DType::F32, &Device::Cpu)).expect("model")
-}
+mod workloads;
+use workloads::{workload, WORKLOADS};
 
-fn bench_siglip2(c: &mut Criterion) {
-    let mut g = c.benchmark_group("siglip2");
+fn bench_encoders(c: &mut Criterion) {
+    let mut g = c.benchmark_group("encoders");
     g.sample_size(10);
-    let model = siglip("siglip2-base-patch16-224");
-    for b in [1usize, 8] {
-        let px = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &Device::Cpu).expect("pixels");
-        g.bench_function(format!("b16-224 image encoder, batch {b}"), |bench| {
-            bench.iter(|| model.get_image_features(&px).expect("forward"))
-        });
-        let ids = Tensor::ones((b, 64), DType::U32, &Device::Cpu).expect("ids");
-        g.bench_function(format!("b16 text encoder 64 tokens, batch {b}"), |bench| {
-            bench.iter(|| model.get_text_features(&ids, None).expect("forward"))
-        });
-    }
-    let naflex = siglip("siglip2-base-patch16-naflex");
-    for b in [1usize, 8] {
-        let pixel_values = Tensor::randn(0f32, 1.0, (b, 256, 768), &Device::Cpu).expect("pixels");
-        let batch = tuwen::preprocess::NaFlexBatch {
-            pixel_values,
-            pixel_attention_mask: Tensor::ones((b, 256), DType::U32, &Device::Cpu).expect("mask"),
-            spatial_shapes: vec![(16, 16); b],
+    for &name in WORKLOADS {
+        let batches: &[usize] = if name == "r2d2-itm-rerank" {
+            &[1]
+        } else {
+            &[1, 8]
         };
-        g.bench_function(
-            format!("b16-naflex image encoder 256 patches, batch {b}"),
-            |bench| bench.iter(|| naflex.get_image_features_naflex(&batch).expect("forward")),
-        );
+        for &b in batches {
+            let mut run = workload(name, b).expect("workload");
+            g.bench_function(format!("{name}, batch {b}"), |bench| {
+                bench.iter(|| run().expect("forward"))
+            });
+        }
     }
     g.finish();
 }
 
-criterion_group!(benches, bench_siglip2);
+criterion_group!(benches, bench_encoders);
 criterion_main!(benches);

@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use super::linear::{linear, Linear};
 
-use super::ops::softmax_last_dim;
+use super::ops::{scaled_softmax_into, softmax_last_dim, tracks_grad};
 
 /// `softmax(q kᵀ · scale + bias) v` for `[batch, heads, len, head_dim]` inputs.
 ///
@@ -57,6 +57,10 @@ impl AttentionNames {
 ///
 /// Used as self-attention (`context = None`) or cross-attention (keys and values from
 /// `context`, whose width may differ from the query width).
+///
+/// The projections are kept as loaded (no concatenated copy built at load time): models
+/// built on tensors that share storage with variables (an EMA teacher, say) must see every
+/// in-place update of those tensors.
 #[derive(Debug, Clone)]
 pub struct MultiHeadAttention {
     q: Linear,
@@ -147,7 +151,13 @@ impl MultiHeadAttention {
         let q = self.split_heads(&self.q.forward(x)?)?;
         let k = self.split_heads(&self.k.forward(kv)?)?;
         let v = self.split_heads(&self.v.forward(kv)?)?;
-        let y = scaled_dot_product_attention(&q, &k, &v, bias, self.scale)?;
+        let y = if tracks_grad(&[&q, &k, &v]) || bias.is_some_and(|b| b.track_op()) {
+            scaled_dot_product_attention(&q, &k, &v, bias, self.scale)?
+        } else {
+            // Inference: scale, mask and softmax in place in the score buffer.
+            let scores = q.matmul(&k.t()?)?;
+            scaled_softmax_into(scores, bias, self.scale)?.matmul(&v)?
+        };
         let y = y
             .transpose(1, 2)?
             .reshape((b, l, self.num_heads * self.head_dim))?;

@@ -218,7 +218,7 @@ impl BertLayer {
         }
         let h = self
             .output
-            .forward(&self.act.apply(&self.intermediate.forward(&x)?)?)?;
+            .forward(&self.intermediate.forward_act(&x, Some(self.act))?)?;
         self.norm.forward(&(h + x)?)
     }
 }

@@ -7,6 +7,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::ops::{bias_act_into, Activation};
+
 /// `y = x Wᵀ + b` over the last dimension, with PyTorch's `weight` `[out, in]` layout.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -47,8 +49,11 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
     Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// `act(x Wᵀ + b)`. On the CPU in f32 with nothing tracking gradients, the bias and the
+    /// activation are applied in place in the matmul output (one pass, no new buffer);
+    /// otherwise through differentiable ops.
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = *dims
             .last()
@@ -56,14 +61,22 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
         let w = self.weight.to_dtype(x.dtype())?;
-        let mut y = x2.matmul(&w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
-        }
+        let y = x2.matmul(&w.t()?)?;
+        let b = match &self.bias {
+            Some(b) => Some(b.to_dtype(x.dtype())?),
+            None => None,
+        };
+        let y = bias_act_into(y, b.as_ref(), act)?;
         let mut out_shape = dims.to_vec();
         if let Some(last) = out_shape.last_mut() {
             *last = self.weight.dim(0)?;
         }
         y.reshape(out_shape)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
     }
 }

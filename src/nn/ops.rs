@@ -162,14 +162,6 @@ pub fn gelu_tanh(xs: &Tensor) -> Result<Tensor> {
 
 struct GeluTanh;
 
-#[inline]
-fn gelu_tanh_scalar(x: f32) -> f32 {
-    let z = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
-    // tanh(z) = 1 − 2 / (exp(2z) + 1), exact at both saturations.
-    let t = 1.0 - 2.0 / ((2.0 * z).exp() + 1.0);
-    0.5 * x * (1.0 + t)
-}
-
 impl candle_core::CustomOp1 for GeluTanh {
     fn name(&self) -> &'static str {
         "gelu-tanh-par"
@@ -192,9 +184,8 @@ impl candle_core::CustomOp1 for GeluTanh {
         out.par_chunks_mut(16 * 1024)
             .zip(src.par_chunks(16 * 1024))
             .for_each(|(o, i)| {
-                for (o, &x) in o.iter_mut().zip(i) {
-                    *o = gelu_tanh_scalar(x);
-                }
+                o.copy_from_slice(i);
+                bias_act_chunk(Some(Activation::GeluPytorchTanh), o, &[]);
             });
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -211,6 +202,377 @@ impl candle_core::CustomOp1 for GeluTanh {
         let right = ((&x * 0.5)? * one_minus_t2)?.mul(&dinner?)?;
         Ok(Some(grad_res.mul(&(left + right)?)?))
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Inference kernels (CPU, f32): vectorisable exp and activations, applied in place.
+//
+// These run only on tensors that track no gradient (they record no backward); every caller
+// checks [`tracks_grad`] first and otherwise takes the differentiable composition.
+// ---------------------------------------------------------------------------------------
+
+/// `exp(x)` for f32 (Cephes' `expf` reduction and polynomial, within 2 ulp), written
+/// without branches so that loops over it vectorise.
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.3);
+    let fx = (x * LOG2E + 0.5).floor();
+    let r = x - fx * C1 - fx * C2;
+    let mut y = 1.987_569_1e-4;
+    y = y * r + 1.398_199_9e-3;
+    y = y * r + 8.333_452e-3;
+    y = y * r + 4.166_579_6e-2;
+    y = y * r + 0.166_666_65;
+    y = y * r + 0.5;
+    let y = y * r * r + r + 1.0;
+    y * f32::from_bits(((fx as i32 + 127) as u32) << 23)
+}
+
+// tanh(z) = 1 − 2 / (exp(2z) + 1), exact at both saturations.
+#[inline(always)]
+fn gelu_tanh_fast(x: f32) -> f32 {
+    let z = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+    let t = 1.0 - 2.0 / (exp_fast(2.0 * z) + 1.0);
+    0.5 * x * (1.0 + t)
+}
+
+/// erf(x) (Abramowitz and Stegun 7.1.26, absolute error below 1.5e-7 plus rounding).
+#[inline(always)]
+fn erf_fast(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let p = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_7) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    let e = 1.0 - p * exp_fast(-a * a);
+    e.copysign(x)
+}
+
+#[inline(always)]
+fn gelu_erf_fast(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_fast(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn quick_gelu_fast(x: f32) -> f32 {
+    x / (1.0 + exp_fast(-1.702 * x))
+}
+
+/// Applies `f(x + bias[j % bias.len()])` in place over a row-major buffer (`bias` may be
+/// empty: no bias). Compiled twice: with AVX2/FMA (chosen at run time) and without.
+macro_rules! bias_act_kernel {
+    ($name:ident, $name_avx:ident, $f:expr) => {
+        #[inline(always)]
+        fn $name(data: &mut [f32], bias: &[f32]) {
+            let f = $f;
+            if bias.is_empty() {
+                for x in data.iter_mut() {
+                    *x = f(*x);
+                }
+            } else {
+                for row in data.chunks_mut(bias.len()) {
+                    for (x, b) in row.iter_mut().zip(bias) {
+                        *x = f(*x + b);
+                    }
+                }
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $name_avx(data: &mut [f32], bias: &[f32]) {
+            $name(data, bias)
+        }
+    };
+}
+
+bias_act_kernel!(k_identity, k_identity_avx, |x: f32| x);
+bias_act_kernel!(k_gelu_tanh, k_gelu_tanh_avx, gelu_tanh_fast);
+bias_act_kernel!(k_gelu_erf, k_gelu_erf_avx, gelu_erf_fast);
+bias_act_kernel!(k_quick_gelu, k_quick_gelu_avx, quick_gelu_fast);
+bias_act_kernel!(k_relu, k_relu_avx, |x: f32| x.max(0.0));
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+fn bias_act_chunk(act: Option<Activation>, data: &mut [f32], bias: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        unsafe {
+            match act {
+                None => k_identity_avx(data, bias),
+                Some(Activation::GeluPytorchTanh) => k_gelu_tanh_avx(data, bias),
+                Some(Activation::Gelu) => k_gelu_erf_avx(data, bias),
+                Some(Activation::QuickGelu) => k_quick_gelu_avx(data, bias),
+                Some(Activation::Relu) => k_relu_avx(data, bias),
+                Some(Activation::Silu) => unreachable!("silu has no fused kernel"),
+            }
+        }
+        return;
+    }
+    match act {
+        None => k_identity(data, bias),
+        Some(Activation::GeluPytorchTanh) => k_gelu_tanh(data, bias),
+        Some(Activation::Gelu) => k_gelu_erf(data, bias),
+        Some(Activation::QuickGelu) => k_quick_gelu(data, bias),
+        Some(Activation::Relu) => k_relu(data, bias),
+        Some(Activation::Silu) => unreachable!("silu has no fused kernel"),
+    }
+}
+
+/// In place: `x ← act(x + bias)` over the last dimension.
+struct BiasAct(Option<Activation>);
+
+fn bias_act_cpu(act: Option<Activation>, data: &mut [f32], bias: &[f32]) {
+    use rayon::prelude::*;
+    let row = bias.len().max(1);
+    // Whole rows per task, about 64 Ki elements each.
+    let rows_per = (65536 / row).max(1);
+    data.par_chunks_mut(rows_per * row)
+        .for_each(|c| bias_act_chunk(act, c, bias));
+}
+
+impl candle_core::InplaceOp1 for BiasAct {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
+        let candle_core::CpuStorage::F32(data) = s else {
+            candle_core::bail!("bias-act: expected f32")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("bias-act: expected a contiguous tensor")
+        };
+        bias_act_cpu(self.0, &mut data[a..b], &[]);
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<()> {
+        let (candle_core::CpuStorage::F32(data), candle_core::CpuStorage::F32(bias)) = (s, bs)
+        else {
+            candle_core::bail!("bias-act: expected f32")
+        };
+        let (Some((a, b)), Some((ba, bb))) = (l.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            candle_core::bail!("bias-act: expected contiguous tensors")
+        };
+        let bias = &bias[ba..bb];
+        if bias.is_empty() || (b - a) % bias.len() != 0 {
+            candle_core::bail!("bias-act: bias does not divide the rows")
+        }
+        bias_act_cpu(self.0, &mut data[a..b], bias);
+        Ok(())
+    }
+}
+
+/// Whether the in-place inference kernels apply to `xs`: a contiguous f32 CPU tensor that
+/// tracks no gradient.
+pub fn inplace_ok(xs: &Tensor) -> bool {
+    xs.dtype() == DType::F32 && xs.device().is_cpu() && xs.is_contiguous() && !xs.track_op()
+}
+
+/// `act(y + bias)` computed **in place in `y`**, for a freshly computed `y` that nothing
+/// else refers to (a matmul output). Falls back to (differentiable) out-of-place ops when
+/// `y` or `bias` tracks gradients, is not an f32 CPU tensor, or `act` has no kernel.
+pub fn bias_act_into(y: Tensor, bias: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor> {
+    let fused = inplace_ok(&y)
+        && bias.is_none_or(|b| {
+            inplace_ok(b) && b.rank() == 1 && y.dims().last() == Some(&b.dim(0).unwrap_or(0))
+        })
+        && act != Some(Activation::Silu);
+    if !fused {
+        let y = match bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        return match act {
+            Some(a) => a.apply(&y),
+            None => Ok(y),
+        };
+    }
+    match bias {
+        Some(b) => y.inplace_op2(b, &BiasAct(act))?,
+        None => {
+            if act.is_some() {
+                y.inplace_op1(&BiasAct(act))?
+            }
+        }
+    }
+    Ok(y)
+}
+
+/// In place: `x ← softmax(scale · x + bias)` over the last dimension of a `[b, h, q, k]`
+/// score tensor; `bias` broadcastable to it.
+struct ScaledSoftmax {
+    scale: f32,
+}
+
+#[inline(always)]
+fn softmax_row(row: &mut [f32], bias: Option<&[f32]>, scale: f32) {
+    match bias {
+        Some(bv) => {
+            for (x, b) in row.iter_mut().zip(bv) {
+                *x = *x * scale + b;
+            }
+        }
+        None => {
+            for x in row.iter_mut() {
+                *x *= scale;
+            }
+        }
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = exp_fast(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx(row: &mut [f32], bias: Option<&[f32]>, scale: f32) {
+    softmax_row(row, bias, scale)
+}
+
+fn softmax_rows(
+    data: &mut [f32],
+    dims: &[usize],
+    bias: Option<(&[f32], &candle_core::Layout)>,
+    scale: f32,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let k = *dims.last().unwrap_or(&1);
+    if k == 0 {
+        return Ok(());
+    }
+    // Bias strides for the leading dims (broadcast dims have stride 0).
+    let (bias_data, bstrides, bstart) = match bias {
+        Some((d, l)) => (Some(d), l.stride().to_vec(), l.start_offset()),
+        None => (None, vec![], 0),
+    };
+    let rank = dims.len();
+    #[cfg(target_arch = "x86_64")]
+    let avx = has_avx2();
+    data.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+        let mut tmp;
+        let brow = match bias_data {
+            Some(bd) => {
+                let mut off = bstart;
+                let mut rem = r;
+                for i in (0..rank - 1).rev() {
+                    off += (rem % dims[i]) * bstrides[i];
+                    rem /= dims[i];
+                }
+                let s = bstrides[rank - 1];
+                if s == 1 {
+                    Some(&bd[off..off + k])
+                } else {
+                    tmp = Vec::with_capacity(k);
+                    tmp.extend((0..k).map(|j| bd[off + j * s]));
+                    Some(&tmp[..])
+                }
+            }
+            None => None,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            // SAFETY: AVX2 and FMA are present (checked above).
+            unsafe { softmax_row_avx(row, brow, scale) };
+            return;
+        }
+        softmax_row(row, brow, scale)
+    });
+    Ok(())
+}
+
+impl candle_core::InplaceOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
+        let candle_core::CpuStorage::F32(data) = s else {
+            candle_core::bail!("scaled-softmax: expected f32")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("scaled-softmax: expected a contiguous tensor")
+        };
+        softmax_rows(&mut data[a..b], l.dims(), None, self.scale)
+    }
+}
+
+impl candle_core::InplaceOp2 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<()> {
+        let (candle_core::CpuStorage::F32(data), candle_core::CpuStorage::F32(bias)) = (s, bs)
+        else {
+            candle_core::bail!("scaled-softmax: expected f32")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("scaled-softmax: expected a contiguous tensor")
+        };
+        if bl.dims() != l.dims() {
+            candle_core::bail!("scaled-softmax: bias not broadcast to the scores")
+        }
+        softmax_rows(&mut data[a..b], l.dims(), Some((bias, bl)), self.scale)
+    }
+}
+
+/// `softmax(scale · scores + bias)` over the last dimension, **in place in `scores`** when it
+/// is a fresh f32 CPU tensor and nothing tracks gradients; otherwise the differentiable
+/// composition.
+pub fn scaled_softmax_into(scores: Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let fused = inplace_ok(&scores)
+        && bias.is_none_or(|b| b.dtype() == DType::F32 && b.device().is_cpu() && !b.track_op());
+    if !fused {
+        let s = (scores * scale)?;
+        let s = match bias {
+            Some(b) => s.broadcast_add(b)?,
+            None => s,
+        };
+        return softmax_last_dim(&s);
+    }
+    let op = ScaledSoftmax {
+        scale: scale as f32,
+    };
+    match bias {
+        Some(b) => scores.inplace_op2(&b.broadcast_as(scores.shape())?, &op)?,
+        None => scores.inplace_op1(&op)?,
+    }
+    Ok(scores)
 }
 
 /// Activation functions used by the supported checkpoints, with HF config names.

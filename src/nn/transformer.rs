@@ -38,7 +38,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.act.apply(&self.fc1.forward(xs)?)?)
+        self.fc2.forward(&self.fc1.forward_act(xs, Some(self.act))?)
     }
 }
 
@@ -154,7 +154,7 @@ impl PostNormLayer {
         let xs = self.norm1.forward(&(xs + h)?)?;
         let h = self
             .linear2
-            .forward(&self.act.apply(&self.linear1.forward(&xs)?)?)?;
+            .forward(&self.linear1.forward_act(&xs, Some(self.act))?)?;
         self.norm2.forward(&(xs + h)?)
     }
 }

@@ -1,0 +1,170 @@
+//! The benchmark workloads shared by `compare.rs` (the side-by-side timing binary) and
+//! `encoders.rs` (criterion): every encoder at its real size with random weights (timings
+//! depend on shapes only). `compare_pytorch.py` builds the same shapes in PyTorch.
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use tuwen::checkpoint::random_var_builder;
+use tuwen::models::brivl::{BrivlConfig, BrivlImageEncoder, BrivlTextEncoder};
+use tuwen::models::r2d2::{JointConfig, CROSS_MASK_VALUE};
+use tuwen::models::siglip2::{Siglip, SiglipConfig};
+use tuwen::nn::linear::linear;
+use tuwen::nn::ops::{l2_normalize, softmax_last_dim};
+use tuwen::nn::{Bert, BertConfig, ClipVisionConfig, ClipVisionTransformer};
+
+/// One forward pass of a workload.
+pub type Run = Box<dyn FnMut() -> candle_core::Result<()>>;
+
+/// Every workload, in the order of the results table.
+pub const WORKLOADS: &[&str] = &[
+    "siglip2-b16-image",
+    "siglip2-b16-text",
+    "siglip2-b16-naflex-image",
+    "r2d2-vitl14-image",
+    "r2d2-bert-text",
+    "r2d2-itm-rerank",
+    "brivl-image",
+    "brivl-text",
+];
+
+/// Text length of the R2D2 and SigLIP 2 text workloads.
+pub const TEXT_LEN: usize = 64;
+/// R2D2 ITM re-ranking: one image against this many candidate texts per query.
+pub const RERANK_CANDIDATES: usize = 128;
+
+/// Builds a workload for `batch` inputs (for `r2d2-itm-rerank`, `batch` queries of
+/// [`RERANK_CANDIDATES`] pairs each).
+pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
+    let dev = Device::Cpu;
+    let e = |e: candle_core::Error| e.to_string();
+    let vb = random_var_builder(7, DType::F32, &dev);
+    let siglip = |preset: &str| -> Result<Siglip, String> {
+        let cfg = SiglipConfig::preset(preset).ok_or("preset")?;
+        Siglip::new(&cfg, vb.clone()).map_err(e)
+    };
+    Ok(match name {
+        "siglip2-b16-image" => {
+            let m = siglip("siglip2-base-patch16-224")?;
+            let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &dev).map_err(e)?;
+            Box::new(move || m.get_image_features(&px).map(|_| ()))
+        }
+        "siglip2-b16-text" => {
+            let m = siglip("siglip2-base-patch16-224")?;
+            let ids = Tensor::ones((batch, TEXT_LEN), DType::U32, &dev).map_err(e)?;
+            Box::new(move || m.get_text_features(&ids, None).map(|_| ()))
+        }
+        "siglip2-b16-naflex-image" => {
+            let m = siglip("siglip2-base-patch16-naflex")?;
+            let batch_ = tuwen::preprocess::NaFlexBatch {
+                pixel_values: Tensor::randn(0f32, 1.0, (batch, 256, 768), &dev).map_err(e)?,
+                pixel_attention_mask: Tensor::ones((batch, 256), DType::U32, &dev).map_err(e)?,
+                spatial_shapes: vec![(16, 16); batch],
+            };
+            Box::new(move || m.get_image_features_naflex(&batch_).map(|_| ()))
+        }
+        "r2d2-vitl14-image" => {
+            // R2D2's image side: CLIP ViT-L/14 at 224 px, `vision_proj`, L2 norm.
+            let vit = ClipVisionTransformer::new(
+                &ClipVisionConfig::vit_l14_224(),
+                vb.pp("visual_encoder"),
+            )
+            .map_err(e)?;
+            let proj = linear(1024, 768, vb.pp("vision_proj")).map_err(e)?;
+            let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &dev).map_err(e)?;
+            Box::new(move || {
+                let t = vit.forward(&px)?;
+                l2_normalize(&proj.forward(&t.i((.., 0))?)?).map(|_| ())
+            })
+        }
+        "r2d2-bert-text" => {
+            // R2D2's text side: chinese-roberta-wwm-ext with the padding mask, `text_proj`.
+            let bert = Bert::new(
+                &BertConfig::chinese_roberta_wwm_ext(),
+                vb.pp("text_encoder"),
+            )
+            .map_err(e)?;
+            let proj = linear(768, 768, vb.pp("text_proj")).map_err(e)?;
+            let ids = Tensor::ones((batch, TEXT_LEN), DType::U32, &dev).map_err(e)?;
+            let mask = Tensor::ones((batch, TEXT_LEN), DType::U32, &dev).map_err(e)?;
+            Box::new(move || {
+                let h = bert.forward(&ids, None, Some(&mask))?;
+                l2_normalize(&proj.forward(&h.i((.., 0))?)?).map(|_| ())
+            })
+        }
+        "r2d2-itm-rerank" => {
+            // The cross encoders and ITM heads of R2D2 ViT-L/14 (`R2d2::itm_scores_paired`)
+            // on precomputed features: one image's 257 tokens against 128 texts.
+            let j = JointConfig::default();
+            let (vw, tw) = (1024, 768);
+            let tj = Bert::new_without_embeddings(&j.bert(tw, vw), vb.pp("text_joint_layer"))
+                .map_err(e)?;
+            let ij = Bert::new_without_embeddings(&j.bert(tw, tw), vb.pp("img_joint_layer"))
+                .map_err(e)?;
+            let ij_proj = linear(vw, tw, vb.pp("img_joint_proj")).map_err(e)?;
+            let head = linear(tw, 2, vb.pp("itm_head")).map_err(e)?;
+            let head_i = linear(tw, 2, vb.pp("itm_head_i")).map_err(e)?;
+            let n = batch * RERANK_CANDIDATES;
+            let img = Tensor::randn(0f32, 1.0, (batch, 1, 257, vw), &dev).map_err(e)?;
+            let txt = Tensor::randn(0f32, 1.0, (n, TEXT_LEN, tw), &dev).map_err(e)?;
+            let mask = Tensor::ones((n, TEXT_LEN), DType::U32, &dev).map_err(e)?;
+            Box::new(move || {
+                let img = img
+                    .broadcast_as((batch, RERANK_CANDIDATES, 257, vw))?
+                    .reshape((n, 257, vw))?;
+                let t =
+                    tj.forward_embeds(&txt, Some(&mask), Some((&img, None, CROSS_MASK_VALUE)))?;
+                let q = ij_proj.forward(&img)?;
+                let i = ij.forward_embeds(&q, None, Some((&txt, Some(&mask), CROSS_MASK_VALUE)))?;
+                let pt = softmax_last_dim(&head.forward(&t.i((.., 0))?)?)?.i((.., 1))?;
+                let pi = softmax_last_dim(&head_i.forward(&i.i((.., 0))?)?)?.i((.., 1))?;
+                ((pt + pi)? * 0.5).map(|_| ())
+            })
+        }
+        "brivl-image" => {
+            // BriVL 1.0's image tower at 380 px: EfficientNet-b5 features, 37 boxes (a 6x6
+            // grid plus the whole image), RoI grid pooling, 4 post-LN layers, imgFC.
+            let cfg = BrivlConfig::preset("brivl-1.0").ok_or("preset")?;
+            let m = BrivlImageEncoder::new(&cfg, vb.pp("imgencoder")).map_err(e)?;
+            let s = cfg.img_size as f32;
+            let g = 6usize;
+            let mut rows = Vec::with_capacity(batch * 37 * 4);
+            for _ in 0..batch {
+                for i in 0..g {
+                    for k in 0..g {
+                        let c = s / g as f32;
+                        rows.extend([
+                            k as f32 * c,
+                            i as f32 * c,
+                            (k + 1) as f32 * c,
+                            (i + 1) as f32 * c,
+                        ]);
+                    }
+                }
+                rows.extend([0.0, 0.0, s, s]);
+            }
+            let boxes = Tensor::from_vec(rows, (batch, 37, 4), &dev).map_err(e)?;
+            let mask = Tensor::ones((batch, 37), DType::F32, &dev).map_err(e)?;
+            let px = Tensor::randn(0f32, 1.0, (batch, 3, cfg.img_size, cfg.img_size), &dev)
+                .map_err(e)?;
+            Box::new(move || l2_normalize(&m.forward(&px, &boxes, &mask)?).map(|_| ()))
+        }
+        "brivl-text" => {
+            // BriVL 1.0's text tower: chinese-roberta-wwm-ext on 80 tokens, 4 post-LN layers,
+            // textFC.
+            let cfg = BrivlConfig::preset("brivl-1.0").ok_or("preset")?;
+            let m = BrivlTextEncoder::new(&cfg, vb.pp("textencoder")).map_err(e)?;
+            let ids = Tensor::ones((batch, cfg.max_text_len), DType::U32, &dev).map_err(e)?;
+            let mask = Tensor::ones((batch, cfg.max_text_len), DType::F32, &dev).map_err(e)?;
+            Box::new(move || l2_normalize(&m.forward(&ids, &mask)?).map(|_| ()))
+        }
+        other => return Err(format!("unknown workload {other}")),
+    })
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM`), if the OS reports it.
+#[allow(dead_code)]
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
