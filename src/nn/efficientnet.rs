@@ -42,6 +42,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_nn::{Linear, VarBuilder};
+
+use crate::nn::ops::{contiguous_f32, contiguous_f32_mut};
 use serde::{Deserialize, Serialize};
 
 /// The b0 architecture every `tf_efficientnet_bN` scales: per stage the block kind, repeats,
@@ -671,16 +673,6 @@ fn bias_act_plane(p: &mut [f32], sh: f32, act: bool) {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: contiguous input only"),
-    }
-}
-
 /// In place `y = act(y + shift[c] + residual)` over `[b, c, ...]`, parallel over planes.
 struct BiasActCpu {
     act: bool,
@@ -698,10 +690,7 @@ impl BiasActCpu {
         let dims = l.dims();
         let c = dims.get(1).copied().unwrap_or(1);
         let plane: usize = dims.iter().skip(2).product();
-        let (Some((a, b)), CpuStorage::F32(y)) = (l.contiguous_offsets(), y) else {
-            candle_core::bail!("bias-act: contiguous f32 output only")
-        };
-        let y = &mut y[a..b];
+        let y = contiguous_f32_mut(y, l, "bias-act")?;
         if shift.len() != c || plane == 0 || res.is_some_and(|r| r.len() != y.len()) {
             candle_core::bail!("bias-act: shapes do not fit {:?}", dims)
         }

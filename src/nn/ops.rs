@@ -344,13 +344,7 @@ impl candle_core::InplaceOp1 for BiasAct {
     }
 
     fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
-        let candle_core::CpuStorage::F32(data) = s else {
-            candle_core::bail!("bias-act: expected f32")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("bias-act: expected a contiguous tensor")
-        };
-        bias_act_cpu(self.0, &mut data[a..b], &[]);
+        bias_act_cpu(self.0, contiguous_f32_mut(s, l, "bias-act")?, &[]);
         Ok(())
     }
 }
@@ -367,25 +361,48 @@ impl candle_core::InplaceOp2 for BiasAct {
         bs: &candle_core::CpuStorage,
         bl: &candle_core::Layout,
     ) -> Result<()> {
-        let (candle_core::CpuStorage::F32(data), candle_core::CpuStorage::F32(bias)) = (s, bs)
-        else {
-            candle_core::bail!("bias-act: expected f32")
-        };
-        let (Some((a, b)), Some((ba, bb))) = (l.contiguous_offsets(), bl.contiguous_offsets())
-        else {
-            candle_core::bail!("bias-act: expected contiguous tensors")
-        };
-        let bias = &bias[ba..bb];
-        if bias.is_empty() || (b - a) % bias.len() != 0 {
+        let data = contiguous_f32_mut(s, l, "bias-act")?;
+        let bias = contiguous_f32(bs, bl, "bias-act")?;
+        if bias.is_empty() || data.len() % bias.len() != 0 {
             candle_core::bail!("bias-act: bias does not divide the rows")
         }
-        bias_act_cpu(self.0, &mut data[a..b], bias);
+        bias_act_cpu(self.0, data, bias);
         Ok(())
     }
 }
 
 /// Whether the in-place inference kernels apply to `xs`: a contiguous f32 CPU tensor that
 /// tracks no gradient.
+/// The `f32` data of a contiguous CPU storage, or an error naming `what`.
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = s else {
+        candle_core::bail!("{what}: expected f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// [`contiguous_f32`] for in-place ops.
+pub(crate) fn contiguous_f32_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> Result<&'a mut [f32]> {
+    let candle_core::CpuStorage::F32(data) = s else {
+        candle_core::bail!("{what}: expected f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
 pub fn inplace_ok(xs: &Tensor) -> bool {
     xs.dtype() == DType::F32 && xs.device().is_cpu() && xs.is_contiguous() && !xs.track_op()
 }
@@ -515,13 +532,12 @@ impl candle_core::InplaceOp1 for ScaledSoftmax {
     }
 
     fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> Result<()> {
-        let candle_core::CpuStorage::F32(data) = s else {
-            candle_core::bail!("scaled-softmax: expected f32")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("scaled-softmax: expected a contiguous tensor")
-        };
-        softmax_rows(&mut data[a..b], l.dims(), None, self.scale)
+        softmax_rows(
+            contiguous_f32_mut(s, l, "scaled-softmax")?,
+            l.dims(),
+            None,
+            self.scale,
+        )
     }
 }
 

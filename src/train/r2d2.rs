@@ -354,6 +354,31 @@ pub struct HardNegatives {
     pub text_for_image: Vec<usize>,
 }
 
+impl HardNegatives {
+    /// Checks that there is one negative of each kind for each of `b` pairs and that every
+    /// index points into the `n` pairs the negatives are drawn from.
+    fn check(&self, b: usize, n: usize) -> Result<()> {
+        if self.image_for_text.len() != b || self.text_for_image.len() != b {
+            return Err(Error::InvalidArgument(format!(
+                "FGR: {} / {} negatives for a batch of {b}",
+                self.image_for_text.len(),
+                self.text_for_image.len()
+            )));
+        }
+        if let Some(j) = self
+            .image_for_text
+            .iter()
+            .chain(&self.text_for_image)
+            .find(|&&j| j >= n)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "FGR: negative index {j} is out of range of the {n} pairs"
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn sample_row(w: &[f32], i: usize, rng: &mut ChaCha8Rng) -> usize {
     let total: f64 = w.iter().map(|x| f64::from(x.max(0.0))).sum();
     if total > 0.0 && total.is_finite() {
@@ -452,23 +477,7 @@ pub fn fgr_loss(
     class_weights: [f64; 2],
 ) -> Result<Tensor> {
     let b = image_tokens.dim(0)?;
-    if negatives.image_for_text.len() != b || negatives.text_for_image.len() != b {
-        return Err(Error::InvalidArgument(format!(
-            "FGR: {} / {} negatives for a batch of {b}",
-            negatives.image_for_text.len(),
-            negatives.text_for_image.len()
-        )));
-    }
-    if negatives
-        .image_for_text
-        .iter()
-        .chain(&negatives.text_for_image)
-        .any(|&j| j >= b)
-    {
-        return Err(Error::InvalidArgument(
-            "FGR: a negative index is out of range".into(),
-        ));
-    }
+    negatives.check(b, b)?;
     let dev = image_tokens.device();
     let img_neg = image_tokens.index_select(&index(&negatives.image_for_text, dev)?, 0)?;
     let ti = index(&negatives.text_for_image, dev)?;
@@ -573,23 +582,7 @@ pub fn fgr_loss_world(
 ) -> Result<Tensor> {
     let b = image_tokens.dim(0)?;
     let n = world.image_tokens.dim(0)?;
-    if negatives.image_for_text.len() != b || negatives.text_for_image.len() != b {
-        return Err(Error::InvalidArgument(format!(
-            "FGR: {} / {} negatives for a batch of {b}",
-            negatives.image_for_text.len(),
-            negatives.text_for_image.len()
-        )));
-    }
-    if negatives
-        .image_for_text
-        .iter()
-        .chain(&negatives.text_for_image)
-        .any(|&j| j >= n)
-    {
-        return Err(Error::InvalidArgument(format!(
-            "FGR: a negative index is out of range of the {n} pairs of all ranks"
-        )));
-    }
+    negatives.check(b, n)?;
     let dev = image_tokens.device();
     let img_neg = world
         .image_tokens

@@ -205,6 +205,19 @@ fn fgr_loss_with_given_negatives_matches_pytorch() {
     };
     let loss = fgr_loss(&net, &tokens, &states, &b.mask, &negs, [1.0, 2.0]).unwrap();
     check_loss_and_grads("fgr", &loss, &vars, &r);
+
+    // Bad negatives are named, not indexed out of bounds.
+    let n = negs.image_for_text.len();
+    let short = HardNegatives {
+        image_for_text: negs.image_for_text[1..].to_vec(),
+        text_for_image: negs.text_for_image.clone(),
+    };
+    let err = fgr_loss(&net, &tokens, &states, &b.mask, &short, [1.0, 2.0]).unwrap_err();
+    assert!(err.to_string().contains("negatives for a batch"), "{err}");
+    let mut beyond = negs.clone();
+    beyond.text_for_image[0] = n;
+    let err = fgr_loss(&net, &tokens, &states, &b.mask, &beyond, [1.0, 2.0]).unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
 }
 
 /// Sets the objective's teacher to the student scaled by 0.98, through the checkpoint
