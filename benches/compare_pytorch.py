@@ -28,6 +28,16 @@ The PyTorch side of each workload:
   (as in tests/fixtures/gen_brivl.py);
 * `brivl-text`: transformers `BertModel` on 80 tokens without a mask, 4
   `nn.TransformerEncoderLayer`s with the padding mask, `textFC`.
+
+Training steps (forward, backward, `torch.optim.AdamW` lr 1e-3 / weight decay 0.01 against
+tuwen's AdamW with the same defaults; small configs, 224 px, 32 tokens, fp32):
+
+* `siglip-train-small`: transformers `SiglipModel(return_loss=True)`, both towers 256 wide,
+  4 layers, 4 heads, MLP 1024, patch 16, 32000-token vocabulary;
+* `r2d2-train-small`: R2D2's GCPR + FGR (fixed hard negatives: pair i+1; class weights
+  [1, 2]) as `tests/fixtures/gen_r2d2_train.py` states them, on transformers
+  `CLIPVisionModel` (256 wide, 4 layers, patch 14) and `BertModel` (256 wide, 4 layers, no
+  dropout) with 2 + 2 cross-encoder layers.
 """
 import argparse
 import datetime
@@ -60,8 +70,9 @@ def siglip_text_cfg():
 def bert_cfg(**kw):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072, max_position_embeddings=512, layer_norm_eps=1e-12, **kw)
+    args = dict(vocab_size=21128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                intermediate_size=3072, max_position_embeddings=512, layer_norm_eps=1e-12)
+    return BertConfig(**{**args, **kw})
 
 
 def torch_workload(name, batch):
@@ -119,11 +130,15 @@ def torch_workload(name, batch):
         return brivl_image_workload(batch)
     if name == "brivl-text":
         return brivl_text_workload(batch)
+    if name == "siglip-train-small":
+        return siglip_train_workload(batch)
+    if name == "r2d2-train-small":
+        return r2d2_train_workload(batch)
     raise ValueError(name)
 
 
-def itm_workload(batch):
-    import torch
+def itm_layers(d, kv, n, heads=12, inter=3072):
+    """R2D2's cross-encoder layers (BLIP `xbert` with cross-attention), `n` of them."""
     import torch.nn as nn
     import torch.nn.functional as F
 
@@ -146,8 +161,8 @@ def itm_workload(batch):
     class Layer(nn.Module):
         def __init__(self, d, kv):
             super().__init__()
-            self.attention, self.cross = Attn(d, d, 12), Attn(d, kv, 12)
-            self.intermediate, self.output = nn.Linear(d, 3072), nn.Linear(3072, d)
+            self.attention, self.cross = Attn(d, d, heads), Attn(d, kv, heads)
+            self.intermediate, self.output = nn.Linear(d, inter), nn.Linear(inter, d)
             self.norm = nn.LayerNorm(d, eps=1e-12)
 
         def forward(self, x, self_bias, ctx, ctx_bias):
@@ -155,11 +170,19 @@ def itm_workload(batch):
             x = self.cross(x, ctx, ctx_bias)
             return self.norm(self.output(F.gelu(self.intermediate(x))) + x)
 
-    def bias(mask, neg):
-        return ((1.0 - mask.float()) * neg)[:, None, None, :]
+    return nn.ModuleList([Layer(d, kv) for _ in range(n)])
 
-    tj = nn.ModuleList([Layer(768, 1024) for _ in range(6)]).eval()
-    ij = nn.ModuleList([Layer(768, 768) for _ in range(6)]).eval()
+
+def bias(mask, neg):
+    return ((1.0 - mask.float()) * neg)[:, None, None, :]
+
+
+def itm_workload(batch):
+    import torch
+    import torch.nn as nn
+
+    tj = itm_layers(768, 1024, 6).eval()
+    ij = itm_layers(768, 768, 6).eval()
     ij_proj, head, head_i = nn.Linear(1024, 768), nn.Linear(768, 2), nn.Linear(768, 2)
     n = batch * RERANK_CANDIDATES
     img = torch.randn(batch, 1, 257, 1024)
@@ -263,12 +286,106 @@ def brivl_text_workload(batch):
     return run
 
 
+TRAIN_TEXT_LEN = 32
+TRAIN_IMAGE = 224
+
+
+def adamw_step(params, loss_fn):
+    """One training step: forward, backward, `torch.optim.AdamW` (lr 1e-3, weight decay
+    0.01, as tuwen's defaults)."""
+    import torch
+
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return run
+
+
+def siglip_train_workload(batch):
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    cfg = SiglipConfig(
+        text_config=dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=TRAIN_TEXT_LEN),
+        vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=TRAIN_IMAGE, patch_size=16),
+    )
+    m = SiglipModel(cfg).train()
+    px = torch.randn(batch, 3, TRAIN_IMAGE, TRAIN_IMAGE)
+    ids = torch.arange(batch * TRAIN_TEXT_LEN).view(batch, TRAIN_TEXT_LEN)
+    return adamw_step(m.parameters(), lambda: m(input_ids=ids, pixel_values=px, return_loss=True).loss)
+
+
+def r2d2_train_workload(batch):
+    """R2D2's GCPR + FGR (fixed hard negatives, class weights [1, 2]) on small towers, as
+    `tests/fixtures/gen_r2d2_train.py` states them, with HF CLIP / BERT modules (no dropout,
+    as tuwen trains)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from transformers import BertModel, CLIPVisionConfig, CLIPVisionModel
+
+    vit = CLIPVisionModel(CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                           num_attention_heads=4, image_size=TRAIN_IMAGE, patch_size=14,
+                                           hidden_act="quick_gelu")).train()
+    bert = BertModel(bert_cfg(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                     add_pooling_layer=False).train()
+    vproj, tproj = nn.Linear(256, 128), nn.Linear(256, 128)
+    tj, ij = itm_layers(256, 256, 2, heads=4, inter=1024), itm_layers(256, 256, 2, heads=4, inter=1024)
+    ij_proj, head, head_i = nn.Linear(256, 256), nn.Linear(256, 2), nn.Linear(256, 2)
+    temp = nn.Parameter(torch.tensor(0.07))
+    mods = [vit, bert, vproj, tproj, tj, ij, ij_proj, head, head_i]
+    params = [p for m in mods for p in m.parameters()] + [temp]
+    px = torch.randn(batch, 3, TRAIN_IMAGE, TRAIN_IMAGE)
+    ids = torch.arange(100, 100 + batch * TRAIN_TEXT_LEN).view(batch, TRAIN_TEXT_LEN)
+    mask = torch.ones(batch, TRAIN_TEXT_LEN, dtype=torch.long)
+    neg = torch.tensor([(i + 1) % batch for i in range(batch)])
+    labels = torch.tensor([1] * batch + [0] * (2 * batch))
+    weight = torch.tensor([1.0, 2.0])
+    targets = torch.eye(batch)
+
+    def loss_fn():
+        tok = vit(pixel_values=px).last_hidden_state
+        img = F.normalize(vproj(tok[:, 0]), dim=-1)
+        st = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        txt = F.normalize(tproj(st[:, 0]), dim=-1)
+        sim_i2t, sim_t2i = img @ txt.T / temp, txt @ img.T / temp
+        gcpr = (-(F.log_softmax(sim_i2t, 1) * targets).sum(1).mean()
+                - (F.log_softmax(sim_t2i, 1) * targets).sum(1).mean()) / 2
+        images = torch.cat([tok, tok[neg], tok])
+        texts = torch.cat([st, st, st[neg]])
+        masks = torch.cat([mask, mask, mask[neg]])
+        t = texts
+        for layer in tj:
+            t = layer(t, bias(masks, -10000.0), images, None)
+        q = ij_proj(images)
+        for layer in ij:
+            q = layer(q, None, texts, bias(masks, -1e9))
+        fgr = (F.cross_entropy(head(t[:, 0]), labels, weight=weight)
+               + F.cross_entropy(head_i(q[:, 0]), labels, weight=weight)) / 2
+        return gcpr + fgr
+
+    return adamw_step(params, loss_fn)
+
+
 def torch_child(name, batch, iters, warmup, threads):
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
     fn = torch_workload(name, batch)
-    with torch.inference_mode():
+    # Training steps need autograd; inference runs in inference mode.
+    with contextlib.nullcontext() if "train" in name else torch.inference_mode():
         for _ in range(warmup):
             fn()
         times = []
@@ -321,6 +438,7 @@ def main():
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     rows = []
     started = time.time()
+    args.load_start = os.getloadavg()
     for name in workloads:
         plan = PLAN.get(name, {})
         iters = min(args.iters, plan.get("iters", args.iters))
@@ -359,7 +477,9 @@ def write_table(args, rows, elapsed):
         f"({elapsed / 60:.0f} min) alternating the two, every measurement in its own process; median of "
         f"{args.iters} timed runs after {args.warmup} warm-up (fewer for the largest workloads, see `PLAN`).",
         f"PyTorch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}; "
-        f"tuwen {commit}{' (with uncommitted changes)' if dirty else ''}.",
+        f"tuwen {commit}{' (with uncommitted changes)' if dirty else ''}. Load average (1/5/15 min) "
+        f"at the start {'/'.join(f'{x:.1f}' for x in args.load_start)}, at the end "
+        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} (the machine is shared).",
         "",
         "| workload | batch | PyTorch s/batch | tuwen s/batch | time ratio (tuwen / PyTorch) | PyTorch peak RSS MiB | tuwen peak RSS MiB | RSS ratio |",
         "|---|---|---|---|---|---|---|---|",

@@ -3,13 +3,18 @@
 //! depend on shapes only). `compare_pytorch.py` builds the same shapes in PyTorch.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use tuwen::checkpoint::random_var_builder;
 use tuwen::models::brivl::{BrivlConfig, BrivlImageEncoder, BrivlTextEncoder};
-use tuwen::models::r2d2::{JointConfig, CROSS_MASK_VALUE};
+use tuwen::models::r2d2::{JointConfig, R2d2, R2d2Config, CROSS_MASK_VALUE};
 use tuwen::models::siglip2::{Siglip, SiglipConfig};
 use tuwen::nn::linear::linear;
 use tuwen::nn::ops::{l2_normalize, softmax_last_dim};
+use tuwen::nn::Activation;
 use tuwen::nn::{Bert, BertConfig, ClipVisionConfig, ClipVisionTransformer};
+use tuwen::train::r2d2::{fgr_loss, gcpr_loss, HardNegatives};
+use tuwen::train::siglip::sigmoid_loss;
+use tuwen::train::{AdamW, AdamWConfig, ParamGroupConfig};
 
 /// One forward pass of a workload.
 pub type Run = Box<dyn FnMut() -> candle_core::Result<()>>;
@@ -24,6 +29,8 @@ pub const WORKLOADS: &[&str] = &[
     "r2d2-itm-rerank",
     "brivl-image",
     "brivl-text",
+    "siglip-train-small",
+    "r2d2-train-small",
 ];
 
 /// Text length of the R2D2 and SigLIP 2 text workloads.
@@ -107,16 +114,23 @@ pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
             let txt = Tensor::randn(0f32, 1.0, (n, TEXT_LEN, tw), &dev).map_err(e)?;
             let mask = Tensor::ones((n, TEXT_LEN), DType::U32, &dev).map_err(e)?;
             Box::new(move || {
-                let img = img
-                    .broadcast_as((batch, RERANK_CANDIDATES, 257, vw))?
-                    .reshape((n, 257, vw))?;
-                let t =
-                    tj.forward_embeds(&txt, Some(&mask), Some((&img, None, CROSS_MASK_VALUE)))?;
-                let q = ij_proj.forward(&img)?;
-                let i = ij.forward_embeds(&q, None, Some((&txt, Some(&mask), CROSS_MASK_VALUE)))?;
-                let pt = softmax_last_dim(&head.forward(&t.i((.., 0))?)?)?.i((.., 1))?;
-                let pi = softmax_last_dim(&head_i.forward(&i.i((.., 0))?)?)?.i((.., 1))?;
-                ((pt + pi)? * 0.5).map(|_| ())
+                // Per query, the image as a stride-0 broadcast over its candidates (as
+                // `R2d2Encoder::itm_scores_from_tensors` passes it): the image projections
+                // are computed once per query.
+                for qi in 0..batch {
+                    let img = img.i(qi)?.broadcast_as((RERANK_CANDIDATES, 257, vw))?;
+                    let txt = txt.narrow(0, qi * RERANK_CANDIDATES, RERANK_CANDIDATES)?;
+                    let mask = mask.narrow(0, qi * RERANK_CANDIDATES, RERANK_CANDIDATES)?;
+                    let t =
+                        tj.forward_embeds(&txt, Some(&mask), Some((&img, None, CROSS_MASK_VALUE)))?;
+                    let q = ij_proj.forward(&img)?;
+                    let i =
+                        ij.forward_embeds(&q, None, Some((&txt, Some(&mask), CROSS_MASK_VALUE)))?;
+                    let pt = softmax_last_dim(&head.forward(&t.i((.., 0))?)?)?.i((.., 1))?;
+                    let pi = softmax_last_dim(&head_i.forward(&i.i((.., 0))?)?)?.i((.., 1))?;
+                    ((pt + pi)? * 0.5)?;
+                }
+                Ok(())
             })
         }
         "brivl-image" => {
@@ -156,6 +170,8 @@ pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
             let mask = Tensor::ones((batch, cfg.max_text_len), DType::F32, &dev).map_err(e)?;
             Box::new(move || l2_normalize(&m.forward(&ids, &mask)?).map(|_| ()))
         }
+        "siglip-train-small" => train_siglip_small(batch)?,
+        "r2d2-train-small" => train_r2d2_small(batch)?,
         other => return Err(format!("unknown workload {other}")),
     })
 }
@@ -167,4 +183,133 @@ pub fn peak_rss_mib() -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// Training steps: small configs of each objective, every parameter a trainable var with
+/// random values, one step = forward, backward and a tuwen AdamW update (defaults: lr 1e-3,
+/// weight decay 0.01). `compare_pytorch.py` builds the same shapes in PyTorch.
+fn trainable(vars: &VarMap) -> Result<(), String> {
+    let data = vars.data().lock().map_err(|_| "var map lock")?;
+    for (name, v) in data.iter() {
+        let t = if name.ends_with("temp") {
+            Tensor::full(0.07f32, v.shape(), v.device())
+        } else {
+            Tensor::randn(0f32, 0.02, v.shape(), v.device())
+        }
+        .map_err(|e| e.to_string())?;
+        v.set(&t).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn adamw(vars: &VarMap) -> Result<AdamW, String> {
+    AdamW::from_varmap(vars, AdamWConfig::default(), &ParamGroupConfig::default())
+        .map_err(|e| e.to_string())
+}
+
+fn step(opt: &mut AdamW, loss: &Tensor) -> candle_core::Result<()> {
+    let grads = opt.collect_grads(&loss.backward()?);
+    opt.step(&grads)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+/// Text length and image size of the small training configs.
+pub const TRAIN_TEXT_LEN: usize = 32;
+pub const TRAIN_IMAGE: usize = 224;
+
+/// SigLIP sigmoid loss: B/16-style towers at width 256, 4 layers, 4 heads, MLP 1024,
+/// 224 px, 32000-token vocabulary, 32 tokens (HF `SiglipModel(return_loss=True)`).
+fn train_siglip_small(batch: usize) -> Result<Run, String> {
+    let dev = Device::Cpu;
+    let e = |e: candle_core::Error| e.to_string();
+    let cfg: SiglipConfig = serde_json::from_value(serde_json::json!({
+        "text_config": {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 1024,
+            "num_hidden_layers": 4, "num_attention_heads": 4,
+            "max_position_embeddings": TRAIN_TEXT_LEN},
+        "vision_config": {"hidden_size": 256, "intermediate_size": 1024,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": TRAIN_IMAGE,
+            "patch_size": 16},
+    }))
+    .map_err(|e| e.to_string())?;
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+    let m = Siglip::new(&cfg, vb).map_err(e)?;
+    trainable(&vars)?;
+    let mut opt = adamw(&vars)?;
+    let px = Tensor::randn(0f32, 1.0, (batch, 3, TRAIN_IMAGE, TRAIN_IMAGE), &dev).map_err(e)?;
+    let ids = Tensor::arange(0u32, (batch * TRAIN_TEXT_LEN) as u32, &dev)
+        .and_then(|t| t.reshape((batch, TRAIN_TEXT_LEN)))
+        .map_err(e)?;
+    Ok(Box::new(move || {
+        let img = l2_normalize(&m.get_image_features(&px)?)?;
+        let txt = l2_normalize(&m.get_text_features(&ids, None)?)?;
+        let (scale, bias) = m.logit_params();
+        let loss = sigmoid_loss(&txt, &img, scale, bias, 0)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        step(&mut opt, &loss)
+    }))
+}
+
+/// R2D2 pre-training (GCPR + FGR with fixed hard negatives, class weights [1, 2]): ViT
+/// width 256, 4 layers, 4 heads, patch 14 at 224 px; BERT width 256, 4 layers, 4 heads,
+/// 32 tokens; 2 joint layers per cross encoder; embeddings 128.
+fn train_r2d2_small(batch: usize) -> Result<Run, String> {
+    let dev = Device::Cpu;
+    let e = |e: candle_core::Error| e.to_string();
+    let vision = ClipVisionConfig {
+        hidden_size: 256,
+        intermediate_size: 1024,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_channels: 3,
+        image_size: TRAIN_IMAGE,
+        patch_size: 14,
+        hidden_act: Activation::QuickGelu,
+        layer_norm_eps: 1e-5,
+    };
+    let text = BertConfig {
+        hidden_size: 256,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        intermediate_size: 1024,
+        ..BertConfig::chinese_roberta_wwm_ext()
+    };
+    let cfg = R2d2Config {
+        model_type: "r2d2".into(),
+        vision_config: vision,
+        text_config: text,
+        joint_config: Some(JointConfig {
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 1024,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: 1e-12,
+        }),
+        embed_dim: 128,
+        max_text_len: TRAIN_TEXT_LEN,
+    };
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &dev);
+    let m = R2d2::new(&cfg, vb).map_err(e)?;
+    trainable(&vars)?;
+    let mut opt = adamw(&vars)?;
+    let px = Tensor::randn(0f32, 1.0, (batch, 3, TRAIN_IMAGE, TRAIN_IMAGE), &dev).map_err(e)?;
+    let ids = Tensor::arange(100u32, 100 + (batch * TRAIN_TEXT_LEN) as u32, &dev)
+        .and_then(|t| t.reshape((batch, TRAIN_TEXT_LEN)))
+        .map_err(e)?;
+    let mask = Tensor::ones((batch, TRAIN_TEXT_LEN), DType::U32, &dev).map_err(e)?;
+    let image_ids: Vec<i64> = (0..batch as i64).collect();
+    // For text i the image i+1, for image i the text i+1 (never a positive when batch > 1).
+    let negs = HardNegatives {
+        image_for_text: (0..batch).map(|i| (i + 1) % batch).collect(),
+        text_for_image: (0..batch).map(|i| (i + 1) % batch).collect(),
+    };
+    let te = |e: tuwen::Error| candle_core::Error::Msg(e.to_string());
+    Ok(Box::new(move || {
+        let (tokens, img) = m.encode_image(&px)?;
+        let (states, txt) = m.encode_text(&ids, &mask)?;
+        let l1 = gcpr_loss(&img, &txt, &m.temp, &image_ids).map_err(te)?;
+        let l2 = fgr_loss(&m, &tokens, &states, &mask, &negs, [1.0, 2.0]).map_err(te)?;
+        step(&mut opt, &(l1 + l2)?)
+    }))
 }

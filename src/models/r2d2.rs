@@ -659,7 +659,7 @@ pub fn convert_checkpoint(pth: &Path, out: &Path) -> Result<LoadReport> {
 pub struct JointLayers {
     pub text_joint_layer: Bert,
     pub img_joint_layer: Bert,
-    pub img_joint_proj: Linear,
+    pub img_joint_proj: crate::nn::linear::Linear,
     pub itm_head: Linear,
     pub itm_head_i: Linear,
 }
@@ -697,7 +697,7 @@ impl R2d2 {
                     &j.bert(tw, tw),
                     vb.pp("img_joint_layer"),
                 )?,
-                img_joint_proj: candle_nn::linear(vw, tw, vb.pp("img_joint_proj"))?,
+                img_joint_proj: crate::nn::linear::linear(vw, tw, vb.pp("img_joint_proj"))?,
                 itm_head: candle_nn::linear(tw, 2, vb.pp("itm_head"))?,
                 itm_head_i: candle_nn::linear(tw, 2, vb.pp("itm_head_i"))?,
             }),
@@ -1139,7 +1139,8 @@ impl R2d2Encoder {
             let mut start = 0;
             while start < m {
                 let k = chunk.min(m - start);
-                let imgs = img.broadcast_as((k, l, vw))?.contiguous()?;
+                // A stride-0 broadcast: the cross encoders project the shared image once.
+                let imgs = img.broadcast_as((k, l, vw))?;
                 row.push(self.itm_scores_paired(
                     &imgs,
                     &text_states.narrow(0, start, k)?,

@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::{linear, Linear};
+use super::linear::{batch_broadcast, linear, Linear};
 
 use super::ops::{scaled_softmax_into, softmax_last_dim, tracks_grad};
 
@@ -148,6 +148,22 @@ impl MultiHeadAttention {
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let kv = context.unwrap_or(x);
+        let inference = !tracks_grad(&[x, kv, self.q.weight(), self.k.weight()])
+            && !bias.is_some_and(|b| b.track_op());
+        if inference && bias.is_none() && batch_broadcast(kv) {
+            if context.is_none() || batch_broadcast(x) {
+                // Every row sees the same queries and the same keys: compute one row.
+                let c0 = match context {
+                    Some(c) => Some(c.narrow(0, 0, 1)?),
+                    None => None,
+                };
+                let one = self.forward(&x.narrow(0, 0, 1)?, c0.as_ref(), None)?;
+                let mut shape = one.dims().to_vec();
+                shape[0] = b;
+                return one.broadcast_as(shape);
+            }
+            return self.forward_shared_context(x, kv);
+        }
         let q = self.split_heads(&self.q.forward(x)?)?;
         let k = self.split_heads(&self.k.forward(kv)?)?;
         let v = self.split_heads(&self.v.forward(kv)?)?;
@@ -161,6 +177,31 @@ impl MultiHeadAttention {
         let y = y
             .transpose(1, 2)?
             .reshape((b, l, self.num_heads * self.head_dim))?;
+        self.out.forward(&y)
+    }
+
+    /// Inference cross-attention of `x` `[b, l, dim]` over one context shared by every row
+    /// (`context` a stride-0 broadcast, no mask): keys and values are projected once and
+    /// each head runs as one `[b·l, head_dim]` product.
+    fn forward_shared_context(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (h, hd) = (self.num_heads, self.head_dim);
+        let c0 = context.narrow(0, 0, 1)?;
+        let k = self.split_heads(&self.k.forward(&c0)?)?.squeeze(0)?;
+        let v = self.split_heads(&self.v.forward(&c0)?)?.squeeze(0)?;
+        let q = self
+            .q
+            .forward(x)?
+            .reshape((b, l, h, hd))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((h, b * l, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let y = scaled_softmax_into(scores, None, self.scale)?.matmul(&v)?;
+        let y = y
+            .reshape((h, b, l, hd))?
+            .permute((1, 2, 0, 3))?
+            .reshape((b, l, h * hd))?;
         self.out.forward(&y)
     }
 }

@@ -7,7 +7,13 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::ops::{bias_act_into, Activation};
+use super::ops::{bias_act_into, tracks_grad, Activation};
+
+/// Whether `x` has rank ≥ 2 and a leading dimension > 1 with stride 0 (a broadcast copy of
+/// one row, shared storage).
+pub fn batch_broadcast(x: &Tensor) -> bool {
+    x.rank() >= 2 && x.dims()[0] > 1 && x.stride()[0] == 0
+}
 
 /// `y = x Wᵀ + b` over the last dimension, with PyTorch's `weight` `[out, in]` layout.
 #[derive(Debug, Clone)]
@@ -55,6 +61,14 @@ impl Linear {
     /// otherwise through differentiable ops.
     pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let dims = x.dims();
+        if batch_broadcast(x) && !tracks_grad(&[x, &self.weight]) {
+            // Every row of the leading dimension is the same data (a stride-0 broadcast, as
+            // in ITM re-ranking of one image against many texts): compute one, broadcast it.
+            let one = self.forward_act(&x.narrow(0, 0, 1)?, act)?;
+            let mut shape = one.dims().to_vec();
+            shape[0] = dims[0];
+            return one.broadcast_as(shape);
+        }
         let in_dim = *dims
             .last()
             .ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;

@@ -18,6 +18,11 @@ pub fn tracks_grad(ts: &[&Tensor]) -> bool {
 /// Softmax over the last dimension, with a real backward when the input tracks gradients.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if xs.track_op() {
+        if xs.dtype() == DType::F32 && xs.device().is_cpu() && xs.rank() > 0 {
+            // One parallel pass forward and one backward (the composition takes five
+            // single-threaded passes and as many buffers each way).
+            return xs.contiguous()?.apply_op1(SoftmaxTrain);
+        }
         softmax_composed(xs)
     } else {
         candle_nn::ops::softmax_last_dim(xs)
@@ -113,6 +118,21 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if tracks_grad(&[xs, &self.weight, &self.bias])
+            && xs.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && self.bias.dtype() == DType::F32
+            && xs.device().is_cpu()
+            && xs.rank() > 0
+        {
+            // Training on the CPU: fused forward and backward kernels.
+            xs.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &self.bias.contiguous()?,
+                LayerNormTrain {
+                    eps: self.eps as f32,
+                },
+            )
+        } else if tracks_grad(&[xs, &self.weight, &self.bias])
             || !xs.is_contiguous()
             || xs.dtype() == DType::F64
         {
@@ -144,6 +164,302 @@ pub fn layer_norm_composed(
         .to_dtype(dtype)?
         .broadcast_mul(weight)?
         .broadcast_add(bias)
+}
+
+// ---------------------------------------------------------------------------------------
+// Training kernels (CPU, f32): softmax and layer norm with real backward kernels, used when
+// a tensor tracks gradients. Tests check them against the compositions above.
+// ---------------------------------------------------------------------------------------
+
+/// Softmax over the last dimension with a backward kernel `dx = y · (g − Σ g·y)`.
+struct SoftmaxTrain;
+
+impl candle_core::CustomOp1 for SoftmaxTrain {
+    fn name(&self) -> &'static str {
+        "softmax-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let mut out = contiguous_f32(storage, layout, "softmax-train")?.to_vec();
+        softmax_rows(&mut out, layout.dims(), None, 1.0)?;
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let y = res.detach();
+        let g = grad_res.contiguous()?;
+        Ok(Some(y.apply_op2_no_bwd(&g, &SoftmaxBackward)?))
+    }
+}
+
+/// `(y, g) ↦ y · (g − Σ_last g·y)`.
+struct SoftmaxBackward;
+
+impl candle_core::CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &candle_core::CpuStorage,
+        yl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let y = contiguous_f32(ys, yl, "softmax-backward")?;
+        let g = contiguous_f32(gs, gl, "softmax-backward")?;
+        let k = *yl.dims().last().unwrap_or(&1);
+        if y.len() != g.len() || k == 0 {
+            candle_core::bail!("softmax-backward: shapes differ")
+        }
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(k)
+            .zip(y.par_chunks(k).zip(g.par_chunks(k)))
+            .for_each(|(o, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), yl.shape().clone()))
+    }
+}
+
+/// Layer norm over the last dimension, `(x, weight, bias)`, with a backward kernel.
+struct LayerNormTrain {
+    eps: f32,
+}
+
+/// Mean and `1/sqrt(var + eps)` of a row (two passes, as the composition).
+#[inline]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl candle_core::CustomOp3 for LayerNormTrain {
+    fn name(&self) -> &'static str {
+        "layer-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous_f32(xs, xl, "layer-norm-train")?;
+        let w = contiguous_f32(ws, wl, "layer-norm-train")?;
+        let b = contiguous_f32(bs, bl, "layer-norm-train")?;
+        let d = *xl.dims().last().unwrap_or(&1);
+        if d == 0 || w.len() != d || b.len() != d {
+            candle_core::bail!("layer-norm-train: weight and bias must match the last dim {d}")
+        }
+        let eps = self.eps;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, x)| {
+                let (mean, rstd) = row_stats(x, eps);
+                for (((o, x), w), b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                    *o = (x - mean) * rstd * w + b;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / d;
+        let packed = x.detach().apply_op3_no_bwd(
+            &w.detach(),
+            &grad_res.contiguous()?,
+            &LayerNormBackward { eps: self.eps },
+        )?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `(x, weight, g)` to `[rows + 2, d]`: `dx` rows, then `dweight`, then `dbias`.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous_f32(xs, xl, "layer-norm-backward")?;
+        let w = contiguous_f32(ws, wl, "layer-norm-backward")?;
+        let g = contiguous_f32(gs, gl, "layer-norm-backward")?;
+        let d = *xl.dims().last().unwrap_or(&1);
+        if d == 0 || w.len() != d || g.len() != x.len() {
+            candle_core::bail!("layer-norm-backward: shapes differ")
+        }
+        let rows = x.len() / d;
+        let eps = self.eps;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, dwb) = out.split_at_mut(rows * d);
+        // Rows in blocks; each block also sums its share of dweight and dbias.
+        let block = (16384 / d).max(1) * d;
+        let (dw, db) = dx
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0f32; d];
+                let mut db = vec![0f32; d];
+                let mut xhat = vec![0f32; d];
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let (mean, rstd) = row_stats(x, eps);
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for j in 0..d {
+                        let xh = (x[j] - mean) * rstd;
+                        xhat[j] = xh;
+                        let dxh = g[j] * w[j];
+                        m1 += dxh;
+                        m2 += dxh * xh;
+                        dw[j] += g[j] * xh;
+                        db[j] += g[j];
+                    }
+                    let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                    for j in 0..d {
+                        dx[j] = rstd * (g[j] * w[j] - m1 - xhat[j] * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .reduce(
+                || (vec![0f32; d], vec![0f32; d]),
+                |(mut a, mut b), (c, e)| {
+                    a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+                    b.iter_mut().zip(&e).for_each(|(b, e)| *b += e);
+                    (a, b)
+                },
+            );
+        dwb[..d].copy_from_slice(&dw);
+        dwb[d..].copy_from_slice(&db);
+        Ok((candle_core::CpuStorage::F32(out), (rows + 2, d).into()))
+    }
+}
+
+/// GELU (erf) or quick GELU with a backward kernel (tanh GELU: [`GeluTanh`]).
+struct ActTrain(Activation);
+
+/// `f'(x)` of the activations [`ActTrain`] runs.
+#[inline(always)]
+fn act_derivative(act: Activation, x: f32) -> f32 {
+    match act {
+        // d/dx ½x(1+t) = ½(1+t) + ½x(1−t²)·√(2/π)(1+3c·x²), t = tanh(√(2/π)(x+c·x³)).
+        Activation::GeluPytorchTanh => {
+            let z = SQRT_2_OVER_PI * (x + GELU_C * x * x * x);
+            let t = 1.0 - 2.0 / (exp_fast(2.0 * z) + 1.0);
+            0.5 * (1.0 + t)
+                + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x)
+        }
+        Activation::QuickGelu => {
+            let s = 1.0 / (1.0 + exp_fast(-1.702 * x));
+            s + 1.702 * x * s * (1.0 - s)
+        }
+        // d/dx ½x(1 + erf(x/√2)) = ½(1 + erf(x/√2)) + x·φ(x).
+        _ => {
+            const INV_SQRT_2PI: f32 = 0.398_942_3;
+            0.5 * (1.0 + erf_fast(x * std::f32::consts::FRAC_1_SQRT_2))
+                + x * INV_SQRT_2PI * exp_fast(-0.5 * x * x)
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for ActTrain {
+    fn name(&self) -> &'static str {
+        "act-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let src = contiguous_f32(storage, layout, "act-train")?;
+        let mut out = src.to_vec();
+        out.par_chunks_mut(16 * 1024)
+            .for_each(|o| bias_act_chunk(Some(self.0), o, &[]));
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(
+            arg.detach().apply_op2_no_bwd(&g, &ActBackward(self.0))?,
+        ))
+    }
+}
+
+/// `(x, g) ↦ g · f'(x)`.
+struct ActBackward(Activation);
+
+impl candle_core::CustomOp2 for ActBackward {
+    fn name(&self) -> &'static str {
+        "act-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous_f32(xs, xl, "act-backward")?;
+        let g = contiguous_f32(gs, gl, "act-backward")?;
+        if x.len() != g.len() {
+            candle_core::bail!("act-backward: shapes differ")
+        }
+        let act = self.0;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16 * 1024)
+            .zip(x.par_chunks(16 * 1024).zip(g.par_chunks(16 * 1024)))
+            .for_each(|(o, (x, g))| {
+                for ((o, x), g) in o.iter_mut().zip(x).zip(g) {
+                    *o = g * act_derivative(act, *x);
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), xl.shape().clone()))
+    }
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -191,16 +507,11 @@ impl candle_core::CustomOp1 for GeluTanh {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        // d/dx ½x(1+t) = ½(1+t) + ½x(1−t²)·√(2/π)(1+3c·x²), t = tanh(√(2/π)(x+c·x³)).
-        let x = arg.detach();
-        let x2 = x.sqr()?;
-        let inner = ((&x + (&x * &x2)? * GELU_C as f64)? * SQRT_2_OVER_PI as f64)?;
-        let t = inner.tanh()?;
-        let dinner = ((&x2 * (3.0 * GELU_C as f64))? + 1.0)? * SQRT_2_OVER_PI as f64;
-        let one_minus_t2 = (t.sqr()?.neg()? + 1.0)?;
-        let left = ((&t + 1.0)? * 0.5)?;
-        let right = ((&x * 0.5)? * one_minus_t2)?.mul(&dinner?)?;
-        Ok(Some(grad_res.mul(&(left + right)?)?))
+        let g = grad_res.contiguous()?;
+        Ok(Some(arg.detach().apply_op2_no_bwd(
+            &g,
+            &ActBackward(Activation::GeluPytorchTanh),
+        )?))
     }
 }
 
@@ -610,6 +921,14 @@ pub enum Activation {
 
 impl Activation {
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        if matches!(self, Activation::Gelu | Activation::QuickGelu)
+            && xs.track_op()
+            && xs.dtype() == DType::F32
+            && xs.device().is_cpu()
+        {
+            // Training on the CPU: one parallel pass each way.
+            return xs.contiguous()?.apply_op1(ActTrain(*self));
+        }
         match self {
             Activation::Gelu => xs.gelu_erf(),
             Activation::GeluPytorchTanh => gelu_tanh(xs),
@@ -697,6 +1016,112 @@ mod tests {
 
     fn input(shape: (usize, usize, usize)) -> Tensor {
         Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The fused training kernels (f32 CPU, input tracking gradients) against the
+    /// compositions: values and the gradients of every input.
+    #[test]
+    fn fused_training_softmax_and_layer_norm_match_the_compositions() {
+        let dev = Device::Cpu;
+        let x0 = (Tensor::randn(0f32, 2.0, (3, 5, 37), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 5, 37), &dev).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // Softmax.
+        let x = Var::from_tensor(&x0).unwrap();
+        let fused = softmax_last_dim(x.as_tensor()).unwrap();
+        let gf = (&fused * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let x2 = Var::from_tensor(&x0).unwrap();
+        let comp = softmax_composed(x2.as_tensor()).unwrap();
+        let gc = (&comp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(&fused, &comp) < 1e-6);
+        let (a, b) = (
+            gf.get(x.as_tensor()).unwrap(),
+            gc.get(x2.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(&b, &b.zeros_like().unwrap()) > 1e-3);
+        assert!(max_diff(a, b) < 1e-5, "softmax grad {}", max_diff(a, b));
+        // Layer norm, with respect to the input, the scale and the shift.
+        let lw0 = Tensor::randn(1f32, 0.3, 37, &dev).unwrap();
+        let lb0 = Tensor::randn(0f32, 0.3, 37, &dev).unwrap();
+        let run = |composed: bool| {
+            let (x, lw, lb) = (
+                Var::from_tensor(&x0).unwrap(),
+                Var::from_tensor(&lw0).unwrap(),
+                Var::from_tensor(&lb0).unwrap(),
+            );
+            let y = if composed {
+                layer_norm_composed(x.as_tensor(), lw.as_tensor(), lb.as_tensor(), 1e-5)
+            } else {
+                LayerNorm::from_tensors(lw.as_tensor().clone(), lb.as_tensor().clone(), 1e-5)
+                    .forward(x.as_tensor())
+            }
+            .unwrap();
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = [&x, &lw, &lb].map(|v| g.get(v.as_tensor()).unwrap().clone());
+            (y, grads)
+        };
+        let (yf, gf) = run(false);
+        let (yc, gc) = run(true);
+        assert!(
+            max_diff(&yf, &yc) < 1e-5,
+            "layer norm {}",
+            max_diff(&yf, &yc)
+        );
+        for (name, (a, b)) in ["dx", "dweight", "dbias"].iter().zip(gf.iter().zip(&gc)) {
+            assert!(max_diff(b, &b.zeros_like().unwrap()) > 1e-3);
+            let d = max_diff(a, b);
+            assert!(d < 1e-4, "layer norm {name}: {d}");
+        }
+    }
+
+    /// The fused training GELU (erf) and quick GELU against candle's differentiable ops.
+    #[test]
+    fn fused_training_activations_match_candle() {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f32, 3.0, (4, 777), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 777), &dev).unwrap();
+        for act in [Activation::Gelu, Activation::QuickGelu] {
+            let x = Var::from_tensor(&x0).unwrap();
+            let y = act.apply(x.as_tensor()).unwrap();
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let x2 = Var::from_tensor(&x0).unwrap();
+            let t = x2.as_tensor();
+            let y2 = match act {
+                Activation::Gelu => t.gelu_erf().unwrap(),
+                _ => t.mul(&sigmoid(&(t * 1.702).unwrap()).unwrap()).unwrap(),
+            };
+            let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(d(&y, &y2) < 2e-6, "{act:?} value {}", d(&y, &y2));
+            let (a, b) = (
+                g.get(x.as_tensor()).unwrap(),
+                g2.get(x2.as_tensor()).unwrap(),
+            );
+            assert!(d(a, b) < 1e-5, "{act:?} grad {}", d(a, b));
+        }
     }
 
     #[test]

@@ -990,3 +990,41 @@ fn clip_resize_matches_pil() {
         assert!(max <= 1 && mean < 0.01, "{name}: max {max}, mean {mean}");
     }
 }
+
+/// The inference shortcut for one image shared by many texts (a stride-0 broadcast: the
+/// image projections and the image-joint layer's first self-attention computed once, the
+/// text-joint cross-attention run per head over all texts) gives the scores of the plain
+/// path on a materialised copy.
+#[test]
+fn itm_with_a_broadcast_image_matches_a_materialised_copy() {
+    let model = load_tiny(&tiny_pth());
+    let io = io();
+    let txt = model
+        .text_features_from_ids(get(&io, "input_ids"), get(&io, "attention_mask"))
+        .unwrap();
+    let img = model
+        .image_features_from_pixels(get(&io, "pixel_values_jordan"))
+        .unwrap();
+    let (_, l, vw) = img.tokens.dims3().unwrap();
+    let k = txt.states.dim(0).unwrap();
+    let shared = img.tokens.broadcast_as((k, l, vw)).unwrap();
+    assert_eq!(shared.stride()[0], 0);
+    let copy = shared.contiguous().unwrap();
+    let net = &model.model;
+    let (a_t, a_i) = net.itm_logits(&shared, &txt.states, &txt.mask).unwrap();
+    let (b_t, b_i) = net.itm_logits(&copy, &txt.states, &txt.mask).unwrap();
+    assert_close("broadcast itm_head", &a_t, &b_t, 1e-5);
+    assert_close("broadcast itm_head_i", &a_i, &b_i, 1e-5);
+    // The logits differ between texts: a shortcut that mixed rows up would show.
+    let spread = b_t.max(0).unwrap().sub(&b_t.min(0).unwrap()).unwrap();
+    assert!(
+        spread
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1e-4
+    );
+}
