@@ -1023,7 +1023,7 @@ mod tests {
     #[test]
     fn fused_training_softmax_and_layer_norm_match_the_compositions() {
         let dev = Device::Cpu;
-        let x0 = (Tensor::randn(0f32, 2.0, (3, 5, 37), &dev).unwrap()).unwrap();
+        let x0 = Tensor::randn(0f32, 2.0, (3, 5, 37), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (3, 5, 37), &dev).unwrap();
         let max_diff = |a: &Tensor, b: &Tensor| {
             (a - b)
