@@ -2,14 +2,16 @@
 //!
 //! `cargo bench --bench compare -- --workload siglip2-b16-image --batch 8 --iters 5`
 //! prints one JSON line: `{"workload", "batch", "median_s", "min_s", "times",
-//! "peak_rss_mib"}` after `--warmup` untimed runs (default 1). Weights are random (timings
+//! "peak_rss_mib"}` after `--warmup` untimed runs (default 1). `--device cuda` (built with
+//! `--features cuda`) and `--dtype bf16|f16|f32` run it elsewhere; every run ends with a
+//! device synchronisation. Weights are random (timings
 //! depend on shapes only); the workloads are in `workloads.rs`. `--list` prints them. Run one
 //! workload per process so that the peak RSS (`VmHWM`) is that workload's.
 
 use std::time::Instant;
 
 mod workloads;
-use workloads::{peak_rss_mib, workload, WORKLOADS};
+use workloads::{peak_rss_mib, workload_on, WORKLOADS};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -30,7 +32,24 @@ fn main() {
     let batch: usize = get("--batch").and_then(|b| b.parse().ok()).unwrap_or(8);
     let iters: usize = get("--iters").and_then(|b| b.parse().ok()).unwrap_or(5);
     let warmup: usize = get("--warmup").and_then(|b| b.parse().ok()).unwrap_or(1);
-    let mut run = match workload(&name, batch) {
+    let device = get("--device").unwrap_or_else(|| "cpu".into());
+    let dev = match tuwen::models::parse_device(&device) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --device {device}: {e}");
+            std::process::exit(1);
+        }
+    };
+    let dtype = match get("--dtype").as_deref().unwrap_or("f32") {
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        other => {
+            eprintln!("error: --dtype {other}: expected f32, bf16 or f16");
+            std::process::exit(1);
+        }
+    };
+    let mut run = match workload_on(&name, batch, &dev, dtype) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -57,7 +76,7 @@ fn main() {
     let median = sorted[sorted.len() / 2];
     let rss = peak_rss_mib().unwrap_or(f64::NAN);
     println!(
-        "{{\"workload\": \"{name}\", \"batch\": {batch}, \"median_s\": {median:.6}, \"min_s\": {:.6}, \"times\": {times:?}, \"peak_rss_mib\": {rss:.1}}}",
+        "{{\"workload\": \"{name}\", \"device\": \"{device}\", \"dtype\": \"{dtype:?}\", \"batch\": {batch}, \"median_s\": {median:.6}, \"min_s\": {:.6}, \"times\": {times:?}, \"peak_rss_mib\": {rss:.1}}}",
         sorted[0]
     );
 }

@@ -39,11 +39,33 @@ pub const TEXT_LEN: usize = 64;
 pub const RERANK_CANDIDATES: usize = 128;
 
 /// Builds a workload for `batch` inputs (for `r2d2-itm-rerank`, `batch` queries of
-/// [`RERANK_CANDIDATES`] pairs each).
+/// [`RERANK_CANDIDATES`] pairs each) on the CPU in `f32`.
+#[allow(dead_code)]
 pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
-    let dev = Device::Cpu;
+    workload_on(name, batch, &Device::Cpu, DType::F32)
+}
+
+/// [`workload`] on any device and in any float dtype (weights and inputs in `dtype`). Each
+/// run ends with a device synchronisation, so that GPU timings cover the whole pass.
+pub fn workload_on(name: &str, batch: usize, dev: &Device, dtype: DType) -> Result<Run, String> {
+    let mut run = build(name, batch, dev, dtype)?;
+    let dev = dev.clone();
+    Ok(Box::new(move || {
+        run()?;
+        dev.synchronize()
+    }))
+}
+
+fn build(name: &str, batch: usize, dev: &Device, dtype: DType) -> Result<Run, String> {
+    let dev = dev.clone();
     let e = |e: candle_core::Error| e.to_string();
-    let vb = random_var_builder(7, DType::F32, &dev);
+    let vb = random_var_builder(7, dtype, &dev);
+    // Random float inputs in the workload's dtype.
+    let randn = |shape: &[usize]| -> Result<Tensor, String> {
+        Tensor::randn(0f32, 1.0, shape, &dev)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(e)
+    };
     let siglip = |preset: &str| -> Result<Siglip, String> {
         let cfg = SiglipConfig::preset(preset).ok_or("preset")?;
         Siglip::new(&cfg, vb.clone()).map_err(e)
@@ -51,7 +73,7 @@ pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
     Ok(match name {
         "siglip2-b16-image" => {
             let m = siglip("siglip2-base-patch16-224")?;
-            let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &dev).map_err(e)?;
+            let px = randn(&[batch, 3, 224, 224])?;
             Box::new(move || m.get_image_features(&px).map(|_| ()))
         }
         "siglip2-b16-text" => {
@@ -62,7 +84,7 @@ pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
         "siglip2-b16-naflex-image" => {
             let m = siglip("siglip2-base-patch16-naflex")?;
             let batch_ = tuwen::preprocess::NaFlexBatch {
-                pixel_values: Tensor::randn(0f32, 1.0, (batch, 256, 768), &dev).map_err(e)?,
+                pixel_values: randn(&[batch, 256, 768])?,
                 pixel_attention_mask: Tensor::ones((batch, 256), DType::U32, &dev).map_err(e)?,
                 spatial_shapes: vec![(16, 16); batch],
             };
@@ -76,7 +98,7 @@ pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
             )
             .map_err(e)?;
             let proj = linear(1024, 768, vb.pp("vision_proj")).map_err(e)?;
-            let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &dev).map_err(e)?;
+            let px = randn(&[batch, 3, 224, 224])?;
             Box::new(move || {
                 let t = vit.forward(&px)?;
                 l2_normalize(&proj.forward(&t.i((.., 0))?)?).map(|_| ())
@@ -110,8 +132,8 @@ pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
             let head = linear(tw, 2, vb.pp("itm_head")).map_err(e)?;
             let head_i = linear(tw, 2, vb.pp("itm_head_i")).map_err(e)?;
             let n = batch * RERANK_CANDIDATES;
-            let img = Tensor::randn(0f32, 1.0, (batch, 1, 257, vw), &dev).map_err(e)?;
-            let txt = Tensor::randn(0f32, 1.0, (n, TEXT_LEN, tw), &dev).map_err(e)?;
+            let img = randn(&[batch, 1, 257, vw])?;
+            let txt = randn(&[n, TEXT_LEN, tw])?;
             let mask = Tensor::ones((n, TEXT_LEN), DType::U32, &dev).map_err(e)?;
             Box::new(move || {
                 // Per query, the image as a stride-0 broadcast over its candidates (as
@@ -155,10 +177,11 @@ pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
                 }
                 rows.extend([0.0, 0.0, s, s]);
             }
-            let boxes = Tensor::from_vec(rows, (batch, 37, 4), &dev).map_err(e)?;
-            let mask = Tensor::ones((batch, 37), DType::F32, &dev).map_err(e)?;
-            let px = Tensor::randn(0f32, 1.0, (batch, 3, cfg.img_size, cfg.img_size), &dev)
+            let boxes = Tensor::from_vec(rows, (batch, 37, 4), &dev)
+                .and_then(|t| t.to_dtype(dtype))
                 .map_err(e)?;
+            let mask = Tensor::ones((batch, 37), dtype, &dev).map_err(e)?;
+            let px = randn(&[batch, 3, cfg.img_size, cfg.img_size])?;
             Box::new(move || l2_normalize(&m.forward(&px, &boxes, &mask)?).map(|_| ()))
         }
         "brivl-text" => {
@@ -167,7 +190,7 @@ pub fn workload(name: &str, batch: usize) -> Result<Run, String> {
             let cfg = BrivlConfig::preset("brivl-1.0").ok_or("preset")?;
             let m = BrivlTextEncoder::new(&cfg, vb.pp("textencoder")).map_err(e)?;
             let ids = Tensor::ones((batch, cfg.max_text_len), DType::U32, &dev).map_err(e)?;
-            let mask = Tensor::ones((batch, cfg.max_text_len), DType::F32, &dev).map_err(e)?;
+            let mask = Tensor::ones((batch, cfg.max_text_len), dtype, &dev).map_err(e)?;
             Box::new(move || l2_normalize(&m.forward(&ids, &mask)?).map(|_| ()))
         }
         "siglip-train-small" => train_siglip_small(batch)?,

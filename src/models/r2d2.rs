@@ -52,12 +52,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{LoadReport, Loader, TensorSource};
 use crate::error::{Error, Result};
 use crate::models::{DualEncoder, Family, LoadOptions, Scoring};
+use crate::nn::linear::{linear, Linear};
 use crate::nn::ops::{self, Activation};
 use crate::nn::{Bert, BertConfig, ClipVisionConfig, ClipVisionTransformer};
 use crate::preprocess::{FixedProcessor, ImageInput, TextProcessor, TextStyle};
@@ -659,7 +660,7 @@ pub fn convert_checkpoint(pth: &Path, out: &Path) -> Result<LoadReport> {
 pub struct JointLayers {
     pub text_joint_layer: Bert,
     pub img_joint_layer: Bert,
-    pub img_joint_proj: crate::nn::linear::Linear,
+    pub img_joint_proj: Linear,
     pub itm_head: Linear,
     pub itm_head_i: Linear,
 }
@@ -697,17 +698,17 @@ impl R2d2 {
                     &j.bert(tw, tw),
                     vb.pp("img_joint_layer"),
                 )?,
-                img_joint_proj: crate::nn::linear::linear(vw, tw, vb.pp("img_joint_proj"))?,
-                itm_head: candle_nn::linear(tw, 2, vb.pp("itm_head"))?,
-                itm_head_i: candle_nn::linear(tw, 2, vb.pp("itm_head_i"))?,
+                img_joint_proj: linear(vw, tw, vb.pp("img_joint_proj"))?,
+                itm_head: linear(tw, 2, vb.pp("itm_head"))?,
+                itm_head_i: linear(tw, 2, vb.pp("itm_head_i"))?,
             }),
             None => None,
         };
         Ok(Self {
             visual_encoder,
             text_encoder,
-            vision_proj: candle_nn::linear(vw, cfg.embed_dim, vb.pp("vision_proj"))?,
-            text_proj: candle_nn::linear(tw, cfg.embed_dim, vb.pp("text_proj"))?,
+            vision_proj: linear(vw, cfg.embed_dim, vb.pp("vision_proj"))?,
+            text_proj: linear(tw, cfg.embed_dim, vb.pp("text_proj"))?,
             temp: vb.get((), "temp")?,
             joint,
             cfg: cfg.clone(),

@@ -73,7 +73,12 @@ impl Linear {
             .last()
             .ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
         let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?;
+        let mut x2 = x.reshape((rows, in_dim))?;
+        if !x2.device().is_cpu() && !x2.is_contiguous() {
+            // CUDA and Metal matmuls take no row stride other than the row length (e.g. the
+            // `[CLS]` rows of a `[batch, len, dim]` tensor); the CPU gemm takes any stride.
+            x2 = x2.contiguous()?;
+        }
         let w = self.weight.to_dtype(x.dtype())?;
         let y = x2.matmul(&w.t()?)?;
         let b = match &self.bias {

@@ -18,6 +18,7 @@ use tuwen::nn::ops;
 use tuwen::{DualEncoder, Error, Family, ImageInput, LoadOptions};
 
 use crate::common::{assert_close, fixture, get, load_st, max_abs_diff, shared};
+use crate::common::{test_device, test_opts};
 
 const TINY_PTH: &str = "fixtures/original/brivl_tiny.pth";
 const TINY_IO: &str = "fixtures/original/brivl_tiny_io.safetensors";
@@ -38,7 +39,7 @@ fn tiny_from(checkpoint: &Path) -> BrivlEncoder {
         &tiny_config(),
         checkpoint,
         Some(&shared(TOKENIZER)),
-        &LoadOptions::default(),
+        &test_opts(),
     )
     .expect("load tiny BriVL")
 }
@@ -120,7 +121,7 @@ fn brivl_tiny_safetensors_after_conversion() {
     // (the fixture's JSON) and the tokenizer.
     std::fs::copy(shared(TINY_JSON), dir.path().join("config.json")).unwrap();
     std::fs::copy(shared(TOKENIZER), dir.path().join("tokenizer.json")).unwrap();
-    let model = tuwen::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let model = tuwen::load(dir.path().to_str().unwrap(), &test_opts()).unwrap();
     assert_eq!(model.family(), Family::Brivl);
     let texts: Vec<String> = tiny_json()["texts"]
         .as_array()
@@ -435,7 +436,7 @@ fn brivl_runs_in_f16() {
         let dtype = DType::F16;
         let opts = LoadOptions {
             dtype,
-            ..LoadOptions::default()
+            ..test_opts()
         };
         let enc =
             BrivlEncoder::from_checkpoint(&tiny_config(), &shared(TINY_PTH), None, &opts).unwrap();
@@ -502,7 +503,7 @@ fn check_efficientnet(name: &str, channel: f64, depth: f64) {
         num_features: None,
     };
     let loader = Loader::new(TensorSource::open(&weights, None).unwrap(), name);
-    let vb = loader.var_builder(DType::F32, &Device::Cpu);
+    let vb = loader.var_builder(DType::F32, &test_device());
     let net = EfficientNet::new(&cfg, vb)
         .map_err(|e| loader.error(e))
         .unwrap();
@@ -560,7 +561,7 @@ fn brivl_efficientnet_train_mode_matches_timm() {
     let (loader, vars) = Loader::new(TensorSource::open(&weights, None).unwrap(), name)
         .trainable()
         .unwrap();
-    let net = EfficientNet::new(&cfg, loader.var_builder(DType::F32, &Device::Cpu))
+    let net = EfficientNet::new(&cfg, loader.var_builder(DType::F32, &test_device()))
         .map_err(|e| loader.error(e))
         .unwrap();
     let eval_before = net.forward_features(get(&ex, "input")).unwrap();
@@ -625,7 +626,7 @@ fn brivl_efficientnet_train_mode_matches_timm() {
     // once the statistics moved, and the no-gradient kernels give the same train mode.
     let frozen_loader = Loader::new(TensorSource::open(&weights, None).unwrap(), name);
     let frozen =
-        EfficientNet::new(&cfg, frozen_loader.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        EfficientNet::new(&cfg, frozen_loader.var_builder(DType::F32, &test_device())).unwrap();
     frozen.set_batch_norm_training(true);
     let f = frozen.forward_features(get(&ex, "input")).unwrap();
     assert_close("frozen train-mode features", &f, get(&ex, "features"), 1e-4);
@@ -634,7 +635,7 @@ fn brivl_efficientnet_train_mode_matches_timm() {
     assert_close("frozen eval after train mode", &f, &eval_after, 1e-4);
     // A single value per channel is an error, not a NaN.
     net.set_batch_norm_training(true);
-    let one = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let one = Tensor::zeros((1, 3, 16, 16), DType::F32, &test_device()).unwrap();
     let err = net.forward_features(&one).unwrap_err().to_string();
     assert!(err.contains("more than one value per channel"), "{err}");
 }
@@ -784,7 +785,7 @@ fn tiny_tensors() -> HashMap<String, Tensor> {
 #[test]
 fn brivl_missing_and_misshaped_tensors_are_named() {
     let cfg = tiny_config();
-    let opts = LoadOptions::default();
+    let opts = test_opts();
     let key = "imgencoder.learnable.imgAtt.layers.1.linear1.weight";
 
     let mut m = tiny_tensors();
@@ -839,7 +840,7 @@ fn brivl_missing_and_misshaped_tensors_are_named() {
 #[test]
 fn brivl_rejects_other_checkpoints() {
     let cfg = tiny_config();
-    let opts = LoadOptions::default();
+    let opts = test_opts();
     match BrivlEncoder::from_checkpoint(
         &cfg,
         &shared("fixtures/original/r2d2_tiny.pth"),
@@ -898,7 +899,7 @@ fn brivl_presets_are_registered() {
         tuwen::registry::preset("brivl-1.0").unwrap().repo,
         "shunxing1234/BriVL"
     );
-    match tuwen::load("brivl-nmi", &LoadOptions::default()) {
+    match tuwen::load("brivl-nmi", &test_opts()) {
         Err(Error::Download { reason, .. }) => {
             assert!(reason.contains("no Hugging"), "{reason}")
         }
@@ -914,7 +915,7 @@ fn brivl_gradients_match_reference_and_reach_every_part() {
     let cfg = tiny_config();
     let source = TensorSource::open(&shared(TINY_PTH), Some("learnable")).unwrap();
     let (loader, vars) = Loader::new(source, "brivl_tiny.pth").trainable().unwrap();
-    let vb = loader.var_builder(DType::F32, &Device::Cpu);
+    let vb = loader.var_builder(DType::F32, &test_device());
     let model = Brivl::new(&cfg, vb).map_err(|e| loader.error(e)).unwrap();
     let io = load_st(&shared(TINY_IO));
     let ex = extra();
@@ -932,7 +933,7 @@ fn brivl_gradients_match_reference_and_reach_every_part() {
         .unwrap();
     let txt = model.text_embeds(ids, &tmask).unwrap();
     let logits = (img.matmul(&txt.t().unwrap()).unwrap() / 0.07).unwrap();
-    let target = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
+    let target = Tensor::new(&[0u32, 1, 2], &test_device()).unwrap();
     let loss = ((ops::cross_entropy(&logits, &target).unwrap()
         + ops::cross_entropy(&logits.t().unwrap(), &target).unwrap())
     .unwrap()
@@ -1053,13 +1054,9 @@ fn brivl_1_0_real_weights_reproduce_reference_embeddings() {
     for size in [380, 456] {
         let mut cfg = BrivlConfig::preset("brivl-1.0").unwrap();
         cfg.img_size = size;
-        let enc = BrivlEncoder::from_checkpoint(
-            &cfg,
-            &ckpt,
-            Some(&shared(TOKENIZER)),
-            &LoadOptions::default(),
-        )
-        .unwrap();
+        let enc =
+            BrivlEncoder::from_checkpoint(&cfg, &ckpt, Some(&shared(TOKENIZER)), &test_opts())
+                .unwrap();
         assert!(
             enc.load_report().unexpected.is_empty(),
             "{:?}",

@@ -19,6 +19,7 @@ use tuwen::train::{
 };
 use tuwen::Error;
 
+use crate::common::test_device;
 use crate::common::{fixture, get, load_st, shared};
 
 const TINY_PTH: &str = "fixtures/original/brivl_tiny.pth";
@@ -85,7 +86,7 @@ fn build(multi: bool) -> BrivlMoco {
         moco_config(multi),
         source_with_mom(),
         "tiny+mom",
-        &Device::Cpu,
+        &test_device(),
         DType::F32,
     )
     .unwrap()
@@ -121,7 +122,7 @@ fn inputs(perm: Option<&[u32]>) -> BrivlInputs {
     match perm {
         None => x,
         Some(p) => {
-            let idx = Tensor::new(p, &Device::Cpu).unwrap();
+            let idx = Tensor::new(p, &test_device()).unwrap();
             let sel = |t: &Tensor| t.index_select(&idx, 0).unwrap();
             BrivlInputs {
                 pixel_values: sel(&x.pixel_values),
@@ -396,7 +397,7 @@ fn brivl_moco_without_mom_starts_from_query_copies() {
         moco_config(false),
         TensorSource::Map(m),
         "no mom",
-        &Device::Cpu,
+        &test_device(),
         DType::F32,
     )
     .unwrap();
@@ -772,19 +773,22 @@ fn brivl_moco_two_workers_equal_one_worker_with_both_batches() {
         Ok((moco.queues()?, moco.query_tensors()?, moco.key_tensors()?))
     })
     .unwrap();
+    // 1e-5 on the CPU. A GPU sums in a batch-size-dependent order, and AdamW's first step
+    // (±lr where |g| ≫ eps) turns that into up to ~5e-5 on near-zero-gradient biases.
+    let tol = if test_device().is_cpu() { 1e-5 } else { 1e-4 };
     for (rank, (q, w, k)) in many.iter().enumerate() {
         assert_eq!((q.image_ptr, q.text_ptr), (6, 6));
         assert_rel(
             &format!("rank {rank} image queue"),
             &q.image,
             &one.0.image,
-            1e-5,
+            tol,
         );
         assert_rel(
             &format!("rank {rank} text queue"),
             &q.text,
             &one.0.text,
-            1e-5,
+            tol,
         );
         for name in ref_list("grad_params") {
             assert_rel_param(
@@ -792,11 +796,11 @@ fn brivl_moco_two_workers_equal_one_worker_with_both_batches() {
                 &name,
                 &w[&name],
                 &one.1[&name],
-                1e-5,
+                tol,
             );
         }
         let mom = "imgencoder_mom.learnable.imgFC.fc1.weight";
-        assert_rel(&format!("rank {rank} {mom}"), &k[mom], &one.2[mom], 1e-5);
+        assert_rel(&format!("rank {rank} {mom}"), &k[mom], &one.2[mom], tol);
     }
 }
 

@@ -43,9 +43,29 @@ pub fn fixture(rel: &str) -> PathBuf {
     p
 }
 
-/// Loads every tensor of a safetensors file onto the CPU.
+/// The device the model and training parity tests run on: `TUWEN_TEST_DEVICE` (`cpu`,
+/// `cuda[:N]`, `metal[:N]`, as the examples' `--device`), the CPU when unset. An unusable
+/// value fails the test rather than falling back.
+pub fn test_device() -> Device {
+    match std::env::var("TUWEN_TEST_DEVICE") {
+        Ok(s) => {
+            tuwen::models::parse_device(&s).unwrap_or_else(|e| panic!("TUWEN_TEST_DEVICE={s}: {e}"))
+        }
+        Err(_) => Device::Cpu,
+    }
+}
+
+/// `LoadOptions` on [`test_device`] in `f32`.
+pub fn test_opts() -> tuwen::LoadOptions {
+    tuwen::LoadOptions {
+        device: test_device(),
+        ..tuwen::LoadOptions::default()
+    }
+}
+
+/// Loads every tensor of a safetensors file onto [`test_device`].
 pub fn load_st(path: &std::path::Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
+    candle_core::safetensors::load(path, &test_device())
         .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
 }
 
@@ -58,8 +78,13 @@ pub fn get<'a>(m: &'a HashMap<String, Tensor>, k: &str) -> &'a Tensor {
 /// The largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .unwrap()
+    };
+    let (a, b) = (cpu(a), cpu(b));
     (a - b)
         .unwrap()
         .abs()

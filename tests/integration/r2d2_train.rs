@@ -24,6 +24,7 @@ use tuwen::train::{
     ParamGroupConfig, Schedule, StepCtx, Trainer, TrainerConfig,
 };
 
+use crate::common::test_device;
 use crate::common::{fixture, get, load_st, max_abs_diff, shared};
 
 /// Relative tolerance of the loss and gradient parity checks.
@@ -78,7 +79,7 @@ fn tiny_trainable() -> (R2d2, VarMap, VarBuilder<'static>) {
     let src =
         TensorSource::open(&shared("fixtures/original/r2d2_tiny.pth"), Some("model")).unwrap();
     let (loader, vars) = Loader::new(src, "r2d2_tiny.pth").trainable().unwrap();
-    let vb = loader.var_builder(DType::F32, &Device::Cpu);
+    let vb = loader.var_builder(DType::F32, &test_device());
     let net = R2d2::new(&tiny_config(), vb.clone())
         .map_err(|e| loader.error(e))
         .unwrap();
@@ -368,7 +369,7 @@ fn samplers_respect_positives_and_are_seeded() {
 /// texts rotated by one, keys shifted by 1000).
 fn global_fgr_batch() -> Fixed {
     let a = fixed_batch(&refs());
-    let rot = Tensor::new(&[1u32, 2, 3, 0], &Device::Cpu).unwrap();
+    let rot = Tensor::new(&[1u32, 2, 3, 0], &test_device()).unwrap();
     let cat = |x: &Tensor, y: &Tensor| Tensor::cat(&[x, y], 0).unwrap();
     let mut keys = a.keys.clone();
     keys.extend(a.keys.iter().map(|k| k + 1000));

@@ -13,12 +13,13 @@ use tuwen::preprocess::{
 };
 use tuwen::{DualEncoder, Error, LoadOptions};
 
+use crate::common::test_opts;
 use crate::common::{assert_close, fixture, get, load_st, shared, tiny_siglip_dir};
 
 const TOL: f32 = 1e-4;
 
 fn opts() -> LoadOptions {
-    LoadOptions::default()
+    test_opts()
 }
 
 fn ids_u32(t: &Tensor) -> Tensor {
@@ -228,7 +229,7 @@ fn siglip_sigmoid_loss_matches_hf() {
     );
     // L = -mean_i sum_j log sigmoid(z_ij * logit_ij), z = 2I - 1.
     let n = logits.dim(0).unwrap();
-    let z = ((Tensor::eye(n, DType::F32, &Device::Cpu).unwrap() * 2.0).unwrap() - 1.0).unwrap();
+    let z = ((Tensor::eye(n, DType::F32, logits.device()).unwrap() * 2.0).unwrap() - 1.0).unwrap();
     let loss = tuwen::nn::ops::log_sigmoid(&(logits * z).unwrap())
         .unwrap()
         .sum(1)
@@ -265,8 +266,14 @@ fn image_stems() -> Vec<(String, PathBuf)> {
 
 /// Mean |ours − HF| in 8-bit pixel levels (1.0 means 1/255 of the range).
 fn mad_levels(ours_normalized: &Tensor, reference_u8: &Tensor) -> f32 {
-    let reference =
-        ((reference_u8.to_dtype(DType::F32).unwrap() - 127.5).unwrap() / 127.5).unwrap();
+    let reference = ((reference_u8
+        .to_device(ours_normalized.device())
+        .and_then(|t| t.to_dtype(DType::F32))
+        .unwrap()
+        - 127.5)
+        .unwrap()
+        / 127.5)
+        .unwrap();
     let d = (ours_normalized - reference)
         .unwrap()
         .abs()
@@ -671,7 +678,7 @@ fn bf16_inference_is_close_to_f32() {
     let f32_model = load_fixed("siglip_tiny");
     let bf16_opts = LoadOptions {
         dtype: DType::BF16,
-        ..LoadOptions::default()
+        ..test_opts()
     };
     let bf16_model = SiglipEncoder::from_dir(&fixture("siglip2/siglip_tiny"), &bf16_opts).unwrap();
     let io = load_st(&fixture("siglip2/siglip_tiny_io.safetensors"));

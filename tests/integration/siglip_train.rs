@@ -22,6 +22,7 @@ use tuwen::train::{
 };
 use tuwen::LoadOptions;
 
+use crate::common::test_device;
 use crate::common::{fixture, get, load_st};
 
 const REL_TOL: f32 = 1e-4;
@@ -124,7 +125,7 @@ fn check_against_hf(
 
 #[test]
 fn siglip_sigmoid_loss_and_gradients_match_hf() {
-    let m = load_trainable(&fixture("siglip2/siglip_tiny"), DType::F32, &Device::Cpu).unwrap();
+    let m = load_trainable(&fixture("siglip2/siglip_tiny"), DType::F32, &test_device()).unwrap();
     let io = load_st(&fixture("siglip_train/fixed_io.safetensors"));
     let obj = SiglipObjective::new(m.model.clone(), None, SiglipLossConfig::default()).unwrap();
     let ids = get(&io, "input_ids").to_dtype(DType::U32).unwrap();
@@ -153,7 +154,7 @@ fn siglip2_naflex_sigmoid_loss_and_gradients_match_hf() {
     let m = load_trainable(
         &fixture("siglip2/siglip2_naflex_tiny"),
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
     assert!(m.config.is_naflex());
@@ -179,7 +180,7 @@ fn every_parameter_gets_a_gradient_under_each_objective() {
     let io = load_st(&fixture("siglip_train/fixed_io.safetensors"));
     let ids = get(&io, "input_ids").to_dtype(DType::U32).unwrap();
     let px = get(&io, "pixel_values");
-    let teacher = SiglipEncoder::from_dir(&dir, &LoadOptions::default())
+    let teacher = SiglipEncoder::from_dir(&dir, &crate::common::test_opts())
         .unwrap()
         .model;
     for (name, cfg) in [
@@ -199,7 +200,7 @@ fn every_parameter_gets_a_gradient_under_each_objective() {
             },
         ),
     ] {
-        let m = load_trainable(&dir, DType::F32, &Device::Cpu).unwrap();
+        let m = load_trainable(&dir, DType::F32, &test_device()).unwrap();
         // Move the student away from the teacher so that distillation has a gradient.
         if cfg.distill_weight > 0.0 {
             for (_, v) in named_vars(&m.vars) {
