@@ -292,7 +292,10 @@ fn parity_from_jpegs_and_texts_through_public_api() {
     // (Equal up to the GPU's batch-size-dependent summation order.)
     assert_eq!(row.len(), want_row.len());
     for (a, b) in row.iter().zip(&want_row) {
-        assert!((a - b).abs() <= 1e-6, "eval::itm_scores {a} vs the trait's {b}");
+        assert!(
+            (a - b).abs() <= 1e-6,
+            "eval::itm_scores {a} vs the trait's {b}"
+        );
     }
     // Softmax scoring over the texts.
     let probs = model
