@@ -104,6 +104,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// A checkpoint of a data-parallel run resumed with another number of ranks: every
+    /// rank's data position is stored for its rank, so the world size must match.
+    #[error(
+        "checkpoint {path}: written by a run of {saved} rank(s), resumed with {current}; \
+         resume with {saved} rank(s) (data positions are stored per rank)"
+    )]
+    WorldSizeMismatch {
+        path: PathBuf,
+        saved: usize,
+        current: usize,
+    },
+
     /// An error from the tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

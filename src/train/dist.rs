@@ -1009,3 +1009,80 @@ mod tests {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Bytes through a group (per-rank metadata such as data positions in checkpoints)
+// ---------------------------------------------------------------------------------------
+
+/// Gathers every rank's `bytes` (of any length) on every rank, in rank order.
+///
+/// The bytes travel as `f32` values (exact for `0..=255`) in two all-gathers, the lengths
+/// and then the padded payloads, in tensors on `device`, which must be the group's device
+/// (the CPU for [`LocalGroup`], the rank's GPU for NCCL). Payloads are meant to be small
+/// (serialised metadata); more than 2²⁴ bytes is refused. Every rank must call it.
+pub fn all_gather_bytes(
+    comm: &dyn Collective,
+    bytes: &[u8],
+    device: &candle_core::Device,
+) -> Result<Vec<Vec<u8>>> {
+    const MAX: usize = 1 << 24;
+    if bytes.len() > MAX {
+        return Err(Error::InvalidArgument(format!(
+            "all_gather_bytes: {} bytes is more than the {MAX} a payload may hold",
+            bytes.len()
+        )));
+    }
+    if comm.world_size() <= 1 {
+        return Ok(vec![bytes.to_vec()]);
+    }
+    let len = Tensor::new(&[bytes.len() as f32], device)?;
+    let lens: Vec<usize> = comm
+        .all_gather(&len)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|l| l as usize)
+        .collect();
+    let width = lens.iter().copied().max().unwrap_or(0).max(1);
+    let mut padded: Vec<f32> = bytes.iter().map(|&b| b as f32).collect();
+    padded.resize(width, 0.0);
+    let all = comm
+        .all_gather(&Tensor::from_vec(padded, width, device)?)?
+        .to_vec1::<f32>()?;
+    if all.len() != width * lens.len() {
+        return Err(Error::Training(format!(
+            "all_gather_bytes: gathered {} values, expected {} ranks × {width}",
+            all.len(),
+            lens.len()
+        )));
+    }
+    Ok(lens
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| {
+            all[r * width..r * width + n.min(width)]
+                .iter()
+                .map(|&v| v as u8)
+                .collect()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod bytes_tests {
+    use super::*;
+
+    #[test]
+    fn all_gather_bytes_of_different_lengths() {
+        let got = LocalGroup::run(3, |c| {
+            let mine: Vec<u8> = (0..c.rank() * 3).map(|i| (i * 97 + 255) as u8).collect();
+            all_gather_bytes(c.as_ref(), &mine, &candle_core::Device::Cpu)
+        })
+        .unwrap();
+        let want: Vec<Vec<u8>> = (0..3)
+            .map(|r| (0..r * 3).map(|i| (i * 97 + 255) as u8).collect())
+            .collect();
+        for g in got {
+            assert_eq!(g, want);
+        }
+    }
+}

@@ -2,14 +2,49 @@
 //! [`DataLoader`](super::data::DataLoader) or the streaming
 //! [`WebDatasetLoader`](super::webdataset::WebDatasetLoader)), steps of a [`Trainer`], metrics,
 //! evaluation hooks, periodic checkpoints, and resume from the newest checkpoint.
+//!
+//! # Data-parallel runs
+//!
+//! When the trainer has a collective of more than one rank
+//! ([`Trainer::set_collective`]), every rank runs its own `Fit` over its own loader (a
+//! [`WebDatasetLoader`](super::webdataset::WebDatasetLoader) with its rank, say) and:
+//!
+//! * after every step the ranks gather their data positions (a few hundred bytes through
+//!   [`all_gather_bytes`]); at a checkpoint step **rank 0 alone** writes the checkpoint,
+//!   with every rank's position ([`CheckpointMeta::rank_data`](super::state::CheckpointMeta::rank_data)),
+//!   and the other ranks wait for the write and learn its outcome, so no rank runs ahead
+//!   of a checkpoint that is not on disk, and a failed write stops every rank;
+//! * rank 0's settings decide: its checkpoint manager, interval and resume flag are used
+//!   (the other ranks' are ignored, so they may pass the same or none);
+//! * on resume rank 0 picks the newest checkpoint, every rank loads it and restores its
+//!   own data position; a checkpoint written with another number of ranks is refused with
+//!   [`Error::WorldSizeMismatch`], naming both sizes (a rank's position is only valid for
+//!   the rank split it was taken on). Checkpoints of single-process runs and older ones
+//!   with a single position load as world size 1;
+//! * metrics are logged and the progress bar drawn on rank 0 only (a log given to another
+//!   rank is left untouched);
+//! * evaluation hooks run on every rank that has them, after the same step: the weights
+//!   are identical on all ranks, so hooks over the same data give identical results, and
+//!   rank 0 logs them. Give hooks to rank 0 alone to evaluate once (the others then wait
+//!   for it in the next step's collectives);
+//! * [`ExtraState`] is saved from rank 0 and restored on every rank: it must be the same
+//!   on all ranks (as MoCo queues filled with gathered features are).
+//!
+//! No running random state needs saving per rank: all randomness derives from the seed
+//! and positions ([`super::rng`]); a rank's data randomness follows from its restored
+//! data position.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::data::{Batch, BatchSource};
+use super::data::{Batch, BatchSource, DataPosition};
+use super::dist::{all_gather_bytes, Collective};
 use super::eval::EvalHook;
 use super::log::{step_record, MetricsLog, Progress};
 use super::state::CheckpointManager;
@@ -158,27 +193,65 @@ impl<'a> Fit<'a> {
             config,
         } = self;
         let mut summary = FitSummary::default();
-        if resume {
-            if let Some((mgr, _)) = checkpoints {
-                if let Some(path) = mgr.latest()? {
-                    let ck = CheckpointManager::load(&path)?;
-                    trainer.restore(&ck)?;
-                    if let Some(pos) = ck.meta.data {
-                        loader.set_position(pos)?;
-                    }
-                    if let Some(extra) = extra.as_deref_mut() {
-                        extra.load_state(&ck.extra)?;
-                    }
-                    if let Some(log) = log.as_deref_mut() {
-                        log.write(&json!({
-                            "event": "resume",
-                            "step": ck.meta.step,
-                            "from": path.display().to_string(),
-                        }))?;
-                    }
-                    summary.resumed_from = Some(path);
+        let group = match trainer.collective() {
+            Some(c) if c.world_size() > 1 => Some(Group {
+                comm: c.clone(),
+                rank: c.rank(),
+                world: c.world_size(),
+                device: trainer
+                    .optimizer()
+                    .trained()
+                    .first()
+                    .map_or(Device::Cpu, |(_, v)| v.device().clone()),
+            }),
+            _ => None,
+        };
+        let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
+        let lead = rank == 0;
+        if !lead {
+            log = None;
+        }
+        let progress = progress && lead;
+        let resume_from = if resume && lead {
+            checkpoints.map(|(mgr, _)| mgr)
+        } else {
+            None
+        };
+        let find = || match resume_from {
+            Some(mgr) => mgr.latest(),
+            None => Ok(None),
+        };
+        let latest = match &group {
+            None => find()?,
+            Some(g) => g.from_rank0(find, "to find the checkpoint to resume from")?,
+        };
+        if let Some(path) = latest {
+            let loaded = (|| -> Result<u64> {
+                let ck = CheckpointManager::load(&path)?;
+                // Checked first, so that a refused checkpoint changes nothing.
+                let pos = ck.meta.position_for(rank, world, &path)?;
+                trainer.restore(&ck)?;
+                if let Some(pos) = pos {
+                    loader.set_position(pos)?;
                 }
+                if let Some(extra) = extra.as_deref_mut() {
+                    extra.load_state(&ck.extra)?;
+                }
+                Ok(ck.meta.step)
+            })();
+            let step = match &group {
+                None => loaded?,
+                Some(g) => g.agree(loaded, "to resume")?,
+            };
+            if let Some(log) = log.as_deref_mut() {
+                log.write(&json!({
+                    "event": "resume",
+                    "step": step,
+                    "from": path.display().to_string(),
+                    "world_size": world,
+                }))?;
             }
+            summary.resumed_from = Some(path);
         }
         summary.start_step = trainer.global_step();
         let mut parts = Parts {
@@ -191,6 +264,7 @@ impl<'a> Fit<'a> {
             extra,
             config,
             bar: progress.then(|| Progress::new(total_steps, summary.start_step)),
+            group: group.as_ref(),
         };
         let needed = total_steps.saturating_sub(summary.start_step) as usize
             * parts.trainer.config().grad_accum;
@@ -238,6 +312,79 @@ struct Parts<'a, 'b> {
     extra: Option<&'a mut dyn ExtraState>,
     config: serde_json::Value,
     bar: Option<Progress>,
+    group: Option<&'b Group>,
+}
+
+/// This rank's view of a data-parallel group of more than one rank.
+struct Group {
+    comm: Arc<dyn Collective>,
+    rank: usize,
+    world: usize,
+    /// Where the group's tensors live (the trained parameters' device).
+    device: Device,
+}
+
+impl Group {
+    /// Every rank's `value`, in rank order (JSON through [`all_gather_bytes`]).
+    fn gather<S: Serialize, D: DeserializeOwned>(&self, value: &S) -> Result<Vec<D>> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| Error::Training(format!("cannot serialise rank metadata: {e}")))?;
+        all_gather_bytes(self.comm.as_ref(), &bytes, &self.device)?
+            .iter()
+            .enumerate()
+            .map(|(r, b)| {
+                serde_json::from_slice(b)
+                    .map_err(|e| Error::Training(format!("rank {r} sent unreadable metadata: {e}")))
+            })
+            .collect()
+    }
+
+    /// Runs `f` on rank 0 and gives its value to every rank: rank 0 gets its own result
+    /// back (its error as it was), the others rank 0's value or an error quoting rank 0's.
+    /// Also a barrier: no rank returns before rank 0 is done.
+    fn from_rank0<T: Serialize + DeserializeOwned>(
+        &self,
+        f: impl FnOnce() -> Result<T>,
+        what: &str,
+    ) -> Result<T> {
+        if self.rank == 0 {
+            let mine = f();
+            let msg = Some(mine.as_ref().map_err(|e| e.to_string()));
+            let _: Vec<serde_json::Value> = self.gather(&msg)?;
+            return mine;
+        }
+        let none: Option<()> = None;
+        let all: Vec<Option<std::result::Result<T, String>>> = self.gather(&none)?;
+        match all.into_iter().next().flatten() {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(m)) => Err(Error::Training(format!("rank 0 failed {what}: {m}"))),
+            None => Err(Error::Training(format!("rank 0 sent nothing {what}"))),
+        }
+    }
+
+    /// Whether every rank succeeded: a rank's own error is returned as it was; when only
+    /// another rank failed, an error names it.
+    fn agree<T>(&self, mine: Result<T>, what: &str) -> Result<T> {
+        let msg: Option<String> = mine.as_ref().err().map(|e| e.to_string());
+        let all: Vec<Option<String>> = self.gather(&msg)?;
+        let mine = mine?;
+        match all
+            .iter()
+            .enumerate()
+            .find_map(|(r, m)| m.as_ref().map(|m| (r, m)))
+        {
+            Some((r, m)) => Err(Error::Training(format!("rank {r} failed {what}: {m}"))),
+            None => Ok(mine),
+        }
+    }
+}
+
+/// What every rank sends after each step of a data-parallel run.
+#[derive(Serialize, Deserialize)]
+struct StepMeta {
+    position: DataPosition,
+    /// Rank 0 writes a checkpoint after this step.
+    checkpoint: bool,
 }
 
 impl Parts<'_, '_> {
@@ -306,27 +453,66 @@ impl Parts<'_, '_> {
                     summary.evals.push((done, hook.name().to_string(), metrics));
                 }
             }
-            if let Some((mgr, every)) = self.checkpoints {
-                if done % every == 0 || done == self.total_steps {
-                    let extra = match self.extra.as_deref() {
-                        Some(x) => x.save_state()?,
-                        None => BTreeMap::new(),
-                    };
-                    let ck = self
-                        .trainer
-                        .checkpoint(Some(pos), extra, self.config.clone())?;
-                    let path = mgr.save(&ck)?;
-                    if let Some(log) = self.log.as_deref_mut() {
-                        log.write(&json!({
-                            "event": "checkpoint",
-                            "step": done,
-                            "path": path.display().to_string(),
-                        }))?;
+            let due = self
+                .checkpoints
+                .filter(|(_, every)| done % every == 0 || done == self.total_steps);
+            match self.group {
+                None => {
+                    if let Some((mgr, _)) = due {
+                        let path = self.save(mgr, done, &[pos])?;
+                        summary.checkpoints.push(path);
                     }
-                    summary.checkpoints.push(path);
+                }
+                Some(g) => {
+                    let mine = StepMeta {
+                        position: pos,
+                        checkpoint: g.rank == 0 && due.is_some(),
+                    };
+                    let all: Vec<StepMeta> = g.gather(&mine)?;
+                    if all.first().is_some_and(|m| m.checkpoint) {
+                        let positions: Vec<DataPosition> = all.iter().map(|m| m.position).collect();
+                        let path = g.from_rank0(
+                            || match due {
+                                Some((mgr, _)) => self.save(mgr, done, &positions),
+                                None => Err(Error::Training("no checkpoint manager".into())),
+                            },
+                            "to write the checkpoint",
+                        )?;
+                        summary.checkpoints.push(path);
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Writes the checkpoint after `done` steps with the data positions of every rank
+    /// (one for a single process).
+    fn save(
+        &mut self,
+        mgr: &CheckpointManager,
+        done: u64,
+        positions: &[DataPosition],
+    ) -> Result<PathBuf> {
+        let extra = match self.extra.as_deref() {
+            Some(x) => x.save_state()?,
+            None => BTreeMap::new(),
+        };
+        let mut ck =
+            self.trainer
+                .checkpoint(positions.first().copied(), extra, self.config.clone())?;
+        if positions.len() > 1 {
+            ck.meta.world_size = positions.len();
+            ck.meta.rank_data = positions.to_vec();
+        }
+        let path = mgr.save(&ck)?;
+        if let Some(log) = self.log.as_deref_mut() {
+            log.write(&json!({
+                "event": "checkpoint",
+                "step": done,
+                "path": path.display().to_string(),
+            }))?;
+        }
+        Ok(path)
     }
 }

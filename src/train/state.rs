@@ -7,7 +7,7 @@
 //! | `model.safetensors` | every var under the model's names (f32 masters for half-precision trained vars); loadable by the inference API |
 //! | `optimizer.safetensors` | AdamW `m.{name}`, `v.{name}`, `t.{name}` |
 //! | `extra.safetensors` | any named tensors the run adds (MoCo queues and pointers, EMA shadows) |
-//! | `meta.json` | [`CheckpointMeta`]: step, data position, seed, schedule, counters, config, and the list of files with their sizes |
+//! | `meta.json` | [`CheckpointMeta`]: step, data position (one per rank for a data-parallel run), world size, seed, schedule, counters, config, and the list of files with their sizes |
 //!
 //! **Atomicity.** Everything is written into a temporary directory `.tmp-step-…` in the
 //! same folder; each file is fsynced, then the directory, then it is renamed to its final
@@ -16,7 +16,8 @@
 //! which loading ignores and removes; the previous checkpoint stays loadable. A step
 //! directory counts as complete only when `meta.json` parses and every file it lists has
 //! the recorded size. After a save, only the newest `keep_last` complete checkpoints are
-//! kept. One writer per folder is assumed.
+//! kept. One writer per folder is assumed: in a data-parallel run
+//! [`Fit`](super::fit::Fit) gathers every rank's data position and rank 0 alone writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -39,8 +40,17 @@ pub struct CheckpointMeta {
     pub format_version: u32,
     /// Optimiser steps completed (the next step's index).
     pub step: u64,
-    /// The data loader's position after the last consumed batch.
+    /// The data loader's position after the last consumed batch (rank 0's in a
+    /// data-parallel run; see [`CheckpointMeta::rank_data`]).
     pub data: Option<DataPosition>,
+    /// The number of ranks of the run that wrote it: 1 for single-process runs and for
+    /// checkpoints written before ranks were recorded.
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+    /// With several ranks, every rank's data position in rank order (`data` is the first);
+    /// empty for a single rank.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_data: Vec<DataPosition>,
     /// The run seed (all randomness derives from it and the position).
     pub seed: u64,
     pub schedule: Schedule,
@@ -57,6 +67,43 @@ pub struct CheckpointMeta {
     pub created_unix: u64,
     /// The crate version that wrote it.
     pub writer: String,
+}
+
+fn one_rank() -> usize {
+    1
+}
+
+impl CheckpointMeta {
+    /// The data position that rank `rank` of a run of `world_size` ranks resumes from.
+    /// Fails with [`Error::WorldSizeMismatch`] when the checkpoint was written by a run
+    /// with another number of ranks (`path` names the checkpoint in the error).
+    pub fn position_for(
+        &self,
+        rank: usize,
+        world_size: usize,
+        path: &Path,
+    ) -> Result<Option<DataPosition>> {
+        if self.world_size != world_size {
+            return Err(Error::WorldSizeMismatch {
+                path: path.to_path_buf(),
+                saved: self.world_size,
+                current: world_size,
+            });
+        }
+        if world_size <= 1 {
+            return Ok(self.data);
+        }
+        if self.rank_data.len() != world_size {
+            return Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "written by {world_size} ranks but holds {} rank data positions",
+                    self.rank_data.len()
+                ),
+            });
+        }
+        Ok(self.rank_data.get(rank).copied())
+    }
 }
 
 /// Everything a run needs to resume.
@@ -370,6 +417,8 @@ impl super::trainer::Trainer {
                 format_version: FORMAT_VERSION,
                 step: counters.step,
                 data,
+                world_size: 1,
+                rank_data: Vec::new(),
                 seed: self.config().seed,
                 schedule: self.config().schedule,
                 lr: self.lr_at(counters.step.saturating_sub(1)),

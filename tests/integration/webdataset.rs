@@ -1,9 +1,11 @@
 //! WebDataset shards: writing, reading back against the manifest loader, exact resume at
 //! shard boundaries and mid-shard, the rank split, bad members and bad shard specs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -11,9 +13,9 @@ use rand::Rng;
 use tuwen::train::rng::derive_rng;
 use tuwen::train::webdataset::{sample_index, split_sample_index, write_manifest, ShardCursor};
 use tuwen::train::{
-    AugmentConfig, Batch, CheckpointManager, DataConfig, DataLoader, DataPosition, Fit,
-    ImagePipeline, Manifest, ShardSample, ShardSpec, ShardWriter, Trainer, TrainerConfig,
-    WebDatasetConfig, WebDatasetLoader,
+    AdamWConfig, AugmentConfig, Batch, CheckpointManager, DataConfig, DataLoader, DataPosition,
+    Fit, FitSummary, ImagePipeline, LocalGroup, Manifest, ShardSample, ShardSpec, ShardWriter,
+    Trainer, TrainerConfig, WebDatasetConfig, WebDatasetLoader,
 };
 use tuwen::Error;
 
@@ -681,4 +683,298 @@ fn webdataset_bad_specs_are_typed_errors() {
     assert!(matches!(e, Error::Config(_)), "{e}");
     let e = WebDatasetLoader::new(shards.clone(), cfg, wds(0, 0)).unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e}");
+}
+
+// ------------------------------------------------------------ data-parallel resume
+
+/// 4 shards of 6 samples: each of 2 ranks reads 2 shards, 3 batches of 4 per epoch.
+fn twenty_four(dir: &Path) -> Vec<PathBuf> {
+    let m = Manifest::open(&dataset(&dir.join("data"), 24)).unwrap();
+    write_manifest(&m, dir.join("shards"), "s", 6).unwrap()
+}
+
+/// What one rank of a data-parallel run did.
+struct RankRun {
+    losses: Vec<(u64, f64)>,
+    weights: Vec<u32>,
+    summary: FitSummary,
+    /// Files this rank's checkpoint manager was about to write.
+    writes: usize,
+}
+
+/// Trains a 3-parameter model (per-channel image means) on `world` ranks of a
+/// [`LocalGroup`], each over its share of the shards, checkpointing every 2 steps into
+/// `ckpt`. With `crash_at`, rank `world - 1` fails in that step like a dying worker.
+/// `(rank, step, epoch, sample indices)` of every batch the loss sees go to `sink`.
+#[allow(clippy::too_many_arguments)]
+fn dp_run(
+    sink: &Mutex<Vec<(usize, u64, u64, Vec<usize>)>>,
+    shards: &[PathBuf],
+    ckpt: &Path,
+    world: usize,
+    total: u64,
+    resume: bool,
+    crash_at: Option<u64>,
+    init: f64,
+) -> tuwen::Result<Vec<RankRun>> {
+    LocalGroup::run(world, |comm| {
+        let rank = comm.rank();
+        let vm = VarMap::new();
+        // Another start per rank: rank 0's weights are broadcast (or the checkpoint's).
+        let w = vm.get(
+            (3,),
+            "w",
+            candle_nn::Init::Const(init + rank as f64),
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let cfg = TrainerConfig {
+            optimizer: AdamWConfig {
+                lr: 0.05,
+                ..Default::default()
+            },
+            seed: 3,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::from_varmap(&vm, cfg)?;
+        if world > 1 {
+            trainer.set_collective(comm.clone())?;
+        }
+        let mut loader = WebDatasetLoader::new(
+            shards.to_vec(),
+            shuffled_config(),
+            WebDatasetConfig {
+                rank,
+                world_size: world,
+                ..wds(2, 4)
+            },
+        )?;
+        let mut mgr = CheckpointManager::new(ckpt, 2)?;
+        let writes = Arc::new(AtomicUsize::new(0));
+        let counter = writes.clone();
+        mgr.set_before_write(Some(Box::new(move |p| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            if rank == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "rank {rank} must not write {}",
+                    p.display()
+                )))
+            }
+        })));
+        let summary = Fit::new(&mut trainer, &mut loader, total)
+            .checkpoints(&mgr, 2)
+            .resume(resume)
+            .run(|b, ctx| {
+                if crash_at == Some(ctx.step) && rank + 1 == world {
+                    return Err(Error::Training("simulated crash".into()));
+                }
+                sink.lock()
+                    .unwrap()
+                    .push((rank, ctx.step, b.epoch, b.indices.clone()));
+                let m = b
+                    .images
+                    .mean_keepdim(3)?
+                    .mean_keepdim(2)?
+                    .mean(0)?
+                    .flatten_all()?;
+                Ok((m - &w)?.sqr()?.sum_all()?)
+            })?;
+        let weights = w.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect();
+        Ok(RankRun {
+            losses: summary.losses.clone(),
+            weights,
+            summary,
+            writes: writes.load(Ordering::SeqCst),
+        })
+    })
+}
+
+#[test]
+fn webdataset_two_ranks_resume_exactly_with_one_checkpoint_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = twenty_four(dir.path());
+    let sink = Mutex::new(Vec::new());
+    let total = 6; // two epochs of 3 steps
+    let a = dp_run(
+        &sink,
+        &shards,
+        &dir.path().join("a"),
+        2,
+        total,
+        false,
+        None,
+        0.5,
+    )
+    .unwrap();
+    // The ranks took the same steps on different data.
+    assert_eq!(a[0].weights, a[1].weights);
+    assert_ne!(a[0].losses, a[1].losses);
+    assert!(a[1].writes == 0 && a[0].writes > 0, "only rank 0 writes");
+    for r in &a {
+        let steps: Vec<&str> = r
+            .summary
+            .checkpoints
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(
+            steps,
+            ["step-000000002", "step-000000004", "step-000000006"]
+        );
+    }
+
+    // The interrupted run: a worker dies in step 5, after the checkpoint at step 4.
+    let b = dir.path().join("b");
+    sink.lock().unwrap().clear();
+    let e = dp_run(&sink, &shards, &b, 2, total, false, Some(5), 0.5)
+        .err()
+        .expect("the crash stops the group");
+    assert!(e.to_string().contains("simulated crash"), "{e}");
+    // One checkpoint set in the folder, with both ranks' positions, mid-epoch and
+    // mid-shard.
+    let mut names: Vec<String> = std::fs::read_dir(&b)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["latest", "step-000000002", "step-000000004"]);
+    let ck = CheckpointManager::load(&b.join("step-000000004")).unwrap();
+    assert_eq!(ck.meta.world_size, 2);
+    assert_eq!(ck.meta.rank_data.len(), 2);
+    assert_eq!(ck.meta.data, Some(ck.meta.rank_data[0]));
+    for (r, pos) in ck.meta.rank_data.iter().enumerate() {
+        let c = pos.shard.unwrap();
+        assert_eq!((c.rank, c.world_size), (r, 2));
+        assert_eq!((pos.epoch, pos.cursor), (1, 4), "rank {r}: mid-epoch");
+        assert!(c.offset > 0 && c.offset < 6, "rank {r}: mid-shard, {c:?}");
+    }
+    assert_ne!(ck.meta.rank_data[0], ck.meta.rank_data[1]);
+
+    // Fresh workers (another initialisation) resume from step 4.
+    let crashed_len = sink.lock().unwrap().len();
+    let c = dp_run(&sink, &shards, &b, 2, total, true, None, -3.0).unwrap();
+    for (r, run) in c.iter().enumerate() {
+        assert_eq!(run.summary.start_step, 4, "rank {r}");
+        assert!(run
+            .summary
+            .resumed_from
+            .as_ref()
+            .unwrap()
+            .ends_with("step-000000004"));
+        assert_eq!(run.losses, a[r].losses[4..], "rank {r}: resumed losses");
+        assert_eq!(run.weights, a[r].weights, "rank {r}: final weights");
+    }
+    assert_eq!(c[1].writes, 0);
+
+    // Across the two runs, each epoch's samples were used exactly once over the ranks
+    // (the crashed run's steps after its checkpoint were lost and redone).
+    let mut per_epoch: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    let mut steps = BTreeSet::new();
+    for (i, (rank, step, epoch, idx)) in sink.lock().unwrap().iter().enumerate() {
+        if i < crashed_len && *step >= 4 {
+            continue;
+        }
+        if i >= crashed_len {
+            assert!(*step >= 4, "the resumed run starts at step 4");
+        }
+        assert!(
+            steps.insert((*rank, *step)),
+            "step {step} of rank {rank} twice"
+        );
+        per_epoch.entry(*epoch).or_default().extend(idx);
+    }
+    assert_eq!(
+        steps.len(),
+        2 * total as usize,
+        "every step of both ranks once"
+    );
+    let all: Vec<usize> = (0..4)
+        .flat_map(|s| (0..6).map(move |o| sample_index(s, o)))
+        .collect();
+    assert_eq!(per_epoch.len(), 2);
+    for (epoch, mut idx) in per_epoch {
+        idx.sort();
+        assert_eq!(idx, all, "epoch {epoch}: no repeats, no gaps");
+    }
+}
+
+#[test]
+fn webdataset_resume_with_another_world_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = twenty_four(dir.path());
+    let sink = Mutex::new(Vec::new());
+    // A checkpoint of 2 ranks resumed by 1.
+    let two = dir.path().join("two");
+    dp_run(&sink, &shards, &two, 2, 2, false, None, 0.5).unwrap();
+    let e = dp_run(&sink, &shards, &two, 1, 4, true, None, 0.5)
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            e,
+            Error::WorldSizeMismatch {
+                saved: 2,
+                current: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("2 rank(s)") && text.contains("resumed with 1"),
+        "{text}"
+    );
+    // The refused resume changed nothing on disk.
+    let mgr = CheckpointManager::new(&two, 2).unwrap();
+    let steps: Vec<u64> = mgr.list().unwrap().iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, [2]);
+
+    // A single-process checkpoint resumed by 2 ranks.
+    let one = dir.path().join("one");
+    let single = dp_run(&sink, &shards, &one, 1, 2, false, None, 0.5).unwrap();
+    let e = dp_run(&sink, &shards, &one, 2, 4, true, None, 0.5)
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            e,
+            Error::WorldSizeMismatch {
+                saved: 1,
+                current: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // A checkpoint written before world sizes were recorded (one position, no
+    // `world_size`) loads as a single rank and resumes.
+    let meta_path = one.join("step-000000002/meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let obj = meta.as_object_mut().unwrap();
+    assert_eq!(obj.remove("world_size"), Some(serde_json::json!(1)));
+    assert!(obj.get("rank_data").is_none());
+    std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+    let ck = CheckpointManager::load(&one.join("step-000000002")).unwrap();
+    assert_eq!((ck.meta.world_size, ck.meta.rank_data.len()), (1, 0));
+    let resumed = dp_run(&sink, &shards, &one, 1, 4, true, None, 7.0).unwrap();
+    assert_eq!(resumed[0].summary.start_step, 2);
+    let full = dp_run(
+        &sink,
+        &shards,
+        &dir.path().join("full"),
+        1,
+        4,
+        false,
+        None,
+        0.5,
+    )
+    .unwrap();
+    assert_eq!(single[0].losses, full[0].losses[..2]);
+    assert_eq!(resumed[0].losses, full[0].losses[2..]);
+    assert_eq!(resumed[0].weights, full[0].weights);
 }
