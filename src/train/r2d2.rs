@@ -296,12 +296,33 @@ pub fn gcpr_loss(
     temp: &Tensor,
     ids: &[i64],
 ) -> Result<Tensor> {
+    gcpr_loss_against(image_feat, text_feat, image_feat, text_feat, temp, ids, ids)
+}
+
+/// [`gcpr_loss`] of this rank's `b` pairs (rows) against the `n` pairs of every rank
+/// (columns: `world_*`, gathered with gradient by [`all_gather_with_grad`], and their keys).
+/// The mean is over this rank's rows, so averaging the ranks' gradients gives the gradient
+/// of the single-worker loss over the concatenated batch.
+pub fn gcpr_loss_against(
+    image_feat: &Tensor,
+    text_feat: &Tensor,
+    world_image_feat: &Tensor,
+    world_text_feat: &Tensor,
+    temp: &Tensor,
+    ids: &[i64],
+    world_ids: &[i64],
+) -> Result<Tensor> {
     check_ids(image_feat.dim(0)?, ids)?;
-    let targets =
-        multi_positive_targets(ids, ids, image_feat.device())?.to_dtype(image_feat.dtype())?;
+    check_ids(world_image_feat.dim(0)?, world_ids)?;
+    let targets = multi_positive_targets(ids, world_ids, image_feat.device())?
+        .to_dtype(image_feat.dtype())?;
     let temp = temp.to_dtype(image_feat.dtype())?;
-    let sim_i2t = image_feat.matmul(&text_feat.t()?)?.broadcast_div(&temp)?;
-    let sim_t2i = text_feat.matmul(&image_feat.t()?)?.broadcast_div(&temp)?;
+    let sim_i2t = image_feat
+        .matmul(&world_text_feat.t()?)?
+        .broadcast_div(&temp)?;
+    let sim_t2i = text_feat
+        .matmul(&world_image_feat.t()?)?
+        .broadcast_div(&temp)?;
     let l_i2t = ops::soft_cross_entropy(&sim_i2t, &targets)?;
     let l_t2i = ops::soft_cross_entropy(&sim_t2i, &targets)?;
     Ok(((l_i2t + l_t2i)? * 0.5)?)
@@ -535,6 +556,16 @@ pub struct FgrWorld {
     pub offset: usize,
 }
 
+/// The image keys of every rank's pairs, in rank order (sent from `device`, which the
+/// collective must accept: the GPU for NCCL).
+pub fn gather_ids(comm: &Arc<dyn Collective>, ids: &[i64], device: &Device) -> Result<Vec<i64>> {
+    let keys = Tensor::new(ids, device)?;
+    Ok(comm
+        .all_gather(&keys)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<i64>()?)
+}
+
 /// Gathers [`FgrWorld`] over `comm` from this rank's image tokens, normalised image and
 /// text embeddings, token ids, mask and image keys. Every rank must call it with the
 /// same shapes. With a group of one the "world" is the local batch.
@@ -549,11 +580,7 @@ pub fn gather_fgr_world(
 ) -> Result<FgrWorld> {
     let b = image_tokens.dim(0)?;
     check_ids(b, ids)?;
-    let keys = Tensor::new(ids, &Device::Cpu)?;
-    let world_ids = comm
-        .all_gather(&keys)?
-        .to_device(&Device::Cpu)?
-        .to_vec1::<i64>()?;
+    let world_ids = gather_ids(comm, ids, image_feat.device())?;
     Ok(FgrWorld {
         image_feat: comm.all_gather(&image_feat.detach())?,
         text_feat: comm.all_gather(&text_feat.detach())?,
@@ -766,20 +793,55 @@ pub fn tgd_loss(
     temp: &Tensor,
     alpha: f64,
 ) -> Result<Tensor> {
+    tgd_loss_against(s_img, s_txt, t_img, t_txt, ids, None, queue, temp, alpha)
+}
+
+/// The teacher features of every rank's pairs (no gradient) and their keys, for
+/// [`tgd_loss_against`].
+pub struct TeacherWorld<'a> {
+    pub image: &'a Tensor,
+    pub text: &'a Tensor,
+    pub ids: &'a [i64],
+}
+
+/// [`tgd_loss`] of this rank's pairs (rows) against the in-batch teacher features of every
+/// rank (`world`; `None`: this rank's own) and the queue. The mean is over this rank's rows.
+#[allow(clippy::too_many_arguments)]
+pub fn tgd_loss_against(
+    s_img: &Tensor,
+    s_txt: &Tensor,
+    t_img: &Tensor,
+    t_txt: &Tensor,
+    ids: &[i64],
+    world: Option<TeacherWorld<'_>>,
+    queue: Option<&FeatureQueue>,
+    temp: &Tensor,
+    alpha: f64,
+) -> Result<Tensor> {
     check_ids(s_img.dim(0)?, ids)?;
     let dtype = s_img.dtype();
     let t_img = t_img.detach().to_dtype(dtype)?;
     let t_txt = t_txt.detach().to_dtype(dtype)?;
-    let mut all_ids = ids.to_vec();
+    let (w_img, w_txt, mut all_ids) = match world {
+        Some(w) => {
+            check_ids(w.image.dim(0)?, w.ids)?;
+            (
+                w.image.detach().to_dtype(dtype)?,
+                w.text.detach().to_dtype(dtype)?,
+                w.ids.to_vec(),
+            )
+        }
+        None => (t_img.clone(), t_txt.clone(), ids.to_vec()),
+    };
     let (img_keys, txt_keys) = match queue {
         Some(q) if !q.is_empty() => {
             all_ids.extend_from_slice(&q.ids);
             (
-                Tensor::cat(&[&t_img, &q.image.to_dtype(dtype)?], 0)?,
-                Tensor::cat(&[&t_txt, &q.text.to_dtype(dtype)?], 0)?,
+                Tensor::cat(&[&w_img, &q.image.to_dtype(dtype)?], 0)?,
+                Tensor::cat(&[&w_txt, &q.text.to_dtype(dtype)?], 0)?,
             )
         }
-        _ => (t_img.clone(), t_txt.clone()),
+        _ => (w_img, w_txt),
     };
     let hard = multi_positive_targets(ids, &all_ids, s_img.device())?.to_dtype(dtype)?;
     let temp_d = temp.detach().to_dtype(dtype)?;
@@ -1172,13 +1234,29 @@ impl R2d2Objective {
             Ok(v)
         };
         let mut out = (None, None, None, None);
+        let comm = self.comm.as_ref().filter(|c| c.world_size() > 1);
         if c.gcpr_weight > 0.0 {
-            let l = gcpr_loss(&img, &txt, temp, x.image_ids)?;
+            let l = match comm {
+                None => gcpr_loss(&img, &txt, temp, x.image_ids)?,
+                Some(comm) => {
+                    // Every rank's features as columns, with gradient.
+                    let world_ids = gather_ids(comm, x.image_ids, img.device())?;
+                    gcpr_loss_against(
+                        &img,
+                        &txt,
+                        &all_gather_with_grad(&img, comm)?,
+                        &all_gather_with_grad(&txt, comm)?,
+                        temp,
+                        x.image_ids,
+                        &world_ids,
+                    )?
+                }
+            };
             out.0 = Some(add(&l, c.gcpr_weight)?);
         }
         let mut fgr_negatives = None;
         if c.fgr_weight > 0.0 {
-            let l = match self.comm.as_ref().filter(|c| c.world_size() > 1) {
+            let l = match comm {
                 None => {
                     let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, temp, x.image_ids)?;
                     let negs = sample_hard_negatives(&w_i2t, &w_t2i, &mut ctx.rng(STREAM_FGR))?;
@@ -1234,14 +1312,27 @@ impl R2d2Objective {
                 .teacher_features(x.pixel_values, x.input_ids, x.attention_mask)?
                 .ok_or_else(|| Error::Training("the EMA teacher is missing".into()))?;
             if c.tgd_weight > 0.0 {
+                // With several ranks, the in-batch keys and the queue's new entries are
+                // every rank's teacher features, so all ranks hold the same queue.
+                let world = match comm {
+                    None => None,
+                    Some(comm) => Some((
+                        comm.all_gather(&t_img.detach())?,
+                        comm.all_gather(&t_txt.detach())?,
+                        gather_ids(comm, x.image_ids, t_img.device())?,
+                    )),
+                };
                 let l = {
                     let st = self.state.borrow();
-                    tgd_loss(
+                    tgd_loss_against(
                         &img,
                         &txt,
                         &t_img,
                         &t_txt,
                         x.image_ids,
+                        world
+                            .as_ref()
+                            .map(|(image, text, ids)| TeacherWorld { image, text, ids }),
                         st.queue.as_ref(),
                         temp,
                         c.distill_alpha,
@@ -1249,7 +1340,10 @@ impl R2d2Objective {
                 };
                 out.2 = Some(add(&l, c.tgd_weight)?);
                 if let Some(q) = self.state.borrow_mut().queue.as_mut() {
-                    q.enqueue(&t_img, &t_txt, x.image_ids)?;
+                    match &world {
+                        None => q.enqueue(&t_img, &t_txt, x.image_ids)?,
+                        Some((image, text, ids)) => q.enqueue(image, text, ids)?,
+                    }
                 }
             }
             if c.fgd_weight > 0.0 {

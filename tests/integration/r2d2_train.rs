@@ -588,6 +588,112 @@ fn fgr_across_ranks_equals_one_worker_with_the_same_negatives() {
     );
 }
 
+/// PRD2's objectives (GCPR + TgD with its queue) over 2 and 4 workers sharing 8 pairs: the
+/// ranks' mean loss and averaged gradients equal one worker's over all 8 pairs, for two
+/// steps (the second one reads the queue the first filled), and every rank ends with the
+/// single worker's queue. GCPR gathers the features with gradient, TgD the teacher's.
+#[test]
+fn prd2_objectives_across_ranks_equal_one_worker() {
+    let g = global_fgr_batch();
+    let cfg = R2d2LossConfig {
+        gcpr_weight: 1.0,
+        fgr_weight: 0.0,
+        tgd_weight: 1.0,
+        fgd_weight: 0.0,
+        queue_size: 16,
+        ..R2d2LossConfig::default()
+    };
+    type StepOut = (f32, BTreeMap<String, Tensor>);
+    let run = |obj: &R2d2Objective, net: &R2d2, vars: &VarMap, x: &Fixed| -> Vec<StepOut> {
+        let inputs = R2d2Inputs {
+            pixel_values: &x.pixels,
+            input_ids: &x.ids,
+            attention_mask: &x.mask,
+            image_ids: &x.keys,
+        };
+        (0..2)
+            .map(|s| {
+                let l = obj.loss(net, &inputs, &step_ctx(s)).unwrap();
+                (
+                    l.total.to_scalar::<f32>().unwrap(),
+                    grads_by_name(vars, &l.total),
+                )
+            })
+            .collect()
+    };
+    let (net, vars, vb) = tiny_trainable();
+    let obj = R2d2Objective::new(cfg.clone(), &net, &vars, vb).unwrap();
+    let single = run(&obj, &net, &vars, &g);
+    let single_queue = obj.queue().unwrap();
+    let abs_max = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for world in [2usize, 4] {
+        let ranks = LocalGroup::run(world, |comm: Arc<dyn Collective>| {
+            let (net, vars, vb) = tiny_trainable();
+            let obj =
+                R2d2Objective::new(cfg.clone(), &net, &vars, vb)?.with_collective(comm.clone());
+            let x = rank_share(&g, comm.rank(), world);
+            let out = run(&obj, &net, &vars, &x);
+            Ok((out, obj.queue()))
+        })
+        .unwrap();
+        for (step, (want, want_grads)) in single.iter().enumerate() {
+            let want = *want;
+            let mean = ranks.iter().map(|r| r.0[step].0).sum::<f32>() / world as f32;
+            let dl = (mean - want).abs() / want.abs();
+            println!("PRD2 {world} ranks, step {step}: loss {mean:.6} vs {want:.6} (rel {dl:.2e})");
+            assert!(dl < 1e-5, "{world} ranks, step {step}: loss rel diff {dl}");
+            // Relative to each gradient's largest element, floored at 1e-3 of the largest
+            // element overall (as in the FGR test: some biases hold rounding noise only).
+            let global = want_grads.values().map(abs_max).fold(0f32, f32::max);
+            let mut worst = (0f32, String::new());
+            for (name, want) in want_grads {
+                let got: Vec<&Tensor> =
+                    ranks.iter().filter_map(|r| r.0[step].1.get(name)).collect();
+                assert_eq!(got.len(), world, "{name}: a rank has no gradient");
+                let mut sum = got[0].clone();
+                for g in &got[1..] {
+                    sum = (sum + *g).unwrap();
+                }
+                let avg = (sum / world as f64).unwrap();
+                let d = max_abs_diff(&avg, want) / abs_max(want).max(1e-3 * global);
+                if d > worst.0 {
+                    worst = (d, name.clone());
+                }
+            }
+            println!(
+                "PRD2 {world} ranks, step {step}: worst gradient rel diff {:.2e} ({})",
+                worst.0, worst.1
+            );
+            assert!(
+                worst.0 < 1e-5,
+                "{world} ranks, step {step}: {} differs by {}",
+                worst.1,
+                worst.0
+            );
+        }
+        for (r, (_, q)) in ranks.iter().enumerate() {
+            let q = q.as_ref().expect("a rank lost its queue");
+            assert_eq!(q.ids, single_queue.ids, "rank {r}: queue keys");
+            assert_eq!(q.ptr, single_queue.ptr, "rank {r}: queue pointer");
+            let d = max_abs_diff(&q.image, &single_queue.image)
+                .max(max_abs_diff(&q.text, &single_queue.text));
+            assert!(
+                d < 1e-6,
+                "{world} ranks, rank {r}: queue features differ by {d}"
+            );
+        }
+    }
+}
+
 fn step_ctx(step: u64) -> StepCtx {
     StepCtx {
         step,

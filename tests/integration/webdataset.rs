@@ -702,13 +702,16 @@ struct RankRun {
     writes: usize,
 }
 
+/// `(rank, step, epoch, sample indices)` of a batch the loss saw.
+type SeenBatch = (usize, u64, u64, Vec<usize>);
+
 /// Trains a 3-parameter model (per-channel image means) on `world` ranks of a
 /// [`LocalGroup`], each over its share of the shards, checkpointing every 2 steps into
 /// `ckpt`. With `crash_at`, rank `world - 1` fails in that step like a dying worker.
 /// `(rank, step, epoch, sample indices)` of every batch the loss sees go to `sink`.
 #[allow(clippy::too_many_arguments)]
 fn dp_run(
-    sink: &Mutex<Vec<(usize, u64, u64, Vec<usize>)>>,
+    sink: &Mutex<Vec<SeenBatch>>,
     shards: &[PathBuf],
     ckpt: &Path,
     world: usize,
