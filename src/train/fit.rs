@@ -223,7 +223,7 @@ impl<'a> Fit<'a> {
         };
         let latest = match &group {
             None => find()?,
-            Some(g) => g.from_rank0(find, "to find the checkpoint to resume from")?,
+            Some(g) => g.on_rank0(find, "to find the checkpoint to resume from")?,
         };
         if let Some(path) = latest {
             let loaded = (|| -> Result<u64> {
@@ -342,7 +342,7 @@ impl Group {
     /// Runs `f` on rank 0 and gives its value to every rank: rank 0 gets its own result
     /// back (its error as it was), the others rank 0's value or an error quoting rank 0's.
     /// Also a barrier: no rank returns before rank 0 is done.
-    fn from_rank0<T: Serialize + DeserializeOwned>(
+    fn on_rank0<T: Serialize + DeserializeOwned>(
         &self,
         f: impl FnOnce() -> Result<T>,
         what: &str,
@@ -471,7 +471,7 @@ impl Parts<'_, '_> {
                     let all: Vec<StepMeta> = g.gather(&mine)?;
                     if all.first().is_some_and(|m| m.checkpoint) {
                         let positions: Vec<DataPosition> = all.iter().map(|m| m.position).collect();
-                        let path = g.from_rank0(
+                        let path = g.on_rank0(
                             || match due {
                                 Some((mgr, _)) => self.save(mgr, done, &positions),
                                 None => Err(Error::Training("no checkpoint manager".into())),

@@ -693,6 +693,9 @@ fn twenty_four(dir: &Path) -> Vec<PathBuf> {
     write_manifest(&m, dir.join("shards"), "s", 6).unwrap()
 }
 
+/// `(rank, step, epoch, sample indices)` of every batch a loss saw.
+type Consumed = Mutex<Vec<(usize, u64, u64, Vec<usize>)>>;
+
 /// What one rank of a data-parallel run did.
 struct RankRun {
     losses: Vec<(u64, f64)>,
@@ -708,7 +711,7 @@ struct RankRun {
 /// `(rank, step, epoch, sample indices)` of every batch the loss sees go to `sink`.
 #[allow(clippy::too_many_arguments)]
 fn dp_run(
-    sink: &Mutex<Vec<(usize, u64, u64, Vec<usize>)>>,
+    sink: &Consumed,
     shards: &[PathBuf],
     ckpt: &Path,
     world: usize,
