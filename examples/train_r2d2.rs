@@ -70,6 +70,10 @@ struct Args {
     /// Also train the ViT (frozen in the official fine-tuning).
     #[arg(long)]
     train_vision: bool,
+    /// Plain resize instead of R2D2's training augmentation (RandomResizedCrop 0.5–1,
+    /// horizontal flip, RandAugment with 2 ops at magnitude 5).
+    #[arg(long)]
+    no_augment: bool,
     #[arg(long, default_value_t = 500)]
     checkpoint_every: u64,
     #[arg(long, default_value_t = 2)]
@@ -166,9 +170,13 @@ fn run(args: Args) -> tuwen::Result<()> {
 
     let manifest = Manifest::open(&args.manifest)?;
     let size = cfg.vision_config.image_size;
+    let mut pipeline = ImagePipeline::from_fixed(&FixedProcessor::clip(size));
+    if !args.no_augment {
+        pipeline = pipeline.with_r2d2_augment();
+    }
     let data_cfg = DataConfig {
         seed: args.seed,
-        pipeline: ImagePipeline::from_fixed(&FixedProcessor::clip(size)),
+        pipeline,
         ..DataConfig::new(args.batch_size, size)
     };
     let mut data = DataLoader::new(manifest, data_cfg)?;

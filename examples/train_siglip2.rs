@@ -211,19 +211,9 @@ fn run(args: Args) -> tuwen::Result<()> {
     };
     let mut trainer = Trainer::from_varmap(&m.vars, cfg)?;
 
-    // Every rank resumes from rank 0's newest checkpoint, then rank 0's weights are
-    // broadcast (a no-op after a resume, the start of data parallelism otherwise).
+    // Rank 0's weights are broadcast (the start of data parallelism); `Fit` then resumes
+    // every rank from rank 0's newest checkpoint, each at its own data position.
     let ckpts = CheckpointManager::new(args.out.join("ckpt"), args.keep)?;
-    if let Some(path) = ckpts.latest()? {
-        let ck = CheckpointManager::load(&path)?;
-        trainer.restore(&ck)?;
-        if let Some(pos) = ck.meta.data {
-            loader.set_position(pos)?;
-        }
-        if rank == 0 {
-            eprintln!("resumed from {} (step {})", path.display(), ck.meta.step);
-        }
-    }
     if let Some(c) = &comm {
         trainer.set_collective(c.clone())?;
     }
@@ -235,12 +225,11 @@ fn run(args: Args) -> tuwen::Result<()> {
     };
     let config = serde_json::to_value(&args)
         .map_err(|e| Error::Config(format!("cannot record the arguments: {e}")))?;
-    let mut fit = Fit::new(&mut trainer, &mut loader, args.steps).config(config);
-    if rank == 0 {
-        fit = fit
-            .checkpoints(&ckpts, args.checkpoint_every)
-            .progress(args.progress);
-    }
+    let mut fit = Fit::new(&mut trainer, &mut loader, args.steps)
+        .config(config)
+        .checkpoints(&ckpts, args.checkpoint_every)
+        .resume(true)
+        .progress(args.progress);
     if let Some(log) = metrics.as_mut() {
         fit = fit.log(log, args.log_every);
     }
@@ -265,6 +254,9 @@ fn run(args: Args) -> tuwen::Result<()> {
         }
     })?;
     if rank == 0 {
+        if let Some(path) = &summary.resumed_from {
+            eprintln!("resumed from {}", path.display());
+        }
         eprintln!(
             "{} steps run (from step {}), last loss {:?}, {} skipped samples",
             summary.steps_run, summary.start_step, summary.last_loss, summary.skipped_samples

@@ -25,7 +25,7 @@ use rand::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::augment::AugmentConfig;
+use super::augment::{AugmentConfig, R2d2Augment};
 use super::rng::{derive_rng, permutation, streams};
 use super::trainer::BatchInfo;
 use crate::error::{Error, Result};
@@ -343,6 +343,10 @@ pub enum ResizeKind {
     /// Bilinear without antialias, `align_corners = False` (torch `interpolate`,
     /// torchvision's tensor `Resize` of old versions).
     BilinearNoAntialias,
+    /// R2D2's training transform instead of a plain resize: a random resized crop
+    /// (bicubic), a random horizontal flip and RandAugment, seeded per sample (see
+    /// [`R2d2Augment`]).
+    R2d2Train(R2d2Augment),
 }
 
 /// Decoding to a normalised `[3, size, size]` tensor, with optional augmentation.
@@ -393,8 +397,16 @@ impl ImagePipeline {
         self
     }
 
+    /// With R2D2's original training augmentation ([`R2d2Augment::default`]) in place of
+    /// the resize; mean, std and size are kept (use [`ImagePipeline::from_fixed`] with the
+    /// model's processor for R2D2's CLIP normalisation).
+    pub fn with_r2d2_augment(mut self) -> Self {
+        self.resize = ResizeKind::R2d2Train(R2d2Augment::default());
+        self
+    }
+
     /// Processes one decoded image into planar normalised f32 `[3·size·size]`; `rng` is
-    /// used only when augmenting.
+    /// used only when augmenting (colour jitter, or [`ResizeKind::R2d2Train`]).
     pub fn process<R: Rng>(&self, img: &RgbImage, rng: &mut R) -> Result<Vec<f32>> {
         let s = self.size;
         let mut planes = match self.resize {
@@ -412,6 +424,7 @@ impl ImagePipeline {
                     .flatten_all()?
                     .to_vec1::<f32>()?
             }
+            ResizeKind::R2d2Train(a) => to_planes(&a.apply(img, s as u32, rng)?),
         };
         if let Some(a) = &self.augment {
             a.apply(&mut planes, rng);
@@ -647,6 +660,9 @@ impl DataLoader {
             ));
         }
         if let Some(a) = &config.pipeline.augment {
+            a.validate()?;
+        }
+        if let super::data::ResizeKind::R2d2Train(a) = &config.pipeline.resize {
             a.validate()?;
         }
         Ok(Self {

@@ -57,16 +57,34 @@ pub struct StepCtx {
     pub n_micro: usize,
     /// The run seed.
     pub seed: u64,
+    /// This process's rank in its data-parallel group (0 without a collective).
+    pub rank: usize,
 }
 
 impl StepCtx {
-    /// A generator for this step and micro-batch: the same on every run and after resume.
-    /// `stream` tells independent uses apart (model code should use ids ≥ 100).
+    /// A generator for this step, micro-batch and rank: the same on every run and after
+    /// resume. `stream` tells independent uses apart (model code should use ids ≥ 100).
+    /// Rank 0 draws what a single worker draws; every other rank has its own stream, so
+    /// that dropout and masking differ across ranks as they do across a single worker's
+    /// samples.
     pub fn rng(&self, stream: u64) -> ChaCha8Rng {
-        derive_rng(
-            self.seed,
-            &[streams::STEP, stream, self.step, self.micro as u64],
-        )
+        if self.rank == 0 {
+            derive_rng(
+                self.seed,
+                &[streams::STEP, stream, self.step, self.micro as u64],
+            )
+        } else {
+            derive_rng(
+                self.seed,
+                &[
+                    streams::STEP,
+                    stream,
+                    self.step,
+                    self.micro as u64,
+                    self.rank as u64,
+                ],
+            )
+        }
     }
 }
 
@@ -320,12 +338,14 @@ impl Trainer {
         let mut acc: Option<Grads> = None;
         let mut loss_sum = 0f64;
         let mut skipped = None;
+        let rank = self.collective.as_ref().map_or(0, |c| c.rank());
         for (micro, batch) in micro_batches.iter().enumerate() {
             let ctx = StepCtx {
                 step,
                 micro,
                 n_micro: n,
                 seed: self.config.seed,
+                rank,
             };
             let loss = loss_fn(batch, &ctx)?;
             if loss.elem_count() != 1 {

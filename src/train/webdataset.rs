@@ -878,6 +878,9 @@ impl WebDatasetLoader {
         if let Some(a) = &config.pipeline.augment {
             a.validate()?;
         }
+        if let super::data::ResizeKind::R2d2Train(a) = &config.pipeline.resize {
+            a.validate()?;
+        }
         if wds.world_size == 0 || wds.rank >= wds.world_size {
             return Err(Error::Config(format!(
                 "rank {} is not in 0..{} (world size)",

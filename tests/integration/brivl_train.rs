@@ -196,6 +196,7 @@ fn ctx(step: u64) -> StepCtx {
         micro: 0,
         n_micro: 1,
         seed: 0,
+        rank: 0,
     }
 }
 
@@ -420,6 +421,7 @@ fn brivl_moco_queue_must_be_a_multiple_of_the_global_batch() {
         micro: 0,
         n_micro: 3,
         seed: 0,
+        rank: 0,
     };
     match moco.loss(&x, &c) {
         Err(e @ Error::Config(_)) => {

@@ -185,3 +185,144 @@ fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
     assert!(st.success());
     assert!(!load_st(&emb).is_empty());
 }
+
+/// Runs an example to success and returns its stdout and stderr together.
+fn run_ok(name: &str, args: &[&str]) -> String {
+    let o = Command::new(example(name)).args(args).output().unwrap();
+    let s = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{name} {args:?}:\n{s}");
+    s
+}
+
+/// Asserts two weight files hold the same tensors, bit for bit.
+fn assert_same_weights(a: &std::path::Path, b: &std::path::Path) {
+    let (a, b) = (load_st(a), load_st(b));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert_close(name, t, &b[name], 0.0);
+    }
+}
+
+/// `train_siglip2` run for 2 steps and then resumed up to 4 ends with the same weights as
+/// an uninterrupted 4-step run, and its model loads with the inference API.
+#[test]
+fn train_siglip2_resumes_exactly() {
+    let model = tiny_siglip_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let data = tuwen::train::synthetic::write_shapes_dataset(
+        &dir.path().join("data"),
+        &tuwen::train::synthetic::ShapesConfig::new(24, 5),
+    )
+    .unwrap();
+    let train = |out: &std::path::Path, steps: &str| {
+        run_ok(
+            "train_siglip2",
+            &[
+                "--model",
+                model.path().to_str().unwrap(),
+                "--train",
+                data.manifest_path.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--steps",
+                steps,
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-3",
+                "--warmup",
+                "1",
+                "--checkpoint-every",
+                "2",
+            ],
+        )
+    };
+    let (split, whole) = (dir.path().join("split"), dir.path().join("whole"));
+    let s = train(&split, "2");
+    assert!(!s.contains("resumed from"), "{s}");
+    let s = train(&split, "4");
+    assert!(
+        s.contains("resumed from") && s.contains("2 steps run"),
+        "{s}"
+    );
+    train(&whole, "4");
+    assert_same_weights(
+        &split.join("model/model.safetensors"),
+        &whole.join("model/model.safetensors"),
+    );
+    let m = tuwen::load(
+        split.join("model").to_str().unwrap(),
+        &tuwen::LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(m.embed_texts(&["红色的圆形"]).unwrap().dims()[0], 1);
+}
+
+/// `train_r2d2` with R2D2's training augmentation (the default) resumes exactly: 2 steps,
+/// then resumed up to 4, equal an uninterrupted 4-step run; a run without augmentation
+/// trains on different pixels.
+#[test]
+fn train_r2d2_augments_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tuwen::train::synthetic::write_shapes_dataset(
+        &dir.path().join("data"),
+        &tuwen::train::synthetic::ShapesConfig::new(24, 6),
+    )
+    .unwrap();
+    let pth = shared("fixtures/original/r2d2_tiny.pth");
+    let tok = shared("data/hfl-roberta-wwm-ext/tokenizer.json");
+    let train = |out: &std::path::Path, steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--init",
+            pth.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--manifest",
+            data.manifest_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            steps,
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "1",
+            "--checkpoint-every",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        run_ok("train_r2d2", &args)
+    };
+    let (split, whole, plain) = (
+        dir.path().join("split"),
+        dir.path().join("whole"),
+        dir.path().join("plain"),
+    );
+    train(&split, "2", &[]);
+    let s = train(&split, "4", &[]);
+    assert!(
+        s.contains("resumed from") && s.contains("2 steps run"),
+        "{s}"
+    );
+    train(&whole, "4", &[]);
+    assert_same_weights(
+        &split.join("model.safetensors"),
+        &whole.join("model.safetensors"),
+    );
+    train(&plain, "4", &["--no-augment"]);
+    let (a, p) = (
+        load_st(&whole.join("model.safetensors")),
+        load_st(&plain.join("model.safetensors")),
+    );
+    let differs = a.iter().any(|(name, t)| {
+        let d = (t - &p[name]).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() > 0.0
+    });
+    assert!(differs, "augmented and plain runs trained identically");
+}

@@ -423,6 +423,7 @@ fn dp_fgr_negatives(seed: u64, steps: u64) -> Vec<Vec<HardNegatives>> {
                     micro: 0,
                     n_micro: 1,
                     seed,
+                    rank: 0,
                 };
                 let l = obj.loss(&net, &inputs, &ctx)?;
                 assert!(l.fgr.unwrap().is_finite());
@@ -700,6 +701,7 @@ fn step_ctx(step: u64) -> StepCtx {
         micro: 0,
         n_micro: 1,
         seed: 11,
+        rank: 0,
     }
 }
 

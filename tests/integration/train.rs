@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use rand::Rng;
 use tuwen::train::augment::{
-    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, to_grayscale,
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, apply_op, hflip,
+    random_resized_crop_box, to_grayscale, R2d2Augment, RandOp, R2D2_FILL, R2D2_OPS,
 };
 use tuwen::train::data::{ResizeKind, SkippedSample};
 use tuwen::train::rng::derive_rng;
@@ -1525,4 +1526,201 @@ fn train_eval_hook_runs_every_n_steps() {
             assert!(r.get(k).is_some(), "{k} missing in {r}");
         }
     }
+}
+
+// ---------------------------------------------------------------- R2D2 augmentation
+
+fn rgb_of(t: &Tensor) -> image::RgbImage {
+    let (h, w, c) = t.dims3().unwrap();
+    assert_eq!(c, 3);
+    let v: Vec<u8> = t.flatten_all().unwrap().to_vec1().unwrap();
+    image::RgbImage::from_raw(w as u32, h as u32, v).unwrap()
+}
+
+/// `(largest difference, number of differing values)` between two 8-bit images.
+fn u8_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .fold((0, 0), |(m, n), (x, y)| {
+            let d = x.abs_diff(*y);
+            (m.max(d), n + (d > 0) as usize)
+        })
+}
+
+#[test]
+fn train_r2d2_augment_ops_match_pil() {
+    let r = load_st(&fixture("augment/r2d2_ops.safetensors"));
+    let src = rgb_of(get(&r, "src"));
+    // Every op is computed like PIL in the same order of operations, so most outputs are
+    // bit-exact. The rotations compare to 1 level: the fixture inverts the OpenCV matrix
+    // with LAPACK, this crate in closed form, and an ulp of difference in the sample
+    // position can move PIL's truncation of the bilinear value across an integer. The
+    // bicubic crop-resize compares to 1 level too (the crate's PIL resize, whose own
+    // tests allow that).
+    let mut cases: Vec<(String, RandOp, u8)> = vec![
+        ("autocontrast".into(), RandOp::AutoContrast, 0),
+        ("equalize".into(), RandOp::Equalize, 0),
+    ];
+    for f in ["1.36", "0.55"] {
+        let v: f32 = f.parse().unwrap();
+        cases.push((format!("brightness_{f}"), RandOp::Brightness(v), 0));
+    }
+    for f in ["1.36", "0.3", "1.9"] {
+        let v: f32 = f.parse().unwrap();
+        cases.push((format!("sharpness_{f}"), RandOp::Sharpness(v), 0));
+    }
+    for f in ["0.15", "-0.21"] {
+        let v: f64 = f.parse().unwrap();
+        cases.push((format!("shear_x_{f}"), RandOp::ShearX(v), 0));
+        cases.push((format!("shear_y_{f}"), RandOp::ShearY(v), 0));
+    }
+    for f in ["3.5", "-2.0"] {
+        let v: f64 = f.parse().unwrap();
+        cases.push((format!("translate_x_{f}"), RandOp::TranslateX(v), 0));
+        cases.push((format!("translate_y_{f}"), RandOp::TranslateY(v), 0));
+    }
+    for f in ["21.0", "-14.0"] {
+        let v: f64 = f.parse().unwrap();
+        cases.push((format!("rotate_{f}"), RandOp::Rotate(v), 1));
+    }
+    for (name, op, tol) in &cases {
+        let want = rgb_of(get(&r, name));
+        let got = apply_op(&src, *op);
+        let (max, n) = u8_diff(&got, &want);
+        println!("{name}: max diff {max}, {n} values differ");
+        assert!(max <= *tol, "{name}: max diff {max} ({n} values)");
+        assert_ne!(got, src, "{name} changed the image");
+    }
+    assert_eq!(hflip(&src), rgb_of(get(&r, "hflip")));
+    // The geometric ops fill uncovered pixels with R2D2's grey.
+    let moved = apply_op(&src, RandOp::TranslateX(3.0));
+    assert!(moved.pixels().rev().take(2).all(|p| p.0 == R2D2_FILL));
+    // The crop and bicubic resize of RandomResizedCrop (top 2, left 3, 9×11, to 8×8).
+    let crop = image::imageops::crop_imm(&src, 3, 2, 11, 9).to_image();
+    let got = tuwen::preprocess::image::resize_pil(
+        &crop,
+        8,
+        8,
+        tuwen::preprocess::image::Resample::Bicubic,
+    )
+    .unwrap();
+    let (max, n) = u8_diff(&got, &rgb_of(get(&r, "resized_crop")));
+    println!("resized_crop: max diff {max}, {n} values differ");
+    assert!(max <= 1);
+}
+
+#[test]
+fn train_r2d2_resized_crop_box_follows_torchvision() {
+    let r = load_st(&fixture("augment/r2d2_ops.safetensors"));
+    let (scale, ratio) = ([0.5, 1.0], [3.0 / 4.0, 4.0 / 3.0]);
+    // Images no try fits: torchvision's centre-crop fallback, box for box.
+    let boxes = get(&r, "fallback_boxes").to_vec2::<i64>().unwrap();
+    for b in &boxes {
+        let (w, h) = (b[0] as u32, b[1] as u32);
+        let want = (b[2] as u32, b[3] as u32, b[4] as u32, b[5] as u32);
+        for seed in 0..5 {
+            let mut rng = derive_rng(seed, &[1]);
+            assert_eq!(
+                random_resized_crop_box(w, h, scale, ratio, &mut rng),
+                want,
+                "{w}x{h}"
+            );
+        }
+    }
+    // Sampled boxes: inside the image, area and aspect ratio within the ranges up to
+    // the rounding of each side, offsets uniform over the positions that fit.
+    for (w, h) in [(40u32, 30u32), (300, 200), (17, 13), (64, 64)] {
+        let (mut tops, mut lefts) = (Vec::new(), Vec::new());
+        let mut areas = Vec::new();
+        for seed in 0..400 {
+            let mut rng = derive_rng(seed, &[w as u64, h as u64]);
+            let (top, left, bh, bw) = random_resized_crop_box(w, h, scale, ratio, &mut rng);
+            assert!(bw >= 1 && bh >= 1 && left + bw <= w && top + bh <= h);
+            let (fw, fh) = (bw as f64, bh as f64);
+            let area = (w * h) as f64;
+            assert!(
+                (fw + 0.5) * (fh + 0.5) >= scale[0] * area,
+                "{w}x{h}: {bw}x{bh}"
+            );
+            assert!(
+                (fw - 0.5) * (fh - 0.5) <= scale[1] * area,
+                "{w}x{h}: {bw}x{bh}"
+            );
+            assert!((fw + 0.5) / (fh - 0.5) >= ratio[0] && (fw - 0.5) / (fh + 0.5) <= ratio[1]);
+            tops.push((top, h - bh));
+            lefts.push((left, w - bw));
+            areas.push(fw * fh / area);
+        }
+        // Both ends of the offset ranges occur, and small and large crops.
+        assert!(tops.iter().any(|&(t, _)| t == 0) && tops.iter().any(|&(t, m)| t == m && m > 0));
+        assert!(lefts.iter().any(|&(l, _)| l == 0) && lefts.iter().any(|&(l, m)| l == m && m > 0));
+        let lo = areas.iter().filter(|&&a| a < 0.65).count();
+        let hi = areas.iter().filter(|&&a| a > 0.8).count();
+        assert!(lo > 40 && hi > 0, "{w}x{h}: {lo} small, {hi} large crops");
+    }
+}
+
+#[test]
+fn train_r2d2_augment_is_deterministic_per_sample() {
+    let aug = R2d2Augment::default();
+    // RandAugment at R2D2's magnitude 5: 2 draws at p = 0.5, every op, enhance factor 1.
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut applied = 0;
+    let n = 4000;
+    for seed in 0..n {
+        let ops = aug.sample_ops(&mut derive_rng(seed, &[3]));
+        applied += ops.len();
+        for op in ops {
+            match op {
+                RandOp::Brightness(f) | RandOp::Sharpness(f) => assert_eq!(f, 1.0),
+                RandOp::ShearX(v) | RandOp::ShearY(v) => assert_eq!(v.abs(), 0.15),
+                RandOp::TranslateX(v) | RandOp::TranslateY(v) => assert_eq!(v.abs(), 5.0),
+                RandOp::Rotate(v) => assert_eq!(v.abs(), 15.0),
+                _ => {}
+            }
+            let name = format!("{op:?}");
+            let key = name.split('(').next().unwrap().to_string();
+            *counts.entry(key).or_default() += 1;
+        }
+    }
+    let mean = applied as f64 / n as f64;
+    assert!((mean - 1.0).abs() < 0.05, "{mean} ops per image");
+    assert_eq!(counts.len(), R2D2_OPS.len(), "{counts:?}");
+    for (k, c) in &counts {
+        let share = *c as f64 / applied as f64;
+        assert!((share - 0.1).abs() < 0.02, "{k}: {share}");
+    }
+
+    // Through a loader: per (seed, epoch, index), sized and normalised.
+    let dir = tempfile::tempdir().unwrap();
+    let m = Manifest::open(&synthetic_dataset(dir.path(), 6)).unwrap();
+    let mk = |seed| {
+        let mut cfg = DataConfig {
+            seed,
+            ..DataConfig::new(2, 8)
+        };
+        cfg.pipeline = cfg.pipeline.with_r2d2_augment();
+        DataLoader::new(m.clone(), cfg).unwrap()
+    };
+    let (a, b, c) = (mk(1), mk(1), mk(2));
+    let x0 = a.load_sample(1, 0).unwrap().0;
+    assert_eq!(x0.len(), 3 * 64);
+    assert_eq!(x0, b.load_sample(1, 0).unwrap().0);
+    assert_ne!(x0, a.load_sample(1, 1).unwrap().0, "another epoch");
+    assert_ne!(x0, c.load_sample(1, 0).unwrap().0, "another seed");
+    // Invalid settings are refused when the loader is built.
+    let mut cfg = DataConfig::new(2, 8);
+    cfg.pipeline.resize = ResizeKind::R2d2Train(R2d2Augment {
+        scale: [1.0, 0.5],
+        ..R2d2Augment::default()
+    });
+    assert!(DataLoader::new(m.clone(), cfg).is_err());
+    // The same augmentation by hand: crop box, flip and ops from one generator.
+    let img = image::open(&m.samples[1].image).unwrap().to_rgb8();
+    let mut rng = derive_rng(5, &[9]);
+    let out = aug.apply(&img, 8, &mut rng).unwrap();
+    assert_eq!(out.dimensions(), (8, 8));
+    assert_eq!(out, aug.apply(&img, 8, &mut derive_rng(5, &[9])).unwrap());
 }
