@@ -305,7 +305,7 @@ impl BatchNorm {
     /// batch mean and the unbiased variance. Fails, like PyTorch, when a channel has a
     /// single value.
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let (b, _, h, w) = x.dims4()?;
         let n = b * h * w;
         if n < 2 {
             candle_core::bail!(
@@ -314,23 +314,12 @@ impl BatchNorm {
                 x.dims()
             )
         }
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let sum =
-            |t: &Tensor| -> Result<Tensor> { t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3) };
-        let mean = (sum(&xf)? / n as f64)?;
-        let centered = xf.broadcast_sub(&mean)?;
-        let var = (sum(&centered.sqr()?)? / n as f64)?;
-        let weight = self.weight.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
-        let bias = self.bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
-        let scale = weight.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
-        let y = centered.broadcast_mul(&scale)?.broadcast_add(&bias)?;
+        let (y, mean, var) =
+            crate::nn::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+        let y = y.to_dtype(x.dtype())?;
         let m = self.momentum;
         let unbiased = (var.detach() * (n as f64 / (n - 1) as f64))?;
-        for (running, batch) in [
-            (&self.running_mean, mean.detach()),
-            (&self.running_var, unbiased),
-        ] {
+        for (running, batch) in [(&self.running_mean, mean), (&self.running_var, unbiased)] {
             let rd = running.dtype();
             let new = ((running.to_dtype(DType::F32)? * (1.0 - m))? + (batch.flatten_all()? * m)?)?
                 .to_dtype(rd)?;
@@ -338,7 +327,7 @@ impl BatchNorm {
             // every clone of the model see the new statistics.
             running.slice_set(&new, 0, 0)?;
         }
-        y.to_dtype(dtype)
+        Ok(y)
     }
 }
 

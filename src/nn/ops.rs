@@ -967,6 +967,232 @@ pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     (logp * targets)?.sum(D::Minus1)?.mean_all()?.neg()
 }
 
+/// BatchNorm over `x` `[b, c, h, w]` with the batch's statistics, as in train mode:
+/// `(x − mean) / sqrt(var + eps) · weight + bias` with the biased variance, gradients
+/// flowing to `x` through the statistics and to `weight` and `bias`. Returns the output
+/// and the batch mean and biased variance `[c]` (detached, for the running statistics).
+///
+/// On the CPU in f32 both passes are one kernel each ([`BatchNormTrain`]: per-channel
+/// sums over planes, then a per-plane map); elsewhere it is a composition of
+/// differentiable primitives.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
+    let n = b * h * w;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && n > 0 {
+        let x = x.contiguous()?;
+        let (mean, var) = {
+            let (s, l) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(s) = &*s else {
+                candle_core::bail!("batch-norm-train: expected a CPU tensor")
+            };
+            channel_stats(contiguous_f32(s, l, "batch-norm-train")?, b, c, h * w)
+        };
+        let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps as f32).sqrt()).collect();
+        let mean_t = Tensor::from_slice(&mean, c, x.device())?;
+        let var_t = Tensor::from_slice(&var, c, x.device())?;
+        let op = BatchNormTrain {
+            mean: std::sync::Arc::new(mean),
+            rstd: std::sync::Arc::new(rstd),
+        };
+        let y = x.apply_op3_arc(
+            &weight.to_dtype(DType::F32)?.contiguous()?,
+            &bias.to_dtype(DType::F32)?.contiguous()?,
+            std::sync::Arc::new(Box::new(op)),
+        )?;
+        return Ok((y, mean_t, var_t));
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let sum = |t: &Tensor| -> Result<Tensor> { t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3) };
+    let mean = (sum(&xf)? / n as f64)?;
+    let centered = xf.broadcast_sub(&mean)?;
+    let var = (sum(&centered.sqr()?)? / n as f64)?;
+    let weight = weight.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+    let bias = bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?;
+    let scale = weight.broadcast_div(&(&var + eps)?.sqrt()?)?;
+    let y = centered.broadcast_mul(&scale)?.broadcast_add(&bias)?;
+    Ok((
+        y.to_dtype(dtype)?,
+        mean.detach().flatten_all()?,
+        var.detach().flatten_all()?,
+    ))
+}
+
+/// Per-channel mean and biased variance of a contiguous `[b, c, hw]` buffer (two passes,
+/// f64 accumulation), channels in parallel.
+fn channel_stats(x: &[f32], b: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let n = (b * hw) as f64;
+    let planes = |ch: usize| (0..b).map(move |i| (i * c + ch) * hw);
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = planes(ch)
+                .map(|o| x[o..o + hw].iter().map(|&v| v as f64).sum::<f64>())
+                .sum::<f64>()
+                / n;
+            let var = planes(ch)
+                .map(|o| {
+                    x[o..o + hw]
+                        .iter()
+                        .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+                / n;
+            (mean as f32, var as f32)
+        })
+        .unzip()
+}
+
+/// The CPU BatchNorm of [`batch_norm_train`], `(x, weight, bias)`, with the batch
+/// statistics computed beforehand.
+struct BatchNormTrain {
+    mean: std::sync::Arc<Vec<f32>>,
+    rstd: std::sync::Arc<Vec<f32>>,
+}
+
+impl candle_core::CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous_f32(xs, xl, "batch-norm-train")?;
+        let w = contiguous_f32(ws, wl, "batch-norm-train")?;
+        let bv = contiguous_f32(bs, bl, "batch-norm-train")?;
+        let (_, c, h, wd) = xl.shape().dims4()?;
+        let hw = h * wd;
+        if w.len() != c || bv.len() != c || self.mean.len() != c || hw == 0 {
+            candle_core::bail!("batch-norm-train: weight and bias must have {c} channels")
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (o, x))| {
+                let ch = p % c;
+                let scale = self.rstd[ch] * w[ch];
+                let shift = bv[ch] - self.mean[ch] * scale;
+                for (o, x) in o.iter_mut().zip(x) {
+                    *o = x * scale + shift;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = w.elem_count();
+        let packed = x.detach().apply_op3_no_bwd(
+            &w.detach(),
+            &grad_res.contiguous()?,
+            &BatchNormBackward {
+                mean: self.mean.clone(),
+                rstd: self.rstd.clone(),
+            },
+        )?;
+        let len = x.elem_count();
+        let dx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, len, c)?;
+        let db = packed.narrow(0, len + c, c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `(x, weight, g)` to a flat `[len + 2c]`: `dx`, then `dweight`, then `dbias`.
+struct BatchNormBackward {
+    mean: std::sync::Arc<Vec<f32>>,
+    rstd: std::sync::Arc<Vec<f32>>,
+}
+
+impl candle_core::CustomOp3 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "batch-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous_f32(xs, xl, "batch-norm-backward")?;
+        let w = contiguous_f32(ws, wl, "batch-norm-backward")?;
+        let g = contiguous_f32(gs, gl, "batch-norm-backward")?;
+        let (b, c, h, wd) = xl.shape().dims4()?;
+        let hw = h * wd;
+        if w.len() != c || g.len() != x.len() || self.mean.len() != c || hw == 0 {
+            candle_core::bail!("batch-norm-backward: shapes differ")
+        }
+        let n = (b * hw) as f64;
+        // Per channel: sum(g) and sum(g · xhat).
+        let (sg, sgx): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (m, r) = (self.mean[ch], self.rstd[ch]);
+                let (mut sg, mut sgx) = (0f64, 0f64);
+                for i in 0..b {
+                    let o = (i * c + ch) * hw;
+                    let (mut a, mut s) = (0f32, 0f32);
+                    for (&x, &g) in x[o..o + hw].iter().zip(&g[o..o + hw]) {
+                        a += g;
+                        s += g * (x - m) * r;
+                    }
+                    sg += a as f64;
+                    sgx += s as f64;
+                }
+                (sg, sgx)
+            })
+            .unzip();
+        let len = x.len();
+        let mut out = vec![0f32; len + 2 * c];
+        let (dx, dwb) = out.split_at_mut(len);
+        dx.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw).zip(g.par_chunks(hw)))
+            .enumerate()
+            .for_each(|(p, (dx, (x, g)))| {
+                let ch = p % c;
+                let (m, r) = (self.mean[ch], self.rstd[ch]);
+                let mg = (sg[ch] / n) as f32;
+                let mgx = (sgx[ch] / n) as f32;
+                let k = r * w[ch];
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    *dx = k * (g - mg - (x - m) * r * mgx);
+                }
+            });
+        for ch in 0..c {
+            dwb[ch] = sgx[ch] as f32;
+            dwb[c + ch] = sg[ch] as f32;
+        }
+        Ok((candle_core::CpuStorage::F32(out), (len + 2 * c).into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1307,5 +1533,52 @@ mod tests {
         check_grad("attention dq", &q3, |q| {
             scaled_dot_product_attention(&q.reshape((1, 2, 3, 4))?, &k, &v, Some(&bias), 0.5)
         });
+    }
+
+    #[test]
+    fn batch_norm_kernel_matches_the_composition() {
+        // The f32 CPU kernel against the f64 composition: output, statistics and the
+        // gradients of input, weight and bias under a random linear loss.
+        let dev = Device::Cpu;
+        let x64 = Tensor::randn(0.5f64, 2.0, (3, 5, 4, 6), &dev).unwrap();
+        let w64 = Tensor::randn(1f64, 0.3, 5, &dev).unwrap();
+        let b64 = Tensor::randn(0f64, 0.3, 5, &dev).unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (3, 5, 4, 6), &dev).unwrap();
+        let run = |dtype: DType| {
+            let x = Var::from_tensor(&x64.to_dtype(dtype).unwrap()).unwrap();
+            let w = Var::from_tensor(&w64.to_dtype(dtype).unwrap()).unwrap();
+            let b = Var::from_tensor(&b64.to_dtype(dtype).unwrap()).unwrap();
+            let (y, mean, var) =
+                batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-3).unwrap();
+            let loss = (&y * probe.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            vec![
+                f(&y),
+                f(&mean),
+                f(&var),
+                f(g.get(x.as_tensor()).unwrap()),
+                f(g.get(w.as_tensor()).unwrap()),
+                f(g.get(b.as_tensor()).unwrap()),
+            ]
+        };
+        let (kernel, composed) = (run(DType::F32), run(DType::F64));
+        for (name, (a, b)) in ["y", "mean", "var", "dx", "dw", "db"]
+            .iter()
+            .zip(kernel.iter().zip(&composed))
+        {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 2e-5, "batch norm {name} differs by {d}");
+        }
     }
 }
