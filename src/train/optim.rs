@@ -266,6 +266,8 @@ pub struct AdamW {
     groups: Vec<Group>,
     frozen: Vec<(String, Var)>,
     index: HashMap<String, usize>,
+    /// Use the in-place CPU kernels for f32 parameters (see [`AdamW::step`]).
+    fused_cpu: bool,
 }
 
 fn state_dtype(d: DType) -> DType {
@@ -400,6 +402,7 @@ impl AdamW {
             groups: out_groups,
             frozen,
             index,
+            fused_cpu: true,
         })
     }
 
@@ -526,6 +529,10 @@ impl AdamW {
                 let grad = grad.to_dtype(sd)?;
                 p.t += 1;
                 let t = p.t as i32;
+                if self.fused_cpu && fused_update_applies(p, &grad) {
+                    fused_update(p, &grad, lr, g.weight_decay, &self.config)?;
+                    continue;
+                }
                 let mut theta = match &p.master {
                     Some(m) => m.clone(),
                     None => p.var.as_detached_tensor(),
@@ -656,10 +663,142 @@ impl AdamW {
                 }
             }
             let sd = p.m.dtype();
-            p.m = m.to_dtype(sd)?.to_device(p.var.device())?;
-            p.v = v.to_dtype(sd)?.to_device(p.var.device())?;
+            // Own copies: the update may run in place.
+            p.m = m.to_dtype(sd)?.to_device(p.var.device())?.copy()?;
+            p.v = v.to_dtype(sd)?.to_device(p.var.device())?.copy()?;
             p.t = t.to_dtype(DType::I64)?.to_scalar::<i64>()?.max(0) as u64;
         }
+        Ok(())
+    }
+}
+
+/// Whether [`fused_update`] applies: an f32 CPU parameter without a master copy, with
+/// contiguous state and gradient.
+fn fused_update_applies(p: &Param, grad: &Tensor) -> bool {
+    let ok = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
+    p.master.is_none()
+        && ok(&p.var.as_detached_tensor())
+        && ok(&p.m)
+        && ok(&p.v)
+        && ok(grad)
+        && grad.elem_count() == p.m.elem_count()
+}
+
+/// Elements per parallel task of the update kernels.
+const UPDATE_CHUNK: usize = 32 * 1024;
+
+/// One AdamW update of an f32 CPU parameter in three parallel in-place passes (the
+/// moments, then the parameter), with the arithmetic of the composed path: the same
+/// operations in the same order, so the results agree to rounding.
+fn fused_update(p: &Param, grad: &Tensor, lr: f64, wd: f64, c: &AdamWConfig) -> Result<()> {
+    let t = p.t as i32;
+    p.m.inplace_op2(grad, &Moment::First(c.beta1 as f32))?;
+    p.v.inplace_op2(grad, &Moment::Second(c.beta2 as f32))?;
+    let update = ParamUpdate {
+        decay: (1.0 - lr * wd) as f32,
+        step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+        sqrt_bc2: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+        eps: c.eps as f32,
+    };
+    p.var.as_tensor().inplace_op3(&p.m, &p.v, &update)?;
+    Ok(())
+}
+
+/// In place: `m ← m + (g − m)(1 − β₁)` or `v ← v·β₂ + (1 − β₂)·g²`.
+enum Moment {
+    First(f32),
+    Second(f32),
+}
+
+impl candle_core::InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use crate::nn::ops::{contiguous_f32, contiguous_f32_mut};
+        use rayon::prelude::*;
+        let state = contiguous_f32_mut(s, l, "adamw-moment")?;
+        let g = contiguous_f32(gs, gl, "adamw-moment")?;
+        if state.len() != g.len() {
+            candle_core::bail!("adamw-moment: {} state values for {}", state.len(), g.len())
+        }
+        let chunks = state
+            .par_chunks_mut(UPDATE_CHUNK)
+            .zip(g.par_chunks(UPDATE_CHUNK));
+        match *self {
+            Moment::First(beta1) => {
+                let w = 1.0 - beta1;
+                chunks.for_each(|(m, g)| {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m += (g - *m) * w;
+                    }
+                })
+            }
+            Moment::Second(beta2) => {
+                let w = 1.0 - beta2;
+                chunks.for_each(|(v, g)| {
+                    for (v, &g) in v.iter_mut().zip(g) {
+                        *v = *v * beta2 + g * g * w;
+                    }
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// In place: `θ ← θ·decay − step_size · m / (√v / √(1 − β₂ᵗ) + ε)`.
+struct ParamUpdate {
+    decay: f32,
+    step_size: f32,
+    sqrt_bc2: f32,
+    eps: f32,
+}
+
+impl candle_core::InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+        ms: &candle_core::CpuStorage,
+        ml: &candle_core::Layout,
+        vs: &candle_core::CpuStorage,
+        vl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use crate::nn::ops::{contiguous_f32, contiguous_f32_mut};
+        use rayon::prelude::*;
+        let theta = contiguous_f32_mut(s, l, "adamw-update")?;
+        let m = contiguous_f32(ms, ml, "adamw-update")?;
+        let v = contiguous_f32(vs, vl, "adamw-update")?;
+        if theta.len() != m.len() || theta.len() != v.len() {
+            candle_core::bail!("adamw-update: mismatched state sizes")
+        }
+        let &ParamUpdate {
+            decay,
+            step_size,
+            sqrt_bc2,
+            eps,
+        } = self;
+        theta
+            .par_chunks_mut(UPDATE_CHUNK)
+            .zip(m.par_chunks(UPDATE_CHUNK).zip(v.par_chunks(UPDATE_CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let denom = v.sqrt() / sqrt_bc2 + eps;
+                    *p = *p * decay - m / denom * step_size;
+                }
+            });
         Ok(())
     }
 }
@@ -721,6 +860,82 @@ mod tests {
         );
         assert!(!opt.has_state("enc.layer.0.weight"));
         assert!(opt.has_state("head.weight"));
+    }
+
+    #[test]
+    fn fused_update_matches_the_composed_one() {
+        let build = |fused: bool| {
+            let vars = vec![
+                ("a.weight".to_string(), var(&[70, 1000], DType::F32)),
+                ("a.bias".to_string(), var(&[1000], DType::F32)),
+                ("b.weight".to_string(), var(&[3, 5], DType::F32)),
+            ];
+            let cfg = ParamGroupConfig::default().with_group("b", ["b.*"], 3.0, Some(0.5));
+            let adam = AdamWConfig {
+                lr: 1e-2,
+                weight_decay: 0.1,
+                ..Default::default()
+            };
+            let mut opt = AdamW::new(vars, adam, &cfg).unwrap();
+            opt.fused_cpu = fused;
+            opt
+        };
+        let (mut fused, mut composed) = (build(true), build(false));
+        for step in 0..3 {
+            let grads: Vec<Option<Tensor>> = fused
+                .params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    // Leave one parameter without a gradient in one step.
+                    (step != 1 || i != 2).then(|| {
+                        let n = p.m.elem_count();
+                        let g: Vec<f32> = (0..n)
+                            .map(|j| ((j * 7 + step * 13 + i) % 23) as f32 / 11.0 - 1.0)
+                            .collect();
+                        Tensor::from_vec(g, p.m.shape(), &Device::Cpu).unwrap()
+                    })
+                })
+                .collect();
+            let grads = Grads { grads };
+            fused.step(&grads).unwrap();
+            composed.step(&grads).unwrap();
+        }
+        for (a, b) in fused.params.iter().zip(&composed.params) {
+            assert_eq!(a.t, b.t, "{}", a.name);
+            for (x, y) in [
+                (a.var.as_tensor(), b.var.as_tensor()),
+                (&a.m, &b.m),
+                (&a.v, &b.v),
+            ] {
+                // Relative to the magnitude (the weights reach 700).
+                let scale = (y.abs().unwrap() + 1.0).unwrap();
+                let d = (x - y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .div(&scale)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-6, "{}: {d}", a.name);
+            }
+        }
+        // The kernels applied (f32 CPU state), and the parameters moved.
+        let p = &fused.params[fused.index_of("a.weight").unwrap()];
+        assert!(fused_update_applies(p, &p.m.zeros_like().unwrap()));
+        assert!(!fused_update_applies(p, &p.m.t().unwrap()));
+        let before = var(&[70, 1000], DType::F32);
+        let moved = (p.var.as_tensor() - before.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap();
+        let moved = moved.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 1e-3, "{moved}");
     }
 
     #[test]
