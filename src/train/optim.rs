@@ -421,6 +421,32 @@ impl AdamW {
         self.lr = lr;
     }
 
+    /// Sets the learning-rate scale of the group `name` of [`ParamGroupConfig::with_group`]
+    /// (its decayed and its `.no_decay` part), e.g. to start training a tower that was held
+    /// at scale 0 for the first steps. Scales are not saved in checkpoints: a resumed run
+    /// sets them again. Fails when no group has that name or the scale is negative.
+    pub fn set_lr_scale(&mut self, name: &str, scale: f64) -> Result<()> {
+        if !(scale.is_finite() && scale >= 0.0) {
+            return Err(Error::Config(format!("group `{name}`: lr scale {scale}")));
+        }
+        let no_decay = format!("{name}.no_decay");
+        let mut found = false;
+        for g in &mut self.groups {
+            if g.name == name || g.name == no_decay {
+                g.lr_scale = scale;
+                found = true;
+            }
+        }
+        if !found {
+            let names: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
+            return Err(Error::Config(format!(
+                "no parameter group `{name}` (groups: {})",
+                names.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// Names of the trained parameters, in the optimiser's order.
     pub fn trained_names(&self) -> Vec<&str> {
         self.params.iter().map(|p| p.name.as_str()).collect()
@@ -860,6 +886,14 @@ mod tests {
         );
         assert!(!opt.has_state("enc.layer.0.weight"));
         assert!(opt.has_state("head.weight"));
+        let mut opt = opt;
+        opt.set_lr_scale("head", 0.0).unwrap();
+        assert!(opt
+            .groups()
+            .iter()
+            .all(|g| g.name != "head" || g.lr_scale == 0.0));
+        assert!(opt.set_lr_scale("tail", 1.0).is_err());
+        assert!(opt.set_lr_scale("head", -1.0).is_err());
     }
 
     #[test]
