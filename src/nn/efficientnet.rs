@@ -314,15 +314,15 @@ impl BatchNorm {
                 x.dims()
             )
         }
+        // `y` in x's dtype; `mean` and `var` detached, `[c]`, f32.
         let (y, mean, var) =
             crate::nn::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
-        let y = y.to_dtype(x.dtype())?;
         let m = self.momentum;
-        let unbiased = (var.detach() * (n as f64 / (n - 1) as f64))?;
+        let unbiased = (var * (n as f64 / (n - 1) as f64))?;
         for (running, batch) in [(&self.running_mean, mean), (&self.running_var, unbiased)] {
             let rd = running.dtype();
-            let new = ((running.to_dtype(DType::F32)? * (1.0 - m))? + (batch.flatten_all()? * m)?)?
-                .to_dtype(rd)?;
+            let new =
+                ((running.to_dtype(DType::F32)? * (1.0 - m))? + (batch * m)?)?.to_dtype(rd)?;
             // Written into the buffer's own storage: the var map (and so checkpoints) and
             // every clone of the model see the new statistics.
             running.slice_set(&new, 0, 0)?;

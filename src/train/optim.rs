@@ -703,7 +703,7 @@ impl AdamW {
 fn fused_update_applies(p: &Param, grad: &Tensor) -> bool {
     let ok = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
     p.master.is_none()
-        && ok(&p.var.as_detached_tensor())
+        && ok(p.var.as_tensor())
         && ok(&p.m)
         && ok(&p.v)
         && ok(grad)
@@ -714,8 +714,8 @@ fn fused_update_applies(p: &Param, grad: &Tensor) -> bool {
 const UPDATE_CHUNK: usize = 32 * 1024;
 
 /// One AdamW update of an f32 CPU parameter in three parallel in-place passes (the
-/// moments, then the parameter), with the arithmetic of the composed path: the same
-/// operations in the same order, so the results agree to rounding.
+/// moments, then the parameter), with the formula of the composed path; the results
+/// agree to rounding.
 fn fused_update(p: &Param, grad: &Tensor, lr: f64, wd: f64, c: &AdamWConfig) -> Result<()> {
     let t = p.t as i32;
     p.m.inplace_op2(grad, &Moment::First(c.beta1 as f32))?;
@@ -950,9 +950,7 @@ mod tests {
                     .unwrap()
                     .div(&scale)
                     .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
+                    .max_all()
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
