@@ -71,16 +71,20 @@ pub struct ShapesConfig {
     pub seed: u64,
     /// Vary the caption wording (otherwise every caption is the canonical one).
     pub vary_captions: bool,
+    /// Record the shape's bounding box as the sample's one region box (`"boxes"` in the
+    /// manifest, original-image pixels), as an object detector would give BriVL.
+    pub boxes: bool,
 }
 
 impl ShapesConfig {
-    /// `samples` images of 64×64 with varied captions.
+    /// `samples` images of 64×64 with varied captions and no boxes.
     pub fn new(samples: usize, seed: u64) -> Self {
         Self {
             samples,
             size: 64,
             seed,
             vary_captions: true,
+            boxes: false,
         }
     }
 }
@@ -98,6 +102,12 @@ pub struct ShapesDataset {
 
 /// Draws one image of class `class` (see [`class_captions`]).
 pub fn draw_shape<R: Rng>(class: usize, size: u32, rng: &mut R) -> RgbImage {
+    draw_shape_boxed(class, size, rng).0
+}
+
+/// Draws one image of class `class` and returns it with the shape's bounding box
+/// `[x1, y1, x2, y2]` in pixels.
+pub fn draw_shape_boxed<R: Rng>(class: usize, size: u32, rng: &mut R) -> (RgbImage, [f32; 4]) {
     let colour = COLOURS[class / SHAPES.len() % COLOURS.len()].1;
     let shape = class % SHAPES.len();
     let s = size as f32;
@@ -131,7 +141,8 @@ pub fn draw_shape<R: Rng>(class: usize, size: u32, rng: &mut R) -> RgbImage {
             }));
         }
     }
-    img
+    let half = if shape == 1 { r * 0.85 } else { r };
+    (img, [cx - half, cy - half, cx + half, cy + half])
 }
 
 /// Writes `config.samples` PNG images and `manifest.jsonl` into `dir` (created if
@@ -164,7 +175,7 @@ pub fn write_shapes_dataset(dir: &Path, config: &ShapesConfig) -> Result<ShapesD
     let mut lines = Vec::with_capacity(config.samples);
     let mut samples = Vec::with_capacity(config.samples);
     for (i, &class) in order.iter().enumerate() {
-        let img = draw_shape(class, config.size, &mut rng);
+        let (img, bbox) = draw_shape_boxed(class, config.size, &mut rng);
         let name = format!("{i:06}.png");
         let path = dir.join(&name);
         img.save(&path).map_err(|e| Error::Image {
@@ -177,11 +188,16 @@ pub fn write_shapes_dataset(dir: &Path, config: &ShapesConfig) -> Result<ShapesD
         } else {
             captions[class].clone()
         };
-        lines.push(json!({"image": name, "caption": caption, "id": class}).to_string());
+        let boxes = config.boxes.then(|| vec![bbox]);
+        let mut line = json!({"image": name, "caption": caption, "id": class});
+        if let Some(b) = &boxes {
+            line["boxes"] = json!(b);
+        }
+        lines.push(line.to_string());
         samples.push(Sample {
             image: path,
             captions: vec![caption],
-            boxes: None,
+            boxes,
             id: Some(class.to_string()),
         });
     }
@@ -258,6 +274,37 @@ mod tests {
         // The shape is drawn in its colour: some pixels are close to it.
         let img = draw_shape(0, 64, &mut derive_rng(1, &[]));
         assert!(img.pixels().filter(|p| p.0[0] > 180 && p.0[1] < 80).count() > 50);
+    }
+
+    #[test]
+    fn boxes_enclose_the_shape_and_reach_the_manifest() {
+        let red = |p: &Rgb<u8>| p.0[0] > 180 && p.0[1] < 80;
+        for class in 0..SHAPES.len() {
+            let (img, [x1, y1, x2, y2]) = draw_shape_boxed(class, 64, &mut derive_rng(3, &[]));
+            let mut inside = 0;
+            for (x, y, p) in img.enumerate_pixels() {
+                let (x, y) = (x as f32 + 0.5, y as f32 + 0.5);
+                let within = x >= x1 && x <= x2 && y >= y1 && y <= y2;
+                assert!(
+                    !red(p) || within,
+                    "class {class}: a red pixel at {x},{y} outside"
+                );
+                inside += usize::from(red(p));
+            }
+            // The box is tight: the shape fills a fair part of it.
+            assert!(inside as f32 > 0.3 * (x2 - x1) * (y2 - y1), "class {class}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ShapesConfig {
+            boxes: true,
+            ..ShapesConfig::new(4, 2)
+        };
+        let d = write_shapes_dataset(dir.path(), &cfg).unwrap();
+        let m = Manifest::open(&d.manifest_path).unwrap();
+        for (a, b) in m.samples.iter().zip(&d.manifest.samples) {
+            assert_eq!(a.boxes.as_ref().map(Vec::len), Some(1));
+            assert_eq!(a.boxes, b.boxes);
+        }
     }
 
     #[test]
