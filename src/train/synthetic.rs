@@ -121,11 +121,13 @@ pub fn draw_shape_boxed<R: Rng>(class: usize, size: u32, rng: &mut R) -> (RgbIma
     let r = s * rng.random_range(0.18..0.32);
     let cx = rng.random_range(r..s - r);
     let cy = rng.random_range(r..s - r);
+    // Half the side of the shape's bounding box: the square is drawn a little smaller.
+    let half = if shape == 1 { r * 0.85 } else { r };
     let inside = |x: f32, y: f32| -> bool {
         let (dx, dy) = (x - cx, y - cy);
         match shape {
             0 => dx * dx + dy * dy <= r * r,
-            1 => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
+            1 => dx.abs() <= half && dy.abs() <= half,
             2 => {
                 // Upward triangle with apex at (cx, cy - r) and base at cy + r.
                 let t = (dy + r) / (2.0 * r);
@@ -141,7 +143,6 @@ pub fn draw_shape_boxed<R: Rng>(class: usize, size: u32, rng: &mut R) -> (RgbIma
             }));
         }
     }
-    let half = if shape == 1 { r * 0.85 } else { r };
     (img, [cx - half, cy - half, cx + half, cy + half])
 }
 
