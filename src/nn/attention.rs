@@ -3,6 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::gemm::{attention_cpu_f32, cpu_f32, AttentionTrain};
 use super::linear::{batch_broadcast, linear, Linear};
 
 use super::ops::{scaled_softmax_into, softmax_last_dim, tracks_grad};
@@ -146,7 +147,36 @@ impl MultiHeadAttention {
         context: Option<&Tensor>,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
+        self.forward_impl(x, context, bias, None)
+    }
+
+    /// `residual + self.forward(x, context, bias)`, with the residual added in the output
+    /// projection's pass on the CPU at inference (see [`Linear::forward_residual`]).
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_impl(x, context, bias, Some(residual))
+    }
+
+    fn project_out(&self, y: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        match residual {
+            Some(r) => self.out.forward_residual(y, r),
+            None => self.out.forward(y),
+        }
+    }
+
+    fn forward_impl(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let b = x.dim(0)?;
         let kv = context.unwrap_or(x);
         let inference = !tracks_grad(&[x, kv, self.q.weight(), self.k.weight()])
             && !bias.is_some_and(|b| b.track_op());
@@ -160,13 +190,54 @@ impl MultiHeadAttention {
                 let one = self.forward(&x.narrow(0, 0, 1)?, c0.as_ref(), None)?;
                 let mut shape = one.dims().to_vec();
                 shape[0] = b;
-                return one.broadcast_as(shape);
+                let y = one.broadcast_as(shape)?;
+                return match residual {
+                    Some(r) => r + y,
+                    None => Ok(y),
+                };
             }
-            return self.forward_shared_context(x, kv);
+            return self.forward_shared_context(x, kv, residual);
         }
-        let q = self.split_heads(&self.q.forward(x)?)?;
-        let k = self.split_heads(&self.k.forward(kv)?)?;
-        let v = self.split_heads(&self.v.forward(kv)?)?;
+        let q = self.q.forward(x)?;
+        let k = self.k.forward(kv)?;
+        let v = self.v.forward(kv)?;
+        if inference {
+            if let Some(y) = attention_cpu_f32(&q, &k, &v, self.num_heads, bias, self.scale)? {
+                return self.project_out(&y, residual);
+            }
+        } else if [&q, &k, &v].iter().all(|t| cpu_f32(t))
+            && bias.is_none_or(|b| cpu_f32(b) && !b.track_op())
+        {
+            // Training on the CPU: one op with its own backward pass.
+            let (lq, lk) = (q.dim(1)?, k.dim(1)?);
+            let bias = match bias {
+                Some(t) => Some(t.broadcast_as((b, self.num_heads, lq, lk))?),
+                None => None,
+            };
+            let op = AttentionTrain {
+                heads: self.num_heads,
+                scale: self.scale as f32,
+                bias,
+            };
+            return self.project_out(&q.apply_op3(&k, &v, op)?, residual);
+        }
+        self.attend(&q, &k, &v, bias, residual)
+    }
+
+    /// Attention over projected `q` `[b, lq, dim]`, `k` and `v` `[b, lk, dim]`, then the output
+    /// projection.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, l, _) = q.dims3()?;
+        let q = self.split_heads(q)?;
+        let k = self.split_heads(k)?;
+        let v = self.split_heads(v)?;
         let y = if tracks_grad(&[&q, &k, &v]) || bias.is_some_and(|b| b.track_op()) {
             scaled_dot_product_attention(&q, &k, &v, bias, self.scale)?
         } else {
@@ -177,13 +248,18 @@ impl MultiHeadAttention {
         let y = y
             .transpose(1, 2)?
             .reshape((b, l, self.num_heads * self.head_dim))?;
-        self.out.forward(&y)
+        self.project_out(&y, residual)
     }
 
     /// Inference cross-attention of `x` `[b, l, dim]` over one context shared by every row
     /// (`context` a stride-0 broadcast, no mask): keys and values are projected once and
     /// each head runs as one `[b·l, head_dim]` product.
-    fn forward_shared_context(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward_shared_context(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (h, hd) = (self.num_heads, self.head_dim);
         let c0 = context.narrow(0, 0, 1)?;
@@ -202,6 +278,6 @@ impl MultiHeadAttention {
             .reshape((h, b, l, hd))?
             .permute((1, 2, 0, 3))?
             .reshape((b, l, h * hd))?;
-        self.out.forward(&y)
+        self.project_out(&y, residual)
     }
 }

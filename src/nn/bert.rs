@@ -162,8 +162,8 @@ impl BertAttention {
     }
 
     fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, bias: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.attn.forward(x, ctx, bias)?;
-        self.norm.forward(&(h + x)?)
+        self.norm
+            .forward(&self.attn.forward_residual(x, ctx, bias, x)?)
     }
 }
 
@@ -216,10 +216,8 @@ impl BertLayer {
         if let (Some(cross), Some((ctx, ctx_bias))) = (&self.cross, context) {
             x = cross.forward(&x, Some(ctx), ctx_bias)?;
         }
-        let h = self
-            .output
-            .forward(&self.intermediate.forward_act(&x, Some(self.act))?)?;
-        self.norm.forward(&(h + x)?)
+        let h = self.intermediate.forward_act(&x, Some(self.act))?;
+        self.norm.forward(&self.output.forward_residual(&h, &x)?)
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod bert;
 pub mod efficientnet;
+mod gemm;
 pub mod grid_sample;
 pub mod linear;
 pub mod ops;

@@ -539,7 +539,10 @@ fn exp_fast(x: f32) -> f32 {
     y = y * r + 0.166_666_65;
     y = y * r + 0.5;
     let y = y * r * r + r + 1.0;
-    y * f32::from_bits(((fx as i32 + 127) as u32) << 23)
+    // 2^fx for the integral fx in [-126, 127]: the low mantissa bits of 2²³ + fx + 127 are
+    // fx + 127, shifted into the exponent field. (An `as i32` cast would not vectorise: it
+    // saturates and maps NaN to 0 lane by lane.)
+    y * f32::from_bits((fx + (127.0 + 8_388_608.0)).to_bits() << 23)
 }
 
 // tanh(z) = 1 − 2 / (exp(2z) + 1), exact at both saturations.
@@ -611,7 +614,8 @@ fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-fn bias_act_chunk(act: Option<Activation>, data: &mut [f32], bias: &[f32]) {
+/// `data ← act(data + bias)` row by row on the calling thread (`bias` empty: no bias).
+pub(crate) fn bias_act_chunk(act: Option<Activation>, data: &mut [f32], bias: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked above).
@@ -786,6 +790,17 @@ unsafe fn softmax_row_avx(row: &mut [f32], bias: Option<&[f32]>, scale: f32) {
     softmax_row(row, bias, scale)
 }
 
+/// `row ← softmax(scale · row + bias)` on the calling thread, with AVX2 where the CPU has it.
+pub(crate) fn softmax_row_fast(row: &mut [f32], bias: Option<&[f32]>, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and FMA are present (checked above).
+        unsafe { softmax_row_avx(row, bias, scale) };
+        return;
+    }
+    softmax_row(row, bias, scale)
+}
+
 fn softmax_rows(
     data: &mut [f32],
     dims: &[usize],
@@ -803,8 +818,6 @@ fn softmax_rows(
         None => (None, vec![], 0),
     };
     let rank = dims.len();
-    #[cfg(target_arch = "x86_64")]
-    let avx = has_avx2();
     data.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
         let mut tmp;
         let brow = match bias_data {
@@ -826,13 +839,7 @@ fn softmax_rows(
             }
             None => None,
         };
-        #[cfg(target_arch = "x86_64")]
-        if avx {
-            // SAFETY: AVX2 and FMA are present (checked above).
-            unsafe { softmax_row_avx(row, brow, scale) };
-            return;
-        }
-        softmax_row(row, brow, scale)
+        softmax_row_fast(row, brow, scale)
     });
     Ok(())
 }

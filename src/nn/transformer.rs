@@ -36,6 +36,15 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// `residual + self.forward(xs)`, the residual added in `fc2`'s output pass (see
+    /// [`Linear::forward_residual`]).
+    pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.fc2
+            .forward_residual(&self.fc1.forward_act(xs, Some(self.act))?, residual)
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward_act(xs, Some(self.act))?)
@@ -86,10 +95,10 @@ impl PreNormLayer {
 
     /// `bias` is an additive attention mask (see [`super::ops::key_padding_bias`]).
     pub fn forward(&self, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.attn.forward(&self.ln1.forward(xs)?, None, bias)?;
-        let xs = (xs + h)?;
-        let h = self.mlp.forward(&self.ln2.forward(&xs)?)?;
-        xs + h
+        let xs = self
+            .attn
+            .forward_residual(&self.ln1.forward(xs)?, None, bias, xs)?;
+        self.mlp.forward_residual(&self.ln2.forward(&xs)?, &xs)
     }
 }
 
@@ -150,11 +159,10 @@ impl PostNormLayer {
     }
 
     pub fn forward(&self, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.attn.forward(xs, None, bias)?;
-        let xs = self.norm1.forward(&(xs + h)?)?;
-        let h = self
-            .linear2
-            .forward(&self.linear1.forward_act(&xs, Some(self.act))?)?;
-        self.norm2.forward(&(xs + h)?)
+        let xs = self
+            .norm1
+            .forward(&self.attn.forward_residual(xs, None, bias, xs)?)?;
+        let h = self.linear1.forward_act(&xs, Some(self.act))?;
+        self.norm2.forward(&self.linear2.forward_residual(&h, &xs)?)
     }
 }

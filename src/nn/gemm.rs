@@ -1,0 +1,1016 @@
+//! The CPU `f32` inference path of [`super::Linear`]: `act(x Wᵀ + b)` as one matrix
+//! product split into output blocks across the rayon pool, each block a single-threaded
+//! `gemm` call followed, while the block is still in cache, by the bias and activation.
+//!
+//! Against candle's matmul (one `gemm` call that splits its own work across threads, into a
+//! zero-filled output, then separate passes for the bias and activation) this skips the
+//! output's zero fill and the extra passes, and the split by whole output blocks keeps both
+//! threads busy on the shapes of transformer layers: `gemm`'s own split leaves them idle
+//! part of the time when the product has few rows or a long inner dimension.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+use super::ops::{bias_act_chunk, contiguous_f32, softmax_row_fast, Activation};
+
+/// Products below this many multiply-adds run on one thread.
+const SPLIT_MIN_MACS: usize = 1 << 18;
+/// Products with at least this many rows are split by rows; fewer, by columns.
+const ROW_SPLIT_MIN_ROWS: usize = 1024;
+/// Column blocks are multiples of this width (the widest `gemm` register tile).
+const COL_ALIGN: usize = 16;
+
+/// Whether `t` is an `f32` CPU tensor (the tensors these kernels take).
+pub(crate) fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// A strided `f32` matrix view: element `(i, j)` at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl View<'_> {
+    /// The transposed view (no copy).
+    fn t(self) -> Self {
+        View {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// The data and layout of a 2-D `f32` CPU storage, or `None` for other storages.
+fn view_cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Option<View<'a>> {
+    let CpuStorage::F32(data) = s else {
+        return None;
+    };
+    let [rs, cs] = *l.stride() else {
+        return None;
+    };
+    Some(View {
+        data: &data[l.start_offset()..],
+        rs,
+        cs,
+    })
+}
+
+/// [`view_cpu`] for a storage of any device.
+fn view<'a>(s: &'a Storage, l: &Layout) -> Option<View<'a>> {
+    match s {
+        Storage::Cpu(c) => view_cpu(c, l),
+        _ => None,
+    }
+}
+
+/// A raw output pointer shared by the tasks, each of which writes a disjoint block.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks write disjoint blocks of the output, which outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// An uninitialised `f32` buffer of `len` elements, for outputs that are written whole.
+fn uninit_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// The buffer of [`uninit_buffer`] as `f32`.
+///
+/// # Safety
+/// Every element must have been written.
+unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut out = std::mem::ManuallyDrop::new(out);
+    let (ptr, len, cap) = (out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity());
+    // SAFETY: `MaybeUninit<f32>` and `f32` have the same size and alignment, the allocation
+    // is handed over whole, and the caller guarantees that every element is initialised.
+    unsafe { Vec::from_raw_parts(ptr, len, cap) }
+}
+
+/// `lhs [m, k] · rhs [k, n]` into a new row-major `[m, n]` buffer, split into output blocks
+/// across the rayon pool (one single-threaded `gemm` call each); `finish(row, c0, out_row)`
+/// then runs on each row's part `c0..` of the block while it is in cache.
+fn matmul_blocks(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View,
+    rhs: View,
+    finish: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    if m * n == 0 {
+        return Vec::new();
+    }
+    let mut out = uninit_buffer(m * n);
+    let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
+    let block = |r0: usize, r1: usize, c0: usize, c1: usize| {
+        // SAFETY: rows `r0..r1` × columns `c0..c1` of the `m × n` row-major output are this
+        // task's alone; `lhs` and `rhs` are read within their views' extents.
+        unsafe {
+            let d = dst.get().add(r0 * n + c0);
+            if k == 0 {
+                for r in 0..r1 - r0 {
+                    std::ptr::write_bytes(d.add(r * n), 0, c1 - c0);
+                }
+            } else {
+                gemm::gemm(
+                    r1 - r0,
+                    c1 - c0,
+                    k,
+                    d,
+                    1,
+                    n as isize,
+                    false,
+                    lhs.data.as_ptr().add(r0 * lhs.rs),
+                    lhs.cs as isize,
+                    lhs.rs as isize,
+                    rhs.data.as_ptr().add(c0 * rhs.cs),
+                    rhs.cs as isize,
+                    rhs.rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for r in 0..r1 - r0 {
+                finish(
+                    r0 + r,
+                    c0,
+                    std::slice::from_raw_parts_mut(d.add(r * n), c1 - c0),
+                );
+            }
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m * n * k < SPLIT_MIN_MACS {
+        block(0, m, 0, n);
+    } else if m >= ROW_SPLIT_MIN_ROWS || n < COL_ALIGN * threads {
+        let per = m.div_ceil(threads);
+        rayon::scope(|s| {
+            for r0 in (0..m).step_by(per) {
+                let block = &block;
+                s.spawn(move |_| block(r0, (r0 + per).min(m), 0, n));
+            }
+        });
+    } else {
+        let per = n.div_ceil(threads).div_ceil(COL_ALIGN) * COL_ALIGN;
+        rayon::scope(|s| {
+            for c0 in (0..n).step_by(per) {
+                let block = &block;
+                s.spawn(move |_| block(0, m, c0, (c0 + per).min(n)));
+            }
+        });
+    }
+    // SAFETY: the blocks tile the output and each is written whole (by `gemm`, which with
+    // `read_dst = false` writes without reading, or by the zero fill when `k == 0`).
+    unsafe { assume_init(out) }
+}
+
+/// `act(x Wᵀ + b) + residual` rows: the `finish` step of [`matmul_blocks`] for a linear layer.
+fn linear_blocks(
+    x: View,
+    w: View,
+    (m, n, k): (usize, usize, usize),
+    bias: &[f32],
+    act: Option<Activation>,
+    residual: Option<View>,
+) -> Vec<f32> {
+    matmul_blocks(m, n, k, x, w.t(), |r, c0, row| {
+        let b = if bias.is_empty() {
+            &[][..]
+        } else {
+            &bias[c0..c0 + row.len()]
+        };
+        if act.is_some() || !b.is_empty() {
+            bias_act_chunk(act, row, b);
+        }
+        if let Some(rv) = residual {
+            let (start, len) = (r * rv.rs + c0, row.len());
+            for (y, x) in row.iter_mut().zip(&rv.data[start..start + len]) {
+                *y += x;
+            }
+        }
+    })
+}
+
+/// `act(x Wᵀ + b) + residual` for a 2-D `x` `[m, k]`, `w` `[n, k]` and `residual` `[m, n]`
+/// on the CPU in `f32`; `None` when this path does not apply (another device or dtype, or an
+/// activation without a fused kernel), for the caller to take the general one. Nothing here
+/// records gradients.
+pub(crate) fn linear_cpu_f32(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Option<Activation>,
+    residual: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if act == Some(Activation::Silu) {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let (n, k2) = w.dims2()?;
+    if k != k2 {
+        candle_core::bail!(
+            "linear: input width {k} does not match weight {:?}",
+            w.dims()
+        )
+    }
+    if let Some(r) = residual {
+        if r.dims() != [m, n] {
+            candle_core::bail!("linear: residual {:?} for a [{m}, {n}] output", r.dims())
+        }
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Some(xv), Some(wv)) = (view(&xs, xl), view(&ws, wl)) else {
+        return Ok(None);
+    };
+    let res_guard = residual.map(|r| r.storage_and_layout());
+    let rv = match &res_guard {
+        Some((rs, rl)) => match view(rs, rl) {
+            Some(v) if v.cs == 1 => Some(v),
+            _ => return Ok(None),
+        },
+        None => None,
+    };
+    let bias_guard = bias.map(|b| b.storage_and_layout());
+    let bias_data: &[f32] = match (&bias_guard, bias) {
+        (Some((bs, bl)), Some(b)) => {
+            let Storage::Cpu(cpu) = &**bs else {
+                return Ok(None);
+            };
+            if b.dims() != [n] {
+                candle_core::bail!("linear: bias {:?} for {n} outputs", b.dims())
+            }
+            match (cpu, bl.contiguous_offsets()) {
+                (CpuStorage::F32(_), Some(_)) => contiguous_f32(cpu, bl, "linear bias")?,
+                _ => return Ok(None),
+            }
+        }
+        _ => &[],
+    };
+    let out = linear_blocks(xv, wv, (m, n, k), bias_data, act, rv);
+    drop((xs, ws, bias_guard, res_guard));
+    Tensor::from_vec(out, (m, n), x.device()).map(Some)
+}
+
+/// `x Wᵀ + b` on the CPU in `f32` as one op with its own backward pass (`dx = dy W`,
+/// `dW = dyᵀ x`, `db = Σ_rows dy`, each one split product): the training path of
+/// [`super::Linear`]. Applied as a `CustomOp3` with a bias and a `CustomOp2` without.
+pub(crate) struct LinearTrain;
+
+impl LinearTrain {
+    fn fwd(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (Some(xv), Some(wv)) = (view_cpu(xs, xl), view_cpu(ws, wl)) else {
+            candle_core::bail!("linear-train: expected 2-D f32 input and weight")
+        };
+        let (&[m, k], &[n, k2]) = (xl.dims(), wl.dims()) else {
+            candle_core::bail!("linear-train: expected 2-D input and weight")
+        };
+        if k != k2 {
+            candle_core::bail!("linear-train: input width {k} does not match weight [{n}, {k2}]")
+        }
+        let bias = match bias {
+            Some((bs, bl)) => {
+                if bl.dims() != [n] {
+                    candle_core::bail!("linear-train: bias {:?} for {n} outputs", bl.dims())
+                }
+                contiguous_f32(bs, bl, "linear-train bias")?
+            }
+            None => &[],
+        };
+        let out = linear_blocks(xv, wv, (m, n, k), bias, None, None);
+        Ok((CpuStorage::F32(out), (m, n).into()))
+    }
+
+    /// `(dx, dW, db)` for the output gradient `grad` `[m, n]`, each only for an input that
+    /// takes part in the gradient computation.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (m, n) = grad.dims2()?;
+        let k = x.dim(1)?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (Some(gv), Some(xv), Some(wv)) = (view(&gs, gl), view(&xs, xl), view(&ws, wl)) else {
+            candle_core::bail!("linear-train: expected f32 CPU tensors in the backward pass")
+        };
+        let dx = if x.track_op() {
+            let d = matmul_blocks(m, k, n, gv, wv, |_, _, _| {});
+            Some(Tensor::from_vec(d, (m, k), x.device())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let d = matmul_blocks(n, k, m, gv.t(), xv, |_, _, _| {});
+            Some(Tensor::from_vec(d, (n, k), w.device())?)
+        } else {
+            None
+        };
+        let db = if bias.is_some_and(|b| b.track_op()) {
+            Some(Tensor::from_vec(column_sums(gv, m, n), n, w.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// The column sums of a row-major `[m, n]` view, split by columns across the pool.
+fn column_sums(g: View, m: usize, n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; n];
+    let per = n.div_ceil(rayon::current_num_threads()).max(64);
+    out.par_chunks_mut(per).enumerate().for_each(|(i, o)| {
+        let c0 = i * per;
+        for r in 0..m {
+            let row = &g.data[r * g.rs + c0..r * g.rs + c0 + o.len()];
+            for (s, x) in o.iter_mut().zip(row) {
+                *s += x;
+            }
+        }
+    });
+    out
+}
+
+impl candle_core::CustomOp3 for LinearTrain {
+    fn name(&self) -> &'static str {
+        "linear-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        self.fwd((xs, xl), (ws, wl), Some((bs, bl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, grad, Some(b))
+    }
+}
+
+impl candle_core::CustomOp2 for LinearTrain {
+    fn name(&self) -> &'static str {
+        "linear-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        self.fwd((xs, xl), (ws, wl), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, grad, None)?;
+        Ok((dx, dw))
+    }
+}
+
+/// A `[batch, len, dim]` `f32` view with unit stride along `dim` (heads side by side).
+#[derive(Clone, Copy)]
+struct Seq<'a> {
+    data: &'a [f32],
+    /// Batch stride.
+    bs: usize,
+    /// Row (position) stride.
+    rs: usize,
+}
+
+impl Seq<'_> {
+    /// The first element of head `h` (width `hd`) of batch row `b`.
+    fn head(&self, b: usize, h: usize, hd: usize) -> *const f32 {
+        self.data[b * self.bs + h * hd..].as_ptr()
+    }
+}
+
+/// The `[batch, len, dim]` view of a CPU storage, or `None` for other storages and layouts.
+fn seq_cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Option<Seq<'a>> {
+    let CpuStorage::F32(data) = s else {
+        return None;
+    };
+    match *l.stride() {
+        [bs, rs, 1] => Some(Seq {
+            data: &data[l.start_offset()..],
+            bs,
+            rs,
+        }),
+        _ => None,
+    }
+}
+
+/// [`seq_cpu`] for a storage of any device.
+fn seq<'a>(s: &'a Storage, l: &Layout) -> Option<Seq<'a>> {
+    match s {
+        Storage::Cpu(c) => seq_cpu(c, l),
+        _ => None,
+    }
+}
+
+/// An additive attention bias broadcast to `[b, h, lq, lk]`: its data, start and strides.
+struct BiasRows<'a> {
+    data: &'a [f32],
+    start: usize,
+    strides: [usize; 4],
+}
+
+impl BiasRows<'_> {
+    /// Row `(b, h, i)` of length `lk`, gathered into `tmp` when its stride is not 1.
+    fn row<'t>(
+        &'t self,
+        (b, h, i): (usize, usize, usize),
+        lk: usize,
+        tmp: &'t mut Vec<f32>,
+    ) -> &'t [f32] {
+        let st = self.strides;
+        let off = self.start + b * st[0] + h * st[1] + i * st[2];
+        if st[3] == 1 {
+            &self.data[off..off + lk]
+        } else {
+            tmp.clear();
+            tmp.extend((0..lk).map(|j| self.data[off + j * st[3]]));
+            tmp
+        }
+    }
+}
+
+/// Shapes of one attention call: batch, heads, query and key lengths, head width.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    hd: usize,
+}
+
+/// One single-threaded `gemm` call, `dst [m, n] = lhs [m, k] · rhs [k, n]` with explicit
+/// row and column strides (`(rs, cs)` pairs).
+///
+/// # Safety
+/// Every pointer must address its matrix within its allocation for the given strides, and
+/// `dst` must be writable and not read concurrently.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm1(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (drs, dcs): (usize, usize),
+    lhs: *const f32,
+    (lrs, lcs): (usize, usize),
+    rhs: *const f32,
+    (rrs, rcs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: `dst` addresses an `m × n` matrix (the caller's guarantee).
+                unsafe { *dst.add(i * drs + j * dcs) = 0.0 };
+            }
+        }
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dcs as isize,
+            drs as isize,
+            false,
+            lhs,
+            lcs as isize,
+            lrs as isize,
+            rhs,
+            rcs as isize,
+            rrs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `P = softmax(scale · Q_h K_hᵀ + bias)` for batch row `bi`, head `hi`, into `p` `[lq, lk]`.
+fn attention_probs(
+    (q, k): (Seq, Seq),
+    (bi, hi): (usize, usize),
+    d: AttnDims,
+    bias: Option<&BiasRows>,
+    scale: f32,
+    p: &mut [f32],
+) {
+    // SAFETY: the heads are read within the views; `p` holds `lq × lk`.
+    unsafe {
+        gemm1(
+            (d.lq, d.lk, d.hd),
+            p.as_mut_ptr(),
+            (d.lk, 1),
+            q.head(bi, hi, d.hd),
+            (q.rs, 1),
+            k.head(bi, hi, d.hd),
+            (1, k.rs),
+        );
+    }
+    let mut tmp = Vec::new();
+    for (i, row) in p.chunks_mut(d.lk.max(1)).enumerate().take(d.lq) {
+        let brow = bias.map(|b| b.row((bi, hi, i), d.lk, &mut tmp));
+        softmax_row_fast(row, brow, scale);
+    }
+}
+
+/// `softmax(q kᵀ · scale + bias) v` as `[b, lq, h·hd]`: one task per (batch row, head), two
+/// single-threaded `gemm` calls that read the heads in place and write the output block in
+/// place, with the softmax between them in a task-local buffer.
+fn attention_forward(
+    (q, k, v): (Seq, Seq, Seq),
+    d: AttnDims,
+    bias: Option<&BiasRows>,
+    scale: f32,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let width = d.h * d.hd;
+    let mut out = uninit_buffer(d.b * d.lq * width);
+    let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
+    (0..d.b * d.h).into_par_iter().for_each(|t| {
+        let (bi, hi) = (t / d.h, t % d.h);
+        let mut p = vec![0f32; d.lq * d.lk];
+        attention_probs((q, k), (bi, hi), d, bias, scale, &mut p);
+        // SAFETY: this task's `[lq, hd]` block of the output is its alone.
+        unsafe {
+            gemm1(
+                (d.lq, d.hd, d.lk),
+                dst.get().add(bi * d.lq * width + hi * d.hd),
+                (width, 1),
+                p.as_ptr(),
+                (d.lk, 1),
+                v.head(bi, hi, d.hd),
+                (v.rs, 1),
+            );
+        }
+    });
+    // SAFETY: each task writes its `[lq, hd]` block whole, and the blocks tile the output.
+    unsafe { assume_init(out) }
+}
+
+/// Checks `q` `[b, lq, d]`, `k` and `v` `[b, lk, d]` against `heads`.
+fn attn_dims(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<AttnDims> {
+    match (q, k) {
+        (&[b, lq, d], &[bk, lk, dk])
+            if v == k && bk == b && dk == d && heads > 0 && d.is_multiple_of(heads) =>
+        {
+            Ok(AttnDims {
+                b,
+                h: heads,
+                lq,
+                lk,
+                hd: d / heads,
+            })
+        }
+        _ => candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?} with {heads} heads"),
+    }
+}
+
+/// The `f32` CPU bias rows of `bias` broadcast to `d`, or `None` when it is elsewhere.
+fn bias_rows<'a>(bias: Option<(&'a Storage, &'a Layout)>) -> Option<Option<BiasRows<'a>>> {
+    match bias {
+        None => Some(None),
+        Some((s, l)) => match (s, l.stride()) {
+            (Storage::Cpu(CpuStorage::F32(data)), &[s0, s1, s2, s3]) => Some(Some(BiasRows {
+                data,
+                start: l.start_offset(),
+                strides: [s0, s1, s2, s3],
+            })),
+            _ => None,
+        },
+    }
+}
+
+/// Multi-head attention at inference on the CPU in `f32`: `q` `[b, lq, h·hd]`, `k` and `v`
+/// `[b, lk, h·hd]` (projection outputs, heads side by side) to `softmax(q kᵀ · scale + bias) v`
+/// `[b, lq, h·hd]`; `bias` broadcastable to `[b, h, lq, lk]`. No head is copied out and no
+/// score tensor is built. `None` when this path does not apply.
+pub(crate) fn attention_cpu_f32(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let d = attn_dims(q.dims(), k.dims(), v.dims(), heads)?;
+    let bias = match bias {
+        Some(t) => Some(t.broadcast_as((d.b, d.h, d.lq, d.lk))?),
+        None => None,
+    };
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Some(qv), Some(kv), Some(vv)) = (seq(&qs, ql), seq(&ks, kl), seq(&vs, vl)) else {
+        return Ok(None);
+    };
+    let bias_guard = bias.as_ref().map(|t| t.storage_and_layout());
+    let Some(bv) = bias_rows(bias_guard.as_ref().map(|(s, l)| (&**s, *l))) else {
+        return Ok(None);
+    };
+    let out = attention_forward((qv, kv, vv), d, bv.as_ref(), scale as f32);
+    drop((qs, ks, vs));
+    Tensor::from_vec(out, (d.b, d.lq, d.h * d.hd), q.device()).map(Some)
+}
+
+/// Multi-head attention on `q`, `k`, `v` (as [`attention_cpu_f32`]) as one op with its own
+/// backward pass, for training on the CPU in `f32`. The backward pass recomputes each
+/// head's probabilities `P` and takes `dV = Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum)`,
+/// `dQ = dS K`, `dK = dSᵀ Q`, one task per (batch row, head). The bias (a mask) gets no
+/// gradient.
+pub(crate) struct AttentionTrain {
+    pub heads: usize,
+    pub scale: f32,
+    /// Broadcast to `[b, heads, lq, lk]`.
+    pub bias: Option<Tensor>,
+}
+
+impl candle_core::CustomOp3 for AttentionTrain {
+    fn name(&self) -> &'static str {
+        "attention-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let d = attn_dims(ql.dims(), kl.dims(), vl.dims(), self.heads)?;
+        let (Some(qv), Some(kv), Some(vv)) = (seq_cpu(qs, ql), seq_cpu(ks, kl), seq_cpu(vs, vl))
+        else {
+            candle_core::bail!("attention-train: expected f32 inputs with unit inner stride")
+        };
+        let guard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let Some(bv) = bias_rows(guard.as_ref().map(|(s, l)| (&**s, *l))) else {
+            candle_core::bail!("attention-train: expected an f32 CPU bias")
+        };
+        let out = attention_forward((qv, kv, vv), d, bv.as_ref(), self.scale);
+        Ok((CpuStorage::F32(out), (d.b, d.lq, d.h * d.hd).into()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let d = attn_dims(q.dims(), k.dims(), v.dims(), self.heads)?;
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (Some(gv), Some(qv), Some(kv), Some(vv)) =
+            (seq(&gs, gl), seq(&qs, ql), seq(&ks, kl), seq(&vs, vl))
+        else {
+            candle_core::bail!("attention-train: expected f32 CPU tensors in the backward pass")
+        };
+        let guard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let Some(bv) = bias_rows(guard.as_ref().map(|(s, l)| (&**s, *l))) else {
+            candle_core::bail!("attention-train: expected an f32 CPU bias")
+        };
+        let width = d.h * d.hd;
+        let mut dq = uninit_buffer(d.b * d.lq * width);
+        let mut dk = uninit_buffer(d.b * d.lk * width);
+        let mut dv = uninit_buffer(d.b * d.lk * width);
+        let (dqp, dkp, dvp) = (
+            OutPtr(dq.as_mut_ptr().cast::<f32>()),
+            OutPtr(dk.as_mut_ptr().cast::<f32>()),
+            OutPtr(dv.as_mut_ptr().cast::<f32>()),
+        );
+        let scale = self.scale;
+        (0..d.b * d.h).into_par_iter().for_each(|t| {
+            let (bi, hi) = (t / d.h, t % d.h);
+            let mut p = vec![0f32; d.lq * d.lk];
+            let mut dp = vec![0f32; d.lq * d.lk];
+            attention_probs((qv, kv), (bi, hi), d, bv.as_ref(), scale, &mut p);
+            let (q_off, k_off) = (bi * d.lq * width + hi * d.hd, bi * d.lk * width + hi * d.hd);
+            // SAFETY: the inputs are read within their views; each output block (head `hi` of
+            // row `bi` in dQ, dK, dV) is this task's alone.
+            unsafe {
+                // dV = Pᵀ dO
+                gemm1(
+                    (d.lk, d.hd, d.lq),
+                    dvp.get().add(k_off),
+                    (width, 1),
+                    p.as_ptr(),
+                    (1, d.lk),
+                    gv.head(bi, hi, d.hd),
+                    (gv.rs, 1),
+                );
+                // dP = dO Vᵀ
+                gemm1(
+                    (d.lq, d.lk, d.hd),
+                    dp.as_mut_ptr(),
+                    (d.lk, 1),
+                    gv.head(bi, hi, d.hd),
+                    (gv.rs, 1),
+                    vv.head(bi, hi, d.hd),
+                    (1, vv.rs),
+                );
+            }
+            // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place in dP.
+            for (dpr, pr) in dp.chunks_mut(d.lk.max(1)).zip(p.chunks(d.lk.max(1))) {
+                let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                for (g, &pv) in dpr.iter_mut().zip(pr) {
+                    *g = scale * pv * (*g - dot);
+                }
+            }
+            // SAFETY: as above.
+            unsafe {
+                // dQ = dS K
+                gemm1(
+                    (d.lq, d.hd, d.lk),
+                    dqp.get().add(q_off),
+                    (width, 1),
+                    dp.as_ptr(),
+                    (d.lk, 1),
+                    kv.head(bi, hi, d.hd),
+                    (kv.rs, 1),
+                );
+                // dK = dSᵀ Q
+                gemm1(
+                    (d.lk, d.hd, d.lq),
+                    dkp.get().add(k_off),
+                    (width, 1),
+                    dp.as_ptr(),
+                    (1, d.lk),
+                    qv.head(bi, hi, d.hd),
+                    (qv.rs, 1),
+                );
+            }
+        });
+        drop((gs, qs, ks, vs, guard));
+        // SAFETY: each task writes its head blocks whole, and they tile the three outputs.
+        let (dq, dk, dv) = unsafe { (assume_init(dq), assume_init(dk), assume_init(dv)) };
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (d.b, d.lq, width), dev)?),
+            Some(Tensor::from_vec(dk, (d.b, d.lk, width), dev)?),
+            Some(Tensor::from_vec(dv, (d.b, d.lk, width), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product::<usize>();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Candle's composed `softmax(q kᵀ · scale + bias) v` on `[b, lq, h·hd]` inputs.
+    fn reference_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        h: usize,
+        bias: Option<&Tensor>,
+        scale: f64,
+    ) -> Tensor {
+        let split = |t: &Tensor| {
+            let (b, l, d) = t.dims3().unwrap();
+            t.reshape((b, l, h, d / h))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q4, k4, v4) = (split(q), split(k), split(v));
+        let s = (q4.matmul(&k4.t().unwrap()).unwrap() * scale).unwrap();
+        let s = match bias {
+            Some(b) => s.broadcast_add(b).unwrap(),
+            None => s,
+        };
+        let m = s.max_keepdim(D::Minus1).unwrap();
+        let e = s.broadcast_sub(&m).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        let (b, lq, d) = q.dims3().unwrap();
+        p.matmul(&v4)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, lq, d))
+            .unwrap()
+    }
+
+    #[test]
+    fn linear_matches_matmul_on_split_and_strided_shapes() {
+        // (m, k, n): one block, a column split and a row split (2 threads or more).
+        for (i, &(m, k, n)) in [(3, 5, 7), (40, 96, 200), (1100, 64, 48)]
+            .iter()
+            .enumerate()
+        {
+            let x = randn(&[m, k + 3], 10 + i as u64).narrow(1, 2, k).unwrap();
+            let w = randn(&[n, k], 20 + i as u64);
+            let b = randn(&[n], 30 + i as u64);
+            let r = randn(&[m, n], 40 + i as u64);
+            let want = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+                .relu()
+                .unwrap();
+            let want_res = (&want + &r).unwrap();
+            let got = linear_cpu_f32(&x, &w, Some(&b), Some(Activation::Relu), Some(&r))
+                .unwrap()
+                .unwrap();
+            assert!(max_diff(&got, &want_res) < 1e-4, "{m}x{k}x{n}");
+            let plain = linear_cpu_f32(&x, &w, None, None, None).unwrap().unwrap();
+            let want_plain = x.matmul(&w.t().unwrap()).unwrap();
+            assert!(max_diff(&plain, &want_plain) < 1e-4, "{m}x{k}x{n} plain");
+        }
+        // Mismatched widths are an error, not a panic.
+        let e = linear_cpu_f32(&randn(&[2, 3], 1), &randn(&[4, 5], 2), None, None, None);
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn linear_train_gradients_match_composed_ops() {
+        let (m, k, n) = (37, 24, 50);
+        let x = Var::from_tensor(&randn(&[m, k], 1)).unwrap();
+        let w = Var::from_tensor(&randn(&[n, k], 2)).unwrap();
+        let b = Var::from_tensor(&randn(&[n], 3)).unwrap();
+        let g = randn(&[m, n], 4);
+        let fused = x.apply_op3(&w, &b, LinearTrain).unwrap();
+        let composed = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let gf = (&fused * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(max_diff(a, c) < 1e-4, "d{name}");
+        }
+        // Without a bias, and with an input that takes no gradient.
+        let x0 = randn(&[m, k], 5);
+        let y = x0.apply_op2(&w, LinearTrain).unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = g.t().unwrap().matmul(&x0).unwrap();
+        assert!(max_diff(grads.get(&w).unwrap(), &want) < 1e-4);
+        assert!(grads.get(&x0).is_none());
+    }
+
+    #[test]
+    fn attention_matches_composed_ops_with_and_without_bias() {
+        let (b, lq, lk, h, hd) = (3, 5, 9, 2, 8);
+        let q = randn(&[b, lq, h * hd], 1);
+        let k = randn(&[b, lk, h * hd], 2);
+        let v = randn(&[b, lk, h * hd], 3);
+        // A key-padding bias [b, 1, 1, lk]: the last keys of row 1 masked.
+        let mut mask = vec![0f32; b * lk];
+        for j in 6..lk {
+            mask[lk + j] = -1e4;
+        }
+        let bias = Tensor::from_vec(mask, (b, 1, 1, lk), &Device::Cpu).unwrap();
+        let scale = 1.0 / (hd as f64).sqrt();
+        for bias in [None, Some(&bias)] {
+            let want = reference_attention(&q, &k, &v, h, bias, scale);
+            let got = attention_cpu_f32(&q, &k, &v, h, bias, scale)
+                .unwrap()
+                .unwrap();
+            assert!(max_diff(&got, &want) < 1e-5, "bias {}", bias.is_some());
+        }
+        let e = attention_cpu_f32(&q, &k, &v, 3, None, scale);
+        assert!(e.is_err(), "16 channels do not split into 3 heads");
+    }
+
+    #[test]
+    fn attention_train_gradients_match_composed_ops() {
+        let (b, lq, lk, h, hd) = (2, 6, 7, 3, 4);
+        let q = Var::from_tensor(&randn(&[b, lq, h * hd], 1)).unwrap();
+        let k = Var::from_tensor(&randn(&[b, lk, h * hd], 2)).unwrap();
+        let v = Var::from_tensor(&randn(&[b, lk, h * hd], 3)).unwrap();
+        let bias = (randn(&[b, 1, lq, lk], 4) * 2.0).unwrap();
+        let g = randn(&[b, lq, h * hd], 5);
+        let scale = 0.37;
+        let op = AttentionTrain {
+            heads: h,
+            scale: scale as f32,
+            bias: Some(bias.broadcast_as((b, h, lq, lk)).unwrap()),
+        };
+        let fused = q.apply_op3(&k, &v, op).unwrap();
+        let composed = reference_attention(&q, &k, &v, h, Some(&bias), scale);
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let gf = (&fused * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, c) = (gf.get(t).unwrap(), gc.get(t).unwrap());
+            assert!(max_diff(a, c) < 1e-5, "d{name}: {}", max_diff(a, c));
+        }
+    }
+}
