@@ -6,7 +6,9 @@
 //! `--features cuda`) and `--dtype bf16|f16|f32` run it elsewhere; every run ends with a
 //! device synchronisation. Weights are random (timings
 //! depend on shapes only); the workloads are in `workloads.rs`. `--list` prints them. Run one
-//! workload per process so that the peak RSS (`VmHWM`) is that workload's.
+//! workload per process so that the peak RSS (`VmHWM`) is that workload's. Like
+//! `tuwen::load` for a CPU model, it applies `tuwen::tune_allocator()` first;
+//! `--untuned-allocator` measures without it.
 
 use std::time::Instant;
 
@@ -29,6 +31,9 @@ fn main() {
         // `cargo bench` runs every bench binary without arguments: do nothing then.
         return;
     };
+    if !args.iter().any(|a| a == "--untuned-allocator") {
+        tuwen::tune_allocator();
+    }
     let batch: usize = get("--batch").and_then(|b| b.parse().ok()).unwrap_or(8);
     let iters: usize = get("--iters").and_then(|b| b.parse().ok()).unwrap_or(5);
     let warmup: usize = get("--warmup").and_then(|b| b.parse().ok()).unwrap_or(1);

@@ -12,6 +12,8 @@ mod workloads;
 use workloads::{workload, WORKLOADS};
 
 fn bench_encoders(c: &mut Criterion) {
+    // As `tuwen::load` does for a CPU model.
+    tuwen::tune_allocator();
     let mut g = c.benchmark_group("encoders");
     g.sample_size(10);
     for &name in WORKLOADS {

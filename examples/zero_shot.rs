@@ -63,6 +63,7 @@ fn run(args: Args) -> tuwen::Result<()> {
         device: tuwen::models::parse_device(&args.device)?,
         dtype: tuwen::models::parse_dtype(&args.dtype)?,
         box_grid: args.grid,
+        ..LoadOptions::default()
     };
     let model = tuwen::load(&args.model, &opts)?;
     let probs = model.classify(&images, &labels, &args.template)?;

@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod allocator;
 pub mod checkpoint;
 pub mod error;
 pub mod eval;
@@ -36,6 +37,7 @@ pub mod preprocess;
 pub mod registry;
 pub mod train;
 
+pub use allocator::tune_allocator;
 pub use error::{Error, Result};
 pub use models::{DualEncoder, Family, LoadOptions, Scoring};
 pub use preprocess::ImageInput;

@@ -67,9 +67,22 @@ pub fn preset(name: &str) -> Result<Preset> {
 /// Opens a model from a preset name (downloaded through the Hub cache) or a local
 /// directory or checkpoint file.
 pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
+    let model = load_untuned(spec, opts)?;
+    after_load(opts);
+    Ok(model)
+}
+
+/// Applies [`crate::tune_allocator`] when `opts` ask for it and the model is on the CPU.
+fn after_load(opts: &LoadOptions) {
+    if opts.tune_allocator && opts.device.is_cpu() {
+        crate::tune_allocator();
+    }
+}
+
+fn load_untuned(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
     let path = Path::new(spec);
     if path.exists() {
-        return load_path(path, opts);
+        return load_path_untuned(path, opts);
     }
     let p = preset(spec)?;
     if p.family == Family::Brivl {
@@ -77,10 +90,10 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
         return Ok(Box::new(BrivlEncoder::from_preset(&p.name, opts)?));
     }
     if matches!(p.family, Family::R2d2 | Family::Prd2) {
-        return load_path(&r2d2::locate_preset(&p.name)?, opts);
+        return load_path_untuned(&r2d2::locate_preset(&p.name)?, opts);
     }
     let dir = download_preset(&p)?;
-    load_path(&dir, opts)
+    load_path_untuned(&dir, opts)
 }
 
 /// Opens a model from a local directory, or a checkpoint file of a family that can be
@@ -88,6 +101,12 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
 /// with `imgencoder.*` tensors; R2D2 / PRD2: `.pth` with `model`, or `.safetensors` with
 /// `visual_encoder.*` tensors, or a directory holding one).
 pub fn load_path(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
+    let model = load_path_untuned(path, opts)?;
+    after_load(opts);
+    Ok(model)
+}
+
+fn load_path_untuned(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
     if brivl::is_brivl_path(path) {
         return Ok(Box::new(BrivlEncoder::from_path(path, opts)?));
     }

@@ -117,6 +117,8 @@ pub struct LoadOptions {
     /// of boxes plus the whole image (the Nature Communications model used 6). `None`
     /// uses the model's own default.
     pub box_grid: Option<usize>,
+    /// On the CPU, apply [`crate::tune_allocator`] once the model is loaded (default true).
+    pub tune_allocator: bool,
 }
 
 impl Default for LoadOptions {
@@ -125,6 +127,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             box_grid: None,
+            tune_allocator: true,
         }
     }
 }

@@ -772,12 +772,35 @@ fn softmax_row(row: &mut [f32], bias: Option<&[f32]>, scale: f32) {
             }
         }
     }
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    // The max and the sum run in `LANES` independent lanes, so that they vectorise (a single
+    // running max or sum is one serial dependency chain).
+    const LANES: usize = 16;
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in lane_max.iter_mut().zip(c) {
+            *m = m.max(x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lane_max)
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut lane_sum = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, x) in lane_sum.iter_mut().zip(c) {
+            *x = exp_fast(*x - max);
+            *s += *x;
+        }
+    }
     let mut sum = 0f32;
-    for x in row.iter_mut() {
+    for x in chunks.into_remainder() {
         *x = exp_fast(*x - max);
         sum += *x;
     }
+    let sum = sum + lane_sum.iter().sum::<f32>();
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inv;
