@@ -848,6 +848,11 @@ mod tests {
             .unwrap()
     }
 
+    /// The gradients of `Σ y ⊙ g`.
+    fn grads_of(y: &Tensor, g: &Tensor) -> candle_core::backprop::GradStore {
+        (y * g).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     /// Candle's composed `softmax(q kᵀ · scale + bias) v` on `[b, lq, h·hd]` inputs.
     fn reference_attention(
         q: &Tensor,
@@ -930,18 +935,8 @@ mod tests {
             .broadcast_add(&b)
             .unwrap();
         assert!(max_diff(&fused, &composed) < 1e-5);
-        let gf = (&fused * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = grads_of(&fused, &g);
+        let gc = grads_of(&composed, &g);
         for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
             let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
             assert!(max_diff(a, c) < 1e-4, "d{name}");
@@ -949,7 +944,7 @@ mod tests {
         // Without a bias, and with an input that takes no gradient.
         let x0 = randn(&[m, k], 5);
         let y = x0.apply_op2(&w, LinearTrain).unwrap();
-        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = grads_of(&y, &g);
         let want = g.t().unwrap().matmul(&x0).unwrap();
         assert!(max_diff(grads.get(&w).unwrap(), &want) < 1e-4);
         assert!(grads.get(&x0).is_none());
@@ -996,18 +991,8 @@ mod tests {
         let fused = q.apply_op3(&k, &v, op).unwrap();
         let composed = reference_attention(&q, &k, &v, h, Some(&bias), scale);
         assert!(max_diff(&fused, &composed) < 1e-5);
-        let gf = (&fused * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = grads_of(&fused, &g);
+        let gc = grads_of(&composed, &g);
         for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
             let (a, c) = (gf.get(t).unwrap(), gc.get(t).unwrap());
             assert!(max_diff(a, c) < 1e-5, "d{name}: {}", max_diff(a, c));
