@@ -60,8 +60,9 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 
 impl Linear {
     /// `act(x Wᵀ + b)`. On the CPU in f32 with nothing tracking gradients, the bias and the
-    /// activation are applied in place in the matmul output (one pass, no new buffer);
-    /// otherwise through differentiable ops.
+    /// activation are applied to each output block of the product while it is in cache; in
+    /// training on the CPU the product is one op with its own backward pass; elsewhere
+    /// candle's matmul and differentiable ops.
     pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         self.forward_fused(x, act, None)
     }
