@@ -24,6 +24,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::error::{Error, Result};
+use crate::nn::linear::{inference_layout, is_weight_hint};
 
 /// Where tensors come from.
 pub enum TensorSource {
@@ -226,10 +227,14 @@ impl Checked {
         candle_core::Error::Msg(msg)
     }
 
+    /// Reads `name` (checked against `shape` when given). `linear_weight`: the model asked
+    /// for it as a linear layer's weight (see [`crate::nn::linear::WEIGHT_HINT`]); without
+    /// variables it is then stored in [`crate::nn::linear::inference_layout`].
     fn fetch(
         &self,
         name: &str,
         shape: Option<&Shape>,
+        linear_weight: bool,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
@@ -265,6 +270,7 @@ impl Checked {
         }
         let tensor = tensor.to_dtype(dtype)?.to_device(dev)?;
         match &self.vars {
+            None if linear_weight => inference_layout(tensor),
             None => Ok(tensor),
             Some(vars) => {
                 let mut data = vars
@@ -298,15 +304,15 @@ impl SimpleBackend for Checked {
         &self,
         s: Shape,
         name: &str,
-        _: candle_nn::Init,
+        hint: candle_nn::Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.fetch(name, Some(&s), dtype, dev)
+        self.fetch(name, Some(&s), is_weight_hint(&hint), dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.fetch(name, None, dtype, dev)
+        self.fetch(name, None, false, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -400,6 +406,10 @@ impl Loader {
     }
 
     /// A var builder over the checked source.
+    ///
+    /// Without [`Loader::trainable`] it builds an inference model: the weights of linear
+    /// layers are copied into [`crate::nn::linear::inference_layout`] on the CPU in `f32`, so
+    /// the model does not share their storage with the source's tensors.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(
             Box::new(SharedChecked(self.inner.clone())),
@@ -583,7 +593,7 @@ impl SimpleBackend for RandomInit {
         &self,
         s: Shape,
         name: &str,
-        _: candle_nn::Init,
+        hint: candle_nn::Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
@@ -612,9 +622,14 @@ impl SimpleBackend for RandomInit {
             let u = (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
             data.push((u * 0.02 * 3f64.sqrt()) as f32);
         }
-        Tensor::from_vec(data, s, &Device::Cpu)?
+        let t = Tensor::from_vec(data, s, &Device::Cpu)?
             .to_dtype(dtype)?
-            .to_device(dev)
+            .to_device(dev)?;
+        if is_weight_hint(&hint) {
+            inference_layout(t)
+        } else {
+            Ok(t)
+        }
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {

@@ -4,7 +4,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::gemm::{attention_cpu_f32, cpu_f32, AttentionTrain};
-use super::linear::{batch_broadcast, linear, Linear};
+use super::linear::{batch_broadcast, linear, Linear, WEIGHT_HINT};
 
 use super::ops::{scaled_softmax_into, softmax_last_dim, tracks_grad};
 
@@ -116,7 +116,7 @@ impl MultiHeadAttention {
     /// Loads PyTorch `nn.MultiheadAttention` parameters: `in_proj_weight` `[3d, d]` and
     /// `in_proj_bias` in q, k, v order, and `out_proj`.
     pub fn new_packed(dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
-        let w = vb.get((3 * dim, dim), "in_proj_weight")?;
+        let w = vb.get_with_hints((3 * dim, dim), "in_proj_weight", WEIGHT_HINT)?;
         let b = vb.get(3 * dim, "in_proj_bias")?;
         let part = |i: usize| -> Result<Linear> {
             Ok(Linear::new(

@@ -7,7 +7,8 @@
 //! (CUDA, Metal, other dtypes) it is candle's matmul and differentiable ops.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::{Init, VarBuilder};
 
 use super::gemm::{cpu_f32, linear_cpu_f32, LinearTrain};
 use super::ops::{bias_act_into, tracks_grad, Activation};
@@ -45,17 +46,58 @@ impl From<candle_nn::Linear> for Linear {
     }
 }
 
+/// The hint that [`linear`] asks for its weight with: candle-nn's own initialisation of a
+/// linear weight (Kaiming normal, fan-in), which a `VarMap` fills a new weight with.
+///
+/// The crate's inference backends (a [`crate::checkpoint::Loader`] without variables, and
+/// [`crate::checkpoint::random_var_builder`]) also read it as "the weight of a linear layer"
+/// and store such a weight in [`inference_layout`].
+pub const WEIGHT_HINT: Init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+
+/// Whether `hint` is [`WEIGHT_HINT`].
+pub(crate) fn is_weight_hint(hint: &Init) -> bool {
+    matches!(
+        hint,
+        Init::Kaiming {
+            dist: NormalOrUniform::Normal,
+            fan: FanInOut::FanIn,
+            non_linearity: NonLinearity::ReLU,
+        }
+    )
+}
+
+/// A linear weight `[out, in]` with the same values, stored the way the CPU `f32` inference
+/// kernels read it fastest: as the transposed view of a row-major `[in, out]` buffer. The
+/// matrix product then reads the weight down its columns without `gemm`'s gather of strided
+/// rows into its packed panels (measured up to 3× faster for the 64-row products of a batch-1
+/// text tower with `gemm`'s AVX-512 kernels, 0–30% at batch 8).
+///
+/// Only for weights that nothing updates in place: a model built on tensors that share
+/// storage with variables (a training model, an EMA teacher) must keep that storage, so the
+/// backends apply this only when they build a model for inference. Other devices, dtypes
+/// and ranks are returned unchanged.
+pub fn inference_layout(w: Tensor) -> Result<Tensor> {
+    if cpu_f32(&w) && w.rank() == 2 && w.is_contiguous() && !w.is_variable() {
+        w.t()?.contiguous()?.t()
+    } else {
+        Ok(w)
+    }
+}
+
 /// Loads `weight` `[out, in]` and `bias` `[out]`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(
-        vb.get((out_dim, in_dim), "weight")?,
+        vb.get_with_hints((out_dim, in_dim), "weight", WEIGHT_HINT)?,
         Some(vb.get(out_dim, "bias")?),
     ))
 }
 
 /// Loads `weight` `[out, in]` only.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
+    Ok(Linear::new(
+        vb.get_with_hints((out_dim, in_dim), "weight", WEIGHT_HINT)?,
+        None,
+    ))
 }
 
 impl Linear {
@@ -154,5 +196,63 @@ fn residual_add(residual: &Tensor, y: &Tensor) -> Result<Tensor> {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_act(x, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::checkpoint::{random_var_builder, Loader, TensorSource};
+
+    fn source(w: &Tensor, b: &Tensor) -> TensorSource {
+        TensorSource::Map(HashMap::from([
+            ("fc.weight".to_string(), w.clone()),
+            ("fc.bias".to_string(), b.clone()),
+        ]))
+    }
+
+    #[test]
+    fn only_inference_loaders_store_linear_weights_transposed() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap();
+        let expected = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+
+        // Inference: the same values, stored `[in, out]`, and the same outputs.
+        let loader = Loader::new(source(&w, &b), "map");
+        let l = linear(3, 5, loader.var_builder(DType::F32, &dev).pp("fc")).unwrap();
+        assert_eq!(l.weight().dims(), [5, 3]);
+        assert_eq!(l.weight().stride(), [1, 5]);
+        assert_eq!(
+            l.weight().to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+        let diff = (l.forward(&x).unwrap() - &expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+
+        // Training: the variable itself, as stored, so that updates reach the model.
+        let (loader, _vars) = Loader::new(source(&w, &b), "map").trainable().unwrap();
+        let l = linear(3, 5, loader.var_builder(DType::F32, &dev).pp("fc")).unwrap();
+        assert!(l.weight().is_variable());
+        assert_eq!(l.weight().stride(), [3, 1]);
+
+        // Other dtypes keep the checkpoint's layout; the bench weights get the CPU one.
+        let loader = Loader::new(source(&w, &b), "map");
+        let l = linear(3, 5, loader.var_builder(DType::F16, &dev).pp("fc")).unwrap();
+        assert_eq!(l.weight().stride(), [3, 1]);
+        let l = linear(3, 5, random_var_builder(1, DType::F32, &dev)).unwrap();
+        assert_eq!(l.weight().stride(), [1, 5]);
     }
 }
