@@ -2,8 +2,8 @@
 """Side-by-side timing of tuwen against PyTorch (HF transformers / timm) on the same shapes.
 
 Runs, in one invocation and alternating between the two, each workload at the given batch
-sizes: PyTorch on CPU with the same thread count, fp32, `torch.inference_mode()`, random
-weights; and the Rust timing binary `benches/compare.rs` (built with `cargo bench --bench
+sizes: PyTorch on CPU with the same thread count, fp32, `torch.inference_mode()` (autograd
+for the training steps), random weights; and the Rust timing binary `benches/compare.rs` (built with `cargo bench --bench
 compare --no-run`; the workloads are in `benches/workloads.rs`). Every measurement runs in
 its own process, so that its peak resident set size (`VmHWM`) is that workload's alone.
 Writes a ratio table (ours / PyTorch, lower is better) to benches/RESULTS.md with the
@@ -37,7 +37,20 @@ tuwen's AdamW with the same defaults; small configs, 224 px, 32 tokens, fp32):
 * `r2d2-train-small`: R2D2's GCPR + FGR (fixed hard negatives: pair i+1; class weights
   [1, 2]) as `tests/fixtures/gen_r2d2_train.py` states them, on transformers
   `CLIPVisionModel` (256 wide, 4 layers, patch 14) and `BertModel` (256 wide, 4 layers, no
-  dropout) with 2 + 2 cross-encoder layers.
+  dropout) with 2 + 2 cross-encoder layers;
+* `brivl-train-small`: one BriVL MoCo step as `tests/fixtures/gen_brivl_moco.py` states it
+  (the released `VL_model.forward` training branch): momentum update of every key-encoder
+  parameter (m 0.99), queries with gradient and keys without, i2t / t2i logits against two
+  queues of 4096 keys / T (0.07), backward, AdamW, enqueue of the keys after the step. The
+  towers are those of `brivl-image` / `brivl-text` made small: timm `tf_efficientnet_b0`
+  (1280 features, the embedding width) at 224 px with 37 boxes (6x6 grid + whole image) and
+  the 4x4 RoI grid; `BertModel` 256 wide, 4 layers, 4 heads, MLP 1024; BriVL's heads
+  unchanged (4 + 4 post-LN layers, 4 heads, feed-forward 2048). As tuwen's `BrivlMoco`
+  trains: eval mode (BN on running statistics, no dropout), its `default_trainable` set
+  (EfficientNet blocks 3-6, the four BERT layers, every head: 66.1M of 72.1M parameters) and
+  its default AdamW groups (no weight decay on tensors of rank < 2). The key encoders are
+  full copies (tuwen shares the frozen tensors between the two and moves only the trained
+  ones: the same numbers).
 """
 import argparse
 import datetime
@@ -134,6 +147,8 @@ def torch_workload(name, batch):
         return siglip_train_workload(batch)
     if name == "r2d2-train-small":
         return r2d2_train_workload(batch)
+    if name == "brivl-train-small":
+        return brivl_train_workload(batch)
     raise ValueError(name)
 
 
@@ -226,6 +241,38 @@ def masked_mean(x, mask):
     return (x * m).sum(1) / m.sum(1)
 
 
+def brivl_grid_boxes(batch, size, g):
+    """BriVL's boxes for images without detector boxes: a `g` x `g` grid plus the whole image."""
+    import torch
+
+    c = size / g
+    rows = [[k * c, i * c, (k + 1) * c, (i + 1) * c] for i in range(g) for k in range(g)] + [[0, 0, size, size]]
+    return torch.tensor([rows] * batch, dtype=torch.float32)
+
+
+def brivl_roi(feat, rois, size, grid, conv):
+    """BriVL's RoI grid sampling: per box an affine grid (theta in the align_corners=True
+    convention, sampled with align_corners=False) of `grid` x `grid` bilinear samples, their
+    average, then the 1x1 conv (the original applies the conv first: the same numbers and
+    gradients at `grid`^2 times the cost)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, ch, h, w = feat.shape
+    ratio = size / h
+    out = []
+    for i in range(b):
+        x1, y1, x2, y2 = (rois[i, :, j] / ratio for j in range(4))
+        zero = torch.zeros_like(x1)
+        theta = torch.stack(((x2 - x1) / (w - 1), zero, (x1 + x2 - w + 1) / (w - 1), zero,
+                             (y2 - y1) / (h - 1), (y1 + y2 - h + 1) / (h - 1)), dim=1).view(-1, 2, 3)
+        gr = F.affine_grid(theta, (rois.shape[1], ch, grid, grid), align_corners=False)
+        s = F.grid_sample(feat[i: i + 1].expand(rois.shape[1], ch, h, w), gr, mode="bilinear",
+                          padding_mode="zeros", align_corners=False)
+        out.append(conv(s.mean((2, 3), keepdim=True)).flatten(1))
+    return torch.stack(out, 0)
+
+
 def brivl_image_workload(batch):
     import timm
     import torch
@@ -236,30 +283,12 @@ def brivl_image_workload(batch):
     backbone = timm.create_model("tf_efficientnet_b5", pretrained=False).eval()
     conv = nn.Conv2d(d, d, 1)
     att, fc = brivl_heads(d, d, 4, 4)
-    g = 6
-    c = size / g
-    rows = [[k * c, i * c, (k + 1) * c, (i + 1) * c] for i in range(g) for k in range(g)] + [[0, 0, size, size]]
-    boxes = torch.tensor([rows] * batch, dtype=torch.float32)
+    boxes = brivl_grid_boxes(batch, size, 6)
     mask = torch.ones(batch, nbox, dtype=torch.long)
     px = torch.randn(batch, 3, size, size)
 
-    def roi(feat, rois):
-        b, ch, h, w = feat.shape
-        ratio = size / h
-        out = []
-        for i in range(b):
-            x1, y1, x2, y2 = (rois[i, :, j] / ratio for j in range(4))
-            zero = torch.zeros_like(x1)
-            theta = torch.stack(((x2 - x1) / (w - 1), zero, (x1 + x2 - w + 1) / (w - 1), zero,
-                                 (y2 - y1) / (h - 1), (y1 + y2 - h + 1) / (h - 1)), dim=1).view(-1, 2, 3)
-            gr = F.affine_grid(theta, (rois.shape[1], ch, grid, grid), align_corners=False)
-            s = F.grid_sample(feat[i: i + 1].expand(rois.shape[1], ch, h, w), gr, mode="bilinear",
-                              padding_mode="zeros", align_corners=False)
-            out.append(conv(s.mean((2, 3), keepdim=True)).flatten(1))
-        return torch.stack(out, 0)
-
     def run():
-        x = roi(backbone.forward_features(px), boxes)
+        x = brivl_roi(backbone.forward_features(px), boxes, size, grid, conv)
         x = F.normalize(x, dim=-1)
         x = att(x.transpose(0, 1), src_key_padding_mask=(mask == 0)).transpose(0, 1)
         return F.normalize(fc(masked_mean(x, mask)), dim=-1)
@@ -292,7 +321,7 @@ TRAIN_IMAGE = 224
 
 def adamw_step(params, loss_fn):
     """One training step: forward, backward, `torch.optim.AdamW` (lr 1e-3, weight decay
-    0.01, as tuwen's defaults)."""
+    0.01, as tuwen's defaults) over `params` (tensors or parameter groups)."""
     import torch
 
     params = list(params)
@@ -375,6 +404,114 @@ def r2d2_train_workload(batch):
         return gcpr + fgr
 
     return adamw_step(params, loss_fn)
+
+
+BRIVL_QUEUE = 4096
+
+
+def brivl_train_workload(batch):
+    """BriVL's MoCo step as `tests/fixtures/gen_brivl_moco.py` states it (the released
+    `VL_model.forward` training branch) on small towers: timm `tf_efficientnet_b0` at 224 px
+    (1280 features), 37 boxes (6x6 grid + whole image), 4x4 RoI grid; `BertModel` 256 wide,
+    4 layers, 4 heads, MLP 1024, 32 tokens (called without a mask, as the original); BriVL's
+    heads (4 + 4 `nn.TransformerEncoderLayer`s, 4 heads, feed-forward 2048, `imgFC`,
+    `textFC`); queues of 4096 keys. Eval mode (BN on running statistics, no dropout) and
+    tuwen's `default_trainable` (EfficientNet blocks 3-6, the four BERT layers, every head),
+    as tuwen trains; AdamW groups as tuwen's defaults (no decay on tensors of rank < 2)."""
+    import copy
+
+    import timm
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from transformers import BertModel
+
+    size, grid, nbox, k_len, m, temp = TRAIN_IMAGE, 4, 37, BRIVL_QUEUE, 0.99, 0.07
+
+    class ImageTower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=0)
+            d = self.backbone.num_features
+            att, fc = brivl_heads(d, d, 4, 4)
+            self.learnable = nn.ModuleDict({"imgFC": fc, "imgAtt": att, "max_pool": nn.Sequential(nn.Conv2d(d, d, 1))})
+
+        def forward(self, px, boxes, mask):
+            x = brivl_roi(self.backbone.forward_features(px), boxes, size, grid, self.learnable["max_pool"][0])
+            x = F.normalize(x, dim=-1)
+            x = self.learnable["imgAtt"](x.transpose(0, 1), src_key_padding_mask=(mask == 0)).transpose(0, 1)
+            return F.normalize(self.learnable["imgFC"](masked_mean(x, mask)), dim=-1)
+
+    class TextTower(nn.Module):
+        def __init__(self, d_img):
+            super().__init__()
+            self.backbone = nn.Module()
+            self.backbone.bert = BertModel(bert_cfg(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                                    intermediate_size=1024), add_pooling_layer=False)
+            att, fc = brivl_heads(256, d_img, 4, 4)
+            self.learnable = nn.ModuleDict({"textFC": fc, "textAtt": att})
+
+        def forward(self, ids, mask):
+            x = F.normalize(self.backbone.bert(ids).last_hidden_state, dim=-1)
+            x = self.learnable["textAtt"](x.transpose(0, 1), src_key_padding_mask=(mask == 0)).transpose(0, 1)
+            return F.normalize(self.learnable["textFC"](masked_mean(x, mask)), dim=-1)
+
+    def trainable(name):
+        if name.startswith("img.backbone."):
+            return any(name.startswith(f"img.backbone.blocks.{i}.") for i in range(3, 7))
+        if name.startswith("txt.backbone."):
+            return name.startswith("txt.backbone.bert.encoder.layer.")
+        return ".learnable." in name
+
+    img = ImageTower()
+    query = nn.ModuleDict({"img": img, "txt": TextTower(img.backbone.num_features)}).eval()
+    key = copy.deepcopy(query)
+    for p in key.parameters():
+        p.requires_grad_(False)
+    train = []
+    for n, p in query.named_parameters():
+        p.requires_grad_(trainable(n))
+        if p.requires_grad:
+            train.append(p)
+    groups = [{"params": [p for p in train if p.ndim >= 2], "weight_decay": 0.01},
+              {"params": [p for p in train if p.ndim < 2], "weight_decay": 0.0}]
+    dim = img.backbone.num_features
+    queues = {"img": F.normalize(torch.randn(dim, k_len), dim=0), "txt": F.normalize(torch.randn(dim, k_len), dim=0)}
+    ptr = [0]
+    px = torch.randn(batch, 3, size, size)
+    boxes = brivl_grid_boxes(batch, size, 6)
+    box_mask = torch.ones(batch, nbox, dtype=torch.long)
+    ids = torch.arange(100, 100 + batch * TRAIN_TEXT_LEN).view(batch, TRAIN_TEXT_LEN)
+    mask = torch.ones(batch, TRAIN_TEXT_LEN, dtype=torch.long)
+    pending = []
+
+    def loss_fn():
+        q_img = query["img"](px, boxes, box_mask)
+        q_txt = query["txt"](ids, mask)
+        with torch.no_grad():
+            # The momentum update of every key parameter, as the original.
+            for pk, pq in zip(key.parameters(), query.parameters()):
+                pk.data = pk.data * m + pq.data * (1.0 - m)
+            k_img = key["img"](px, boxes, box_mask)
+            k_txt = key["txt"](ids, mask)
+        i2t = torch.cat([(q_img * k_txt).sum(-1, keepdim=True), q_img @ queues["txt"]], 1) / temp
+        t2i = torch.cat([(q_txt * k_img).sum(-1, keepdim=True), q_txt @ queues["img"]], 1) / temp
+        pending[:] = [k_img, k_txt]
+        return -F.log_softmax(i2t, 1)[:, 0].sum() / batch - F.log_softmax(t2i, 1)[:, 0].sum() / batch
+
+    step = adamw_step(groups, loss_fn)
+
+    def run():
+        loss = step()
+        # Enqueue the keys after the optimiser step.
+        with torch.no_grad():
+            k_img, k_txt = pending
+            queues["img"][:, ptr[0]: ptr[0] + batch] = k_img.T
+            queues["txt"][:, ptr[0]: ptr[0] + batch] = k_txt.T
+            ptr[0] = (ptr[0] + batch) % k_len
+        return loss
+
+    return run
 
 
 def torch_child(name, batch, iters, warmup, threads):

@@ -1,8 +1,8 @@
 //! Encoder throughput at real sizes with random weights (the numbers depend on shapes, not
 //! on weight values): every workload of `workloads.rs` (SigLIP 2 B/16 and NaFlex, R2D2
 //! ViT-L/14, BERT and ITM re-ranking, BriVL's image and text towers) at batches 1 and 8
-//! (ITM: one query against 128 candidates), and the training steps of small SigLIP and R2D2
-//! configs. Run with `cargo bench --bench encoders`; pass a
+//! (ITM: one query against 128 candidates), and the training steps of small SigLIP, R2D2
+//! and BriVL (MoCo) configs. Run with `cargo bench --bench encoders`; pass a
 //! criterion filter to run a subset, e.g. `cargo bench --bench encoders -- siglip2`. The
 //! side-by-side comparison with PyTorch, with peak memory, is `compare_pytorch.py`.
 

@@ -12,9 +12,10 @@ use tuwen::nn::linear::linear;
 use tuwen::nn::ops::{l2_normalize, softmax_last_dim};
 use tuwen::nn::Activation;
 use tuwen::nn::{Bert, BertConfig, ClipVisionConfig, ClipVisionTransformer};
+use tuwen::train::brivl::{BrivlInputs, BrivlMoco, MocoConfig};
 use tuwen::train::r2d2::{fgr_loss, gcpr_loss, HardNegatives};
 use tuwen::train::siglip::sigmoid_loss;
-use tuwen::train::{AdamW, AdamWConfig, ParamGroupConfig};
+use tuwen::train::{AdamW, AdamWConfig, ParamGroupConfig, StepCtx};
 
 /// One forward pass of a workload.
 pub type Run = Box<dyn FnMut() -> candle_core::Result<()>>;
@@ -31,6 +32,7 @@ pub const WORKLOADS: &[&str] = &[
     "brivl-text",
     "siglip-train-small",
     "r2d2-train-small",
+    "brivl-train-small",
 ];
 
 /// Text length of the R2D2 and SigLIP 2 text workloads.
@@ -195,6 +197,7 @@ fn build(name: &str, batch: usize, dev: &Device, dtype: DType) -> Result<Run, St
         }
         "siglip-train-small" => train_siglip_small(batch)?,
         "r2d2-train-small" => train_r2d2_small(batch)?,
+        "brivl-train-small" => train_brivl_small(batch)?,
         other => return Err(format!("unknown workload {other}")),
     })
 }
@@ -334,5 +337,87 @@ fn train_r2d2_small(batch: usize) -> Result<Run, String> {
         let l1 = gcpr_loss(&img, &txt, &m.temp, &image_ids).map_err(te)?;
         let l2 = fgr_loss(&m, &tokens, &states, &mask, &negs, [1.0, 2.0]).map_err(te)?;
         step(&mut opt, &(l1 + l2)?)
+    }))
+}
+
+/// Queue length of the BriVL MoCo workload (a multiple of both timed batches, 1 and 8).
+pub const TRAIN_QUEUE: usize = 4096;
+
+/// BriVL MoCo (`BrivlMoco`, as a custom loop without `Trainer` would drive it): timm
+/// `tf_efficientnet_b0` at 224 px (1280 features, the embedding width), 37 boxes (a 6x6
+/// grid plus the whole image) with the 4x4 RoI grid; BERT width 256, 4 layers, 4 heads,
+/// MLP 1024, 32 tokens; BriVL's heads (4 + 4 post-LN layers, 4 heads, feed-forward 2048);
+/// queues of 4096 keys. Fresh weights (`from_scratch`), the original's trainable set
+/// (`default_trainable`: EfficientNet blocks 3-6, the last four BERT layers, every head),
+/// BatchNorm on its running statistics. One step: momentum update of the key encoders, keys
+/// without and queries with gradient, the MoCo loss, backward, AdamW, enqueue.
+fn train_brivl_small(batch: usize) -> Result<Run, String> {
+    let dev = Device::Cpu;
+    let e = |e: candle_core::Error| e.to_string();
+    let te = |e: tuwen::Error| e.to_string();
+    let cfg = BrivlConfig {
+        cnn: "tf_efficientnet_b0".into(),
+        img_size: TRAIN_IMAGE,
+        // The b0 `conv_head` width (`BrivlConfig::validate` checks it).
+        img_feature_dim: 1280,
+        text_feature_dim: 256,
+        max_text_len: TRAIN_TEXT_LEN,
+        queue_size: TRAIN_QUEUE,
+        text_encoder: Some(BertConfig {
+            hidden_size: 256,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            intermediate_size: 1024,
+            ..BertConfig::chinese_roberta_wwm_ext()
+        }),
+        ..BrivlConfig::preset("brivl-1.0").ok_or("preset")?
+    };
+    let moco_cfg = MocoConfig::for_model(&cfg).map_err(te)?;
+    let moco = BrivlMoco::from_scratch(&cfg, moco_cfg, 7, &dev, DType::F32).map_err(te)?;
+    let mut opt = AdamW::from_varmap(moco.vars(), AdamWConfig::default(), &moco.param_groups())
+        .map_err(te)?;
+    // The 6x6 grid plus the whole image, as `BrivlMoco::inputs` prepares images without
+    // detector boxes (`BOX_GRID` 6).
+    let s = TRAIN_IMAGE as f32;
+    let g = cfg.box_grid;
+    let c = s / g as f32;
+    let mut rows = Vec::with_capacity(batch * cfg.max_img_len * 4);
+    for _ in 0..batch {
+        for i in 0..g {
+            for k in 0..g {
+                rows.extend([
+                    k as f32 * c,
+                    i as f32 * c,
+                    (k + 1) as f32 * c,
+                    (i + 1) as f32 * c,
+                ]);
+            }
+        }
+        rows.extend([0.0, 0.0, s, s]);
+    }
+    let boxes = Tensor::from_vec(rows, (batch, cfg.max_img_len, 4), &dev).map_err(e)?;
+    let box_mask = Tensor::ones((batch, cfg.max_img_len), DType::F32, &dev).map_err(e)?;
+    let px = Tensor::randn(0f32, 1.0, (batch, 3, TRAIN_IMAGE, TRAIN_IMAGE), &dev).map_err(e)?;
+    let ids = Tensor::arange(100u32, 100 + (batch * TRAIN_TEXT_LEN) as u32, &dev)
+        .and_then(|t| t.reshape((batch, TRAIN_TEXT_LEN)))
+        .map_err(e)?;
+    let text_mask = Tensor::ones((batch, TRAIN_TEXT_LEN), DType::F32, &dev).map_err(e)?;
+    let x = BrivlInputs::new(&px, &boxes, &box_mask, &ids, &text_mask).map_err(te)?;
+    let tc = |e: tuwen::Error| candle_core::Error::Msg(e.to_string());
+    let mut n = 0u64;
+    Ok(Box::new(move || {
+        let ctx = StepCtx {
+            step: n,
+            micro: 0,
+            n_micro: 1,
+            seed: 0,
+            rank: 0,
+        };
+        n += 1;
+        // Momentum update, queries, keys and the loss against the queues.
+        let out = moco.loss(&x, &ctx).map_err(tc)?;
+        step(&mut opt, &out.loss)?;
+        // Enqueue the step's keys.
+        moco.commit().map_err(tc)
     }))
 }
