@@ -221,7 +221,11 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap();
-        let expected = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+        let expected = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
 
         // Inference: the same values, stored `[in, out]`, and the same outputs.
         let loader = Loader::new(source(&w, &b), "map");
