@@ -12,7 +12,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
-use super::ops::{bias_act_chunk, contiguous_f32, softmax_row_fast, Activation};
+use super::ops::{act_backward, bias_act_chunk, contiguous_f32, softmax_row_fast, Activation};
 
 /// Products below this many multiply-adds run on one thread.
 const SPLIT_MIN_MACS: usize = 1 << 18;
@@ -271,12 +271,37 @@ pub(crate) fn linear_cpu_f32(
     Tensor::from_vec(out, (m, n), x.device()).map(Some)
 }
 
-/// `x Wᵀ + b` on the CPU in `f32` as one op with its own backward pass (`dx = dy W`,
-/// `dW = dyᵀ x`, `db = Σ_rows dy`, each one split product): the training path of
-/// [`super::Linear`]. Applied as a `CustomOp3` with a bias and a `CustomOp2` without.
-pub(crate) struct LinearTrain;
+/// `act(x Wᵀ + b)` on the CPU in `f32` as one op with its own backward pass (`dz = dy·f'(z)`
+/// for the pre-activation `z`, then `dx = dz W`, `dW = dzᵀ x`, `db = Σ_rows dz`, each one
+/// split product): the training path of [`super::Linear`]. Applied as a `CustomOp3` with a
+/// bias and a `CustomOp2` without.
+///
+/// The activation is applied to each output block while it is in cache, and `z` is kept for
+/// the backward pass; against a separate activation op this saves one graph node per MLP,
+/// with its pass over the activations each way and its gradient buffer.
+pub(crate) struct LinearTrain {
+    act: Option<Activation>,
+    /// With `act`: `z = x Wᵀ + b` from the forward pass.
+    pre: std::sync::OnceLock<Vec<f32>>,
+}
 
 impl LinearTrain {
+    /// The op for `act`, which must be `None` or [`LinearTrain::fuses`] it.
+    pub(crate) fn new(act: Option<Activation>) -> Self {
+        Self {
+            act,
+            pre: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether the op applies `act` itself (the activations with a backward kernel).
+    pub(crate) fn fuses(act: Activation) -> bool {
+        matches!(
+            act,
+            Activation::Gelu | Activation::GeluPytorchTanh | Activation::QuickGelu
+        )
+    }
+
     fn fwd(
         &self,
         (xs, xl): (&CpuStorage, &Layout),
@@ -301,7 +326,37 @@ impl LinearTrain {
             }
             None => &[],
         };
-        let out = linear_blocks(xv, wv, (m, n, k), bias, None, None);
+        let out = match self.act {
+            None => linear_blocks(xv, wv, (m, n, k), bias, None, None),
+            Some(act) => {
+                if !Self::fuses(act) {
+                    candle_core::bail!("linear-train: no backward kernel for {act:?}")
+                }
+                let mut pre = uninit_buffer(m * n);
+                let dst = OutPtr(pre.as_mut_ptr().cast::<f32>());
+                let out = matmul_blocks(m, n, k, xv, wv.t(), |r, c0, row| {
+                    if !bias.is_empty() {
+                        bias_act_chunk(None, row, &bias[c0..c0 + row.len()]);
+                    }
+                    // SAFETY: row `r`, columns `c0..` of the `m × n` buffer belong to this
+                    // block alone, as in the output.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            row.as_ptr(),
+                            dst.get().add(r * n + c0),
+                            row.len(),
+                        )
+                    };
+                    bias_act_chunk(Some(act), row, &[]);
+                });
+                // SAFETY: the blocks tile the output, and each copied all its rows.
+                let pre = unsafe { assume_init(pre) };
+                if self.pre.set(pre).is_err() {
+                    candle_core::bail!("linear-train: the op ran twice")
+                }
+                out
+            }
+        };
         Ok((CpuStorage::F32(out), (m, n).into()))
     }
 
@@ -314,7 +369,27 @@ impl LinearTrain {
         grad: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
+        let grad = match self.act {
+            None => grad.contiguous()?,
+            Some(act) => {
+                let pre = self.pre.get().ok_or_else(|| {
+                    candle_core::Error::Msg("linear-train: backward before forward".into())
+                })?;
+                let g = grad.contiguous()?;
+                let dz = {
+                    let (gs, gl) = g.storage_and_layout();
+                    let Storage::Cpu(c) = &*gs else {
+                        candle_core::bail!("linear-train: expected a CPU output gradient")
+                    };
+                    let gd = contiguous_f32(c, gl, "linear-train gradient")?;
+                    if gd.len() != pre.len() {
+                        candle_core::bail!("linear-train: output gradient {:?}", g.dims())
+                    }
+                    act_backward(act, pre, gd)
+                };
+                Tensor::from_vec(dz, g.dims(), g.device())?
+            }
+        };
         let (m, n) = grad.dims2()?;
         let k = x.dim(1)?;
         let (gs, gl) = grad.storage_and_layout();
@@ -928,7 +1003,7 @@ mod tests {
         let w = Var::from_tensor(&randn(&[n, k], 2)).unwrap();
         let b = Var::from_tensor(&randn(&[n], 3)).unwrap();
         let g = randn(&[m, n], 4);
-        let fused = x.apply_op3(&w, &b, LinearTrain).unwrap();
+        let fused = x.apply_op3(&w, &b, LinearTrain::new(None)).unwrap();
         let composed = x
             .matmul(&w.t().unwrap())
             .unwrap()
@@ -943,11 +1018,57 @@ mod tests {
         }
         // Without a bias, and with an input that takes no gradient.
         let x0 = randn(&[m, k], 5);
-        let y = x0.apply_op2(&w, LinearTrain).unwrap();
+        let y = x0.apply_op2(&w, LinearTrain::new(None)).unwrap();
         let grads = grads_of(&y, &g);
         let want = g.t().unwrap().matmul(&x0).unwrap();
         assert!(max_diff(grads.get(&w).unwrap(), &want) < 1e-4);
         assert!(grads.get(&x0).is_none());
+    }
+
+    #[test]
+    fn linear_train_with_activation_matches_candle_autograd() {
+        let (m, k, n) = (29, 24, 40);
+        let x = Var::from_tensor(&randn(&[m, k], 11)).unwrap();
+        let w = Var::from_tensor(&randn(&[n, k], 12)).unwrap();
+        let b = Var::from_tensor(&randn(&[n], 13)).unwrap();
+        let g = randn(&[m, n], 14);
+        // Candle's own ops and their backward passes as the reference.
+        let reference = |act: Activation, z: &Tensor| match act {
+            Activation::Gelu => z.gelu_erf().unwrap(),
+            Activation::GeluPytorchTanh => z.gelu().unwrap(),
+            _ => (z * candle_nn::ops::sigmoid(&(z * 1.702).unwrap()).unwrap()).unwrap(),
+        };
+        for act in [
+            Activation::Gelu,
+            Activation::GeluPytorchTanh,
+            Activation::QuickGelu,
+        ] {
+            assert!(LinearTrain::fuses(act));
+            let fused = x.apply_op3(&w, &b, LinearTrain::new(Some(act))).unwrap();
+            let z = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let composed = reference(act, &z);
+            assert!(max_diff(&fused, &composed) < 1e-5, "{act:?}");
+            let (gf, gc) = (grads_of(&fused, &g), grads_of(&composed, &g));
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(max_diff(a, c) < 1e-4, "{act:?} d{name}: {}", max_diff(a, c));
+            }
+        }
+        // Without a bias.
+        let fused = x
+            .apply_op2(&w, LinearTrain::new(Some(Activation::Gelu)))
+            .unwrap();
+        let composed = reference(Activation::Gelu, &x.matmul(&w.t().unwrap()).unwrap());
+        let (gf, gc) = (grads_of(&fused, &g), grads_of(&composed, &g));
+        assert!(max_diff(gf.get(&w).unwrap(), gc.get(&w).unwrap()) < 1e-4);
+        // An activation without a backward kernel is refused, not run without one.
+        assert!(!LinearTrain::fuses(Activation::Silu));
+        let e = x.apply_op3(&w, &b, LinearTrain::new(Some(Activation::Silu)));
+        assert!(e.is_err());
     }
 
     #[test]

@@ -165,12 +165,15 @@ impl Linear {
             }
         }
         let y = if cpu_f32(&x2) && cpu_f32(&self.weight) && self.bias.as_ref().is_none_or(cpu_f32) {
-            // Training on the CPU: one op with its own backward pass.
+            // Training on the CPU: one op with its own backward pass, the activation
+            // included where it has a backward kernel.
+            let fused = act.filter(|a| LinearTrain::fuses(*a));
+            let op = LinearTrain::new(fused);
             let y = match &self.bias {
-                Some(b) => x2.apply_op3(&self.weight, b, LinearTrain)?,
-                None => x2.apply_op2(&self.weight, LinearTrain)?,
+                Some(b) => x2.apply_op3(&self.weight, b, op)?,
+                None => x2.apply_op2(&self.weight, op)?,
             };
-            bias_act_into(y, None, act)?
+            bias_act_into(y, None, act.filter(|_| fused.is_none()))?
         } else {
             let w = self.weight.to_dtype(x.dtype())?;
             let y = x2.matmul(&w.t()?)?;

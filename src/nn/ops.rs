@@ -443,23 +443,29 @@ impl candle_core::CustomOp2 for ActBackward {
         gs: &candle_core::CpuStorage,
         gl: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
         let x = contiguous_f32(xs, xl, "act-backward")?;
         let g = contiguous_f32(gs, gl, "act-backward")?;
         if x.len() != g.len() {
             candle_core::bail!("act-backward: shapes differ")
         }
-        let act = self.0;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16 * 1024)
-            .zip(x.par_chunks(16 * 1024).zip(g.par_chunks(16 * 1024)))
-            .for_each(|(o, (x, g))| {
-                for ((o, x), g) in o.iter_mut().zip(x).zip(g) {
-                    *o = g * act_derivative(act, *x);
-                }
-            });
+        let out = act_backward(self.0, x, g);
         Ok((candle_core::CpuStorage::F32(out), xl.shape().clone()))
     }
+}
+
+/// `g · f'(x)` elementwise, in parallel, for the activations [`ActTrain`] runs; `x` and `g`
+/// have the same length.
+pub(crate) fn act_backward(act: Activation, x: &[f32], g: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(16 * 1024)
+        .zip(x.par_chunks(16 * 1024).zip(g.par_chunks(16 * 1024)))
+        .for_each(|(o, (x, g))| {
+            for ((o, x), g) in o.iter_mut().zip(x).zip(g) {
+                *o = g * act_derivative(act, *x);
+            }
+        });
+    out
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
