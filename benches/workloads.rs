@@ -145,11 +145,12 @@ fn build(name: &str, batch: usize, dev: &Device, dtype: DType) -> Result<Run, St
                     let img = img.i(qi)?.broadcast_as((RERANK_CANDIDATES, 257, vw))?;
                     let txt = txt.narrow(0, qi * RERANK_CANDIDATES, RERANK_CANDIDATES)?;
                     let mask = mask.narrow(0, qi * RERANK_CANDIDATES, RERANK_CANDIDATES)?;
-                    let t =
-                        tj.forward_embeds(&txt, Some(&mask), Some((&img, None, CROSS_MASK_VALUE)))?;
+                    // Only the [CLS] states are read, as in `R2d2::itm_logits`.
+                    let ctx = Some((&img, None, CROSS_MASK_VALUE));
+                    let t = tj.forward_embeds_cls(&txt, Some(&mask), ctx)?;
                     let q = ij_proj.forward(&img)?;
-                    let i =
-                        ij.forward_embeds(&q, None, Some((&txt, Some(&mask), CROSS_MASK_VALUE)))?;
+                    let ctx = Some((&txt, Some(&mask), CROSS_MASK_VALUE));
+                    let i = ij.forward_embeds_cls(&q, None, ctx)?;
                     let pt = softmax_last_dim(&head.forward(&t.i((.., 0))?)?)?.i((.., 1))?;
                     let pi = softmax_last_dim(&head_i.forward(&i.i((.., 0))?)?)?.i((.., 1))?;
                     ((pt + pi)? * 0.5)?;
@@ -406,13 +407,7 @@ fn train_brivl_small(batch: usize) -> Result<Run, String> {
     let tc = |e: tuwen::Error| candle_core::Error::Msg(e.to_string());
     let mut n = 0u64;
     Ok(Box::new(move || {
-        let ctx = StepCtx {
-            step: n,
-            micro: 0,
-            n_micro: 1,
-            seed: 0,
-            rank: 0,
-        };
+        let ctx = StepCtx::single(n, 0);
         n += 1;
         // Momentum update, queries, keys and the loss against the queues.
         let out = moco.loss(&x, &ctx).map_err(tc)?;

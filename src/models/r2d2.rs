@@ -778,14 +778,15 @@ impl R2d2 {
         };
         let image_tokens = image_tokens.to_dtype(text_states.dtype())?;
         // Text queries, text padding mask; cross-attention over every image token.
-        let t = j.text_joint_layer.forward_embeds(
+        // Only the [CLS] states are read: the last layers run for that row alone.
+        let t = j.text_joint_layer.forward_embeds_cls(
             text_states,
             Some(text_mask),
             Some((&image_tokens, None, neg)),
         )?;
         // Projected image queries, no self mask; cross-attention over the unpadded text.
         let q = j.img_joint_proj.forward(&image_tokens)?;
-        let i = j.img_joint_layer.forward_embeds(
+        let i = j.img_joint_layer.forward_embeds_cls(
             &q,
             None,
             Some((text_states, Some(text_mask), neg)),

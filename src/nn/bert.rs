@@ -212,7 +212,31 @@ impl BertLayer {
         self_bias: Option<&Tensor>,
         context: Option<(&Tensor, Option<&Tensor>)>,
     ) -> Result<Tensor> {
-        let mut x = self.attention.forward(x, None, self_bias)?;
+        let x = self.attention.forward(x, None, self_bias)?;
+        self.cross_and_mlp(x, context)
+    }
+
+    /// [`BertLayer::forward`] for the first position only (`[CLS]`): `[batch, 1, hidden]`,
+    /// the first row of `forward`'s output. Every position is still a key and a value of the
+    /// self-attention, but only the first is a query and goes through the cross-attention and
+    /// the MLP; for a last layer whose `[CLS]` state is all that is read, this skips the rest
+    /// of the layer's work (and of its backward pass).
+    pub fn forward_first(
+        &self,
+        x: &Tensor,
+        self_bias: Option<&Tensor>,
+        context: Option<(&Tensor, Option<&Tensor>)>,
+    ) -> Result<Tensor> {
+        let first = x.narrow(1, 0, 1)?;
+        let x = self.attention.forward(&first, Some(x), self_bias)?;
+        self.cross_and_mlp(x, context)
+    }
+
+    fn cross_and_mlp(
+        &self,
+        mut x: Tensor,
+        context: Option<(&Tensor, Option<&Tensor>)>,
+    ) -> Result<Tensor> {
         if let (Some(cross), Some((ctx, ctx_bias))) = (&self.cross, context) {
             x = cross.forward(&x, Some(ctx), ctx_bias)?;
         }
@@ -301,6 +325,28 @@ impl Bert {
         attention_mask: Option<&Tensor>,
         context: Option<(&Tensor, Option<&Tensor>, f64)>,
     ) -> Result<Tensor> {
+        self.encode(embeds, attention_mask, context, false)
+    }
+
+    /// The `[CLS]` state `[batch, 1, hidden]` of [`Bert::forward_embeds`]: the same numbers
+    /// as its first row, with the last layer run for that row alone
+    /// ([`BertLayer::forward_first`]).
+    pub fn forward_embeds_cls(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        context: Option<(&Tensor, Option<&Tensor>, f64)>,
+    ) -> Result<Tensor> {
+        self.encode(embeds, attention_mask, context, true)
+    }
+
+    fn encode(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        context: Option<(&Tensor, Option<&Tensor>, f64)>,
+        cls_only: bool,
+    ) -> Result<Tensor> {
         let dtype = embeds.dtype();
         let self_bias = match attention_mask {
             Some(m) => Some(key_padding_bias(m, SELF_MASK_VALUE, dtype)?),
@@ -317,10 +363,99 @@ impl Bert {
             None => None,
         };
         let mut x = embeds.clone();
-        for layer in &self.layers {
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
             let c = ctx.as_ref().map(|(s, b)| (s, b.as_ref()));
-            x = layer.forward(&x, self_bias.as_ref(), c)?;
+            x = if cls_only && i == last {
+                layer.forward_first(&x, self_bias.as_ref(), c)?
+            } else {
+                layer.forward(&x, self_bias.as_ref(), c)?
+            };
+        }
+        if cls_only && self.layers.is_empty() {
+            x = x.narrow(1, 0, 1)?;
         }
         Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    use super::*;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// A cross-attending BERT without embeddings, every parameter a var with random values.
+    fn joint_bert(layers: usize) -> (Bert, VarMap) {
+        let cfg = BertConfig {
+            hidden_size: 16,
+            num_hidden_layers: layers,
+            num_attention_heads: 2,
+            intermediate_size: 24,
+            encoder_width: Some(12),
+            ..BertConfig::chinese_roberta_wwm_ext()
+        };
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let bert = Bert::new_without_embeddings(&cfg, vb).unwrap();
+        for (i, v) in vars.data().lock().unwrap().values().enumerate() {
+            let t = (randn(v.dims(), 100 + i as u64) * 0.5).unwrap();
+            v.set(&t).unwrap();
+        }
+        (bert, vars)
+    }
+
+    #[test]
+    fn cls_only_last_layer_matches_the_first_row_and_its_gradients() {
+        let (b, l, lc) = (3, 7, 5);
+        let x = randn(&[b, l, 16], 1);
+        let ctx = randn(&[b, lc, 12], 2);
+        let mask =
+            Tensor::from_vec(vec![1f32, 1., 1., 1., 1., 0., 0.], (1, l), &Device::Cpu).unwrap();
+        let mask = mask.broadcast_as((b, l)).unwrap().contiguous().unwrap();
+        let cmask = Tensor::from_vec(vec![1f32, 1., 1., 0., 0.], (1, lc), &Device::Cpu).unwrap();
+        let cmask = cmask.broadcast_as((b, lc)).unwrap().contiguous().unwrap();
+        for layers in [0, 1, 2] {
+            let (bert, vars) = joint_bert(layers);
+            let x = Var::from_tensor(&x).unwrap();
+            let context = Some((&ctx, Some(&cmask), -10000.0));
+            let full = bert
+                .forward_embeds(&x, Some(&mask), context)
+                .unwrap()
+                .narrow(1, 0, 1)
+                .unwrap();
+            let cls = bert.forward_embeds_cls(&x, Some(&mask), context).unwrap();
+            assert_eq!(cls.dims(), [b, 1, 16]);
+            assert!(max_diff(&full, &cls) < 1e-5, "{layers} layers");
+            // The same gradients for the input and every parameter (training path).
+            let g = randn(&[b, 1, 16], 3);
+            let gf = (&full * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (&cls * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let data = vars.data().lock().unwrap();
+            for (name, v) in data.iter().chain([(&"input".to_string(), &x)]) {
+                let (a, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(max_diff(a, c) < 1e-4, "{layers} layers, d{name}");
+            }
+        }
     }
 }

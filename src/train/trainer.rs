@@ -62,6 +62,18 @@ pub struct StepCtx {
 }
 
 impl StepCtx {
+    /// Step `step` of a loop written without [`Trainer`]: one micro-batch, one worker
+    /// (rank 0), run seed `seed`.
+    pub fn single(step: u64, seed: u64) -> Self {
+        Self {
+            step,
+            micro: 0,
+            n_micro: 1,
+            seed,
+            rank: 0,
+        }
+    }
+
     /// A generator for this step, micro-batch and rank: the same on every run and after
     /// resume. `stream` tells independent uses apart (model code should use ids ≥ 100).
     /// Rank 0 draws what a single worker draws; every other rank has its own stream, so

@@ -191,13 +191,7 @@ fn var(moco: &BrivlMoco, name: &str) -> candle_core::Var {
 }
 
 fn ctx(step: u64) -> StepCtx {
-    StepCtx {
-        step,
-        micro: 0,
-        n_micro: 1,
-        seed: 0,
-        rank: 0,
-    }
+    StepCtx::single(step, 0)
 }
 
 #[test]

@@ -696,13 +696,7 @@ fn prd2_objectives_across_ranks_equal_one_worker() {
 }
 
 fn step_ctx(step: u64) -> StepCtx {
-    StepCtx {
-        step,
-        micro: 0,
-        n_micro: 1,
-        seed: 11,
-        rank: 0,
-    }
+    StepCtx::single(step, 11)
 }
 
 /// Every trainable parameter an objective reaches gets a non-zero, finite gradient, and
