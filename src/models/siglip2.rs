@@ -547,7 +547,38 @@ impl TextTransformer {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (x, bias) = self.embed(input_ids, attention_mask)?;
+        let x = self.encoder.forward(&x, bias.as_ref())?;
+        let x = self.final_layer_norm.forward(&x)?;
+        let len = x.dim(1)?;
+        let last = x.narrow(1, len - 1, 1)?.squeeze(1)?;
+        let pooled = self.head.forward(&last)?;
+        Ok((x, pooled))
+    }
+
+    /// The pooled output of [`TextTransformer::forward`] alone: the last layer runs for the
+    /// last position only ([`PreNormEncoder::forward_last`]), the only one pooled.
+    pub fn forward_pooled(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (x, bias) = self.embed(input_ids, attention_mask)?;
+        let last = self.encoder.forward_last(&x, bias.as_ref())?;
+        let last = self.final_layer_norm.forward(&last)?.squeeze(1)?;
+        self.head.forward(&last)
+    }
+
+    /// Token and position embeddings, and the attention bias of `attention_mask`.
+    fn embed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (_, len) = input_ids.dims2()?;
+        if len == 0 {
+            candle_core::bail!("empty token sequence")
+        }
         if len > self.cfg.max_position_embeddings {
             candle_core::bail!(
                 "text length {len} exceeds the {} positions of the model",
@@ -560,11 +591,7 @@ impl TextTransformer {
             Some(m) => Some(key_padding_bias(m, MASK_VALUE, x.dtype())?),
             None => None,
         };
-        let x = self.encoder.forward(&x, bias.as_ref())?;
-        let x = self.final_layer_norm.forward(&x)?;
-        let last = x.narrow(1, len - 1, 1)?.squeeze(1)?;
-        let pooled = self.head.forward(&last)?;
-        Ok((x, pooled))
+        Ok((x, bias))
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -632,7 +659,7 @@ impl Siglip {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        Ok(self.text.forward(input_ids, attention_mask)?.1)
+        self.text.forward_pooled(input_ids, attention_mask)
     }
 
     /// `[n_images, n_texts]` logits from **normalised** embeddings.

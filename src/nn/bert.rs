@@ -385,25 +385,7 @@ mod tests {
     use candle_nn::VarMap;
 
     use super::*;
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::nn::test_util::{max_diff, randn};
 
     /// A cross-attending BERT without embeddings, every parameter a var with random values.
     fn joint_bert(layers: usize) -> (Bert, VarMap) {

@@ -899,29 +899,8 @@ impl candle_core::CustomOp3 for AttentionTrain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::{max_diff, randn};
     use candle_core::{Device, Var, D};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n = shape.iter().product::<usize>();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// The gradients of `Σ y ⊙ g`.
     fn grads_of(y: &Tensor, g: &Tensor) -> candle_core::backprop::GradStore {

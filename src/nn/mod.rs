@@ -13,6 +13,9 @@ pub mod ops;
 pub mod transformer;
 pub mod vit;
 
+#[cfg(test)]
+pub(crate) mod test_util;
+
 pub use attention::{scaled_dot_product_attention, AttentionNames, MultiHeadAttention};
 pub use bert::{Bert, BertConfig};
 pub use linear::Linear;

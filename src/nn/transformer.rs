@@ -100,6 +100,22 @@ impl PreNormLayer {
             .forward_residual(&self.ln1.forward(xs)?, None, bias, xs)?;
         self.mlp.forward_residual(&self.ln2.forward(&xs)?, &xs)
     }
+
+    /// [`PreNormLayer::forward`] for the last position only: `[batch, 1, hidden]`, the last
+    /// row of `forward`'s output. Every position is still a key and a value, but only the
+    /// last is a query and goes through the MLP (for a last layer pooled at the last token).
+    pub fn forward_last(&self, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let len = xs.dim(1)?;
+        if len == 0 {
+            candle_core::bail!("forward_last on an empty sequence")
+        }
+        let h = self.ln1.forward(xs)?;
+        let last = xs.narrow(1, len - 1, 1)?;
+        let xs = self
+            .attn
+            .forward_residual(&h.narrow(1, len - 1, 1)?, Some(&h), bias, &last)?;
+        self.mlp.forward_residual(&self.ln2.forward(&xs)?, &xs)
+    }
 }
 
 /// A stack of [`PreNormLayer`]s under `layers.{i}`.
@@ -123,6 +139,20 @@ impl PreNormEncoder {
             xs = layer.forward(&xs, bias)?;
         }
         Ok(xs)
+    }
+
+    /// The last position `[batch, 1, hidden]` of [`PreNormEncoder::forward`], with the last
+    /// layer run for that row alone ([`PreNormLayer::forward_last`]).
+    pub fn forward_last(&self, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let Some((last, rest)) = self.layers.split_last() else {
+            let len = xs.dim(1)?;
+            return xs.narrow(1, len.saturating_sub(1), 1);
+        };
+        let mut xs = xs.clone();
+        for layer in rest {
+            xs = layer.forward(&xs, bias)?;
+        }
+        last.forward_last(&xs, bias)
     }
 
     pub fn len(&self) -> usize {
@@ -164,5 +194,55 @@ impl PostNormLayer {
             .forward(&self.attn.forward_residual(xs, None, bias, xs)?)?;
         let h = self.linear1.forward_act(&xs, Some(self.act))?;
         self.norm2.forward(&self.linear2.forward_residual(&h, &xs)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    use super::*;
+    use crate::nn::test_util::{max_diff, randn};
+
+    #[test]
+    fn last_row_only_last_layer_matches_the_last_row_and_its_gradients() {
+        let d = LayerDims {
+            hidden: 16,
+            heads: 2,
+            intermediate: 24,
+            eps: 1e-6,
+            act: Activation::GeluPytorchTanh,
+        };
+        let (b, l) = (3, 6);
+        let mut mask = vec![0f32; b * l];
+        mask[l + 4] = -1e4;
+        let bias = Tensor::from_vec(mask, (b, 1, 1, l), &Device::Cpu).unwrap();
+        for layers in [0, 1, 3] {
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+            let enc = PreNormEncoder::new(&d, layers, vb).unwrap();
+            for (i, v) in vars.data().lock().unwrap().values().enumerate() {
+                v.set(&(randn(v.dims(), 10 + i as u64) * 0.5).unwrap())
+                    .unwrap();
+            }
+            let x = Var::from_tensor(&randn(&[b, l, 16], 1)).unwrap();
+            let full = enc
+                .forward(&x, Some(&bias))
+                .unwrap()
+                .narrow(1, l - 1, 1)
+                .unwrap();
+            let last = enc.forward_last(&x, Some(&bias)).unwrap();
+            assert_eq!(last.dims(), [b, 1, 16]);
+            assert!(max_diff(&full, &last) < 1e-5, "{layers} layers");
+            let g = randn(&[b, 1, 16], 2);
+            let gf = (&full * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gl = (&last * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let data = vars.data().lock().unwrap();
+            for (name, v) in data.iter().chain([(&"input".to_string(), &x)]) {
+                let (a, c) = (gf.get(v).unwrap(), gl.get(v).unwrap());
+                assert!(max_diff(a, c) < 1e-4, "{layers} layers, d{name}");
+            }
+        }
     }
 }
