@@ -389,8 +389,10 @@ impl VisionTransformer {
             .reshape((b, c, nh, p, nw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b, nh * nw, c * p * p))?;
+        // The conv as one linear layer over the patches (the crate's product, with its own
+        // backward pass in training).
         let w = weight.reshape((weight.dim(0)?, c * p * p))?;
-        let x = patches.broadcast_matmul(&w.t()?)?.broadcast_add(bias)?;
+        let x = Linear::new(w, Some(bias.clone())).forward(&patches)?;
         let x = x.broadcast_add(&self.position_embedding)?;
         self.finish(&x, None)
     }
