@@ -5,7 +5,9 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use tuwen::checkpoint::random_var_builder;
-use tuwen::models::brivl::{BrivlConfig, BrivlImageEncoder, BrivlTextEncoder};
+use tuwen::models::brivl::{
+    pad_boxes, prepare_boxes, BrivlConfig, BrivlImageEncoder, BrivlTextEncoder,
+};
 use tuwen::models::r2d2::{JointConfig, R2d2, R2d2Config, CROSS_MASK_VALUE};
 use tuwen::models::siglip2::{Siglip, SiglipConfig};
 use tuwen::nn::linear::linear;
@@ -163,27 +165,11 @@ fn build(name: &str, batch: usize, dev: &Device, dtype: DType) -> Result<Run, St
             // grid plus the whole image), RoI grid pooling, 4 post-LN layers, imgFC.
             let cfg = BrivlConfig::preset("brivl-1.0").ok_or("preset")?;
             let m = BrivlImageEncoder::new(&cfg, vb.pp("imgencoder")).map_err(e)?;
-            let s = cfg.img_size as f32;
-            let g = 6usize;
-            let mut rows = Vec::with_capacity(batch * 37 * 4);
-            for _ in 0..batch {
-                for i in 0..g {
-                    for k in 0..g {
-                        let c = s / g as f32;
-                        rows.extend([
-                            k as f32 * c,
-                            i as f32 * c,
-                            (k + 1) as f32 * c,
-                            (i + 1) as f32 * c,
-                        ]);
-                    }
-                }
-                rows.extend([0.0, 0.0, s, s]);
-            }
-            let boxes = Tensor::from_vec(rows, (batch, 37, 4), &dev)
-                .and_then(|t| t.to_dtype(dtype))
-                .map_err(e)?;
-            let mask = Tensor::ones((batch, 37), dtype, &dev).map_err(e)?;
+            let (boxes, mask) = grid_boxes(&cfg, batch, &dev)?;
+            let (boxes, mask) = (
+                boxes.to_dtype(dtype).map_err(e)?,
+                mask.to_dtype(dtype).map_err(e)?,
+            );
             let px = randn(&[batch, 3, cfg.img_size, cfg.img_size])?;
             Box::new(move || l2_normalize(&m.forward(&px, &boxes, &mask)?).map(|_| ()))
         }
@@ -201,6 +187,24 @@ fn build(name: &str, batch: usize, dev: &Device, dtype: DType) -> Result<Run, St
         "brivl-train-small" => train_brivl_small(batch)?,
         other => return Err(format!("unknown workload {other}")),
     })
+}
+
+/// BriVL's boxes for images without detector boxes, as `BrivlMoco::inputs` and the
+/// encoders prepare them: the `BOX_GRID`² cells plus the whole image, for `batch` images,
+/// with their mask.
+fn grid_boxes(cfg: &BrivlConfig, batch: usize, dev: &Device) -> Result<(Tensor, Tensor), String> {
+    let s = cfg.img_size as u32;
+    let row = prepare_boxes(
+        None,
+        s,
+        s,
+        cfg.img_size,
+        cfg.max_img_len,
+        cfg.box_grid,
+        "bench",
+    )
+    .map_err(|e| e.to_string())?;
+    pad_boxes(&vec![row; batch], cfg.max_img_len, dev).map_err(|e| e.to_string())
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM`), if the OS reports it.
@@ -377,27 +381,7 @@ fn train_brivl_small(batch: usize) -> Result<Run, String> {
     let moco = BrivlMoco::from_scratch(&cfg, moco_cfg, 7, &dev, DType::F32).map_err(te)?;
     let mut opt = AdamW::from_varmap(moco.vars(), AdamWConfig::default(), &moco.param_groups())
         .map_err(te)?;
-    // The 6x6 grid plus the whole image, as `BrivlMoco::inputs` prepares images without
-    // detector boxes (`BOX_GRID` 6).
-    let s = TRAIN_IMAGE as f32;
-    let g = cfg.box_grid;
-    let c = s / g as f32;
-    let mut rows = Vec::with_capacity(batch * cfg.max_img_len * 4);
-    for _ in 0..batch {
-        for i in 0..g {
-            for k in 0..g {
-                rows.extend([
-                    k as f32 * c,
-                    i as f32 * c,
-                    (k + 1) as f32 * c,
-                    (i + 1) as f32 * c,
-                ]);
-            }
-        }
-        rows.extend([0.0, 0.0, s, s]);
-    }
-    let boxes = Tensor::from_vec(rows, (batch, cfg.max_img_len, 4), &dev).map_err(e)?;
-    let box_mask = Tensor::ones((batch, cfg.max_img_len), DType::F32, &dev).map_err(e)?;
+    let (boxes, box_mask) = grid_boxes(&cfg, batch, &dev)?;
     let px = Tensor::randn(0f32, 1.0, (batch, 3, TRAIN_IMAGE, TRAIN_IMAGE), &dev).map_err(e)?;
     let ids = Tensor::arange(100u32, 100 + (batch * TRAIN_TEXT_LEN) as u32, &dev)
         .and_then(|t| t.reshape((batch, TRAIN_TEXT_LEN)))

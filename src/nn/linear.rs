@@ -210,6 +210,7 @@ mod tests {
 
     use super::*;
     use crate::checkpoint::{random_var_builder, Loader, TensorSource};
+    use crate::nn::test_util::max_diff;
 
     fn source(w: &Tensor, b: &Tensor) -> TensorSource {
         TensorSource::Map(HashMap::from([
@@ -239,14 +240,7 @@ mod tests {
             l.weight().to_vec2::<f32>().unwrap(),
             w.to_vec2::<f32>().unwrap()
         );
-        let diff = (l.forward(&x).unwrap() - &expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&l.forward(&x).unwrap(), &expected);
         assert!(diff < 1e-5, "{diff}");
 
         // Training: the variable itself, as stored, so that updates reach the model.
