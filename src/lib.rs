@@ -1,7 +1,8 @@
 //! # tuwen
 //!
-//! Chinese and multilingual vision–language dual encoders on [candle]: **BriVL**,
-//! **R2D2** / **PRD2** and **SigLIP 2** (fixed resolution and NaFlex).
+//! Chinese and multilingual vision–language dual encoders on
+//! [candle](https://github.com/huggingface/candle): **BriVL**, **R2D2** / **PRD2** and
+//! **SigLIP 2** (fixed resolution and NaFlex).
 //!
 //! * [`models`] holds one file per model family with its whole forward pass, serde
 //!   configurations with presets for every published checkpoint, and the [`DualEncoder`]

@@ -1008,7 +1008,7 @@ pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// flowing to `x` through the statistics and to `weight` and `bias`. Returns the output
 /// and the batch mean and biased variance `[c]` (detached, for the running statistics).
 ///
-/// On the CPU in f32 both passes are one kernel each ([`BatchNormTrain`]: per-channel
+/// On the CPU in f32 both passes are one kernel each (`BatchNormTrain`: per-channel
 /// sums over planes, then a per-plane map); elsewhere it is a composition of
 /// differentiable primitives.
 pub fn batch_norm_train(
