@@ -429,6 +429,9 @@ mod tests {
             let cls = bert.forward_embeds_cls(&x, Some(&mask), context).unwrap();
             assert_eq!(cls.dims(), [b, 1, 16]);
             assert!(max_diff(&full, &cls) < 1e-5, "{layers} layers");
+            // An empty sequence has no [CLS] position: an error, not a panic.
+            let empty = Tensor::zeros((b, 0, 16), DType::F32, &Device::Cpu).unwrap();
+            assert!(bert.forward_embeds_cls(&empty, None, context).is_err());
             // The same gradients for the input and every parameter (training path).
             let g = randn(&[b, 1, 16], 3);
             let gf = (&full * &g).unwrap().sum_all().unwrap().backward().unwrap();

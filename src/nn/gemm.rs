@@ -688,6 +688,9 @@ fn attention_forward(
 /// Checks `q` `[b, lq, d]`, `k` and `v` `[b, lk, d]` against `heads`.
 fn attn_dims(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<AttnDims> {
     match (q, k) {
+        (&[_, lq, _], &[_, lk, _]) if lq == 0 || lk == 0 => {
+            candle_core::bail!("attention over an empty sequence: q {q:?}, k {k:?}")
+        }
         (&[b, lq, d], &[bk, lk, dk])
             if v == k && bk == b && dk == d && heads > 0 && d.is_multiple_of(heads) =>
         {
@@ -900,7 +903,7 @@ impl candle_core::CustomOp3 for AttentionTrain {
 mod tests {
     use super::*;
     use crate::nn::test_util::{max_diff, randn};
-    use candle_core::{Device, Var, D};
+    use candle_core::{DType, Device, Var, D};
 
     /// The gradients of `Σ y ⊙ g`.
     fn grads_of(y: &Tensor, g: &Tensor) -> candle_core::backprop::GradStore {
@@ -1072,6 +1075,11 @@ mod tests {
         }
         let e = attention_cpu_f32(&q, &k, &v, 3, None, scale);
         assert!(e.is_err(), "16 channels do not split into 3 heads");
+        // No keys, or no queries: an error, not a panic.
+        let none = Tensor::zeros((b, 0, h * hd), DType::F32, &Device::Cpu).unwrap();
+        let e = attention_cpu_f32(&q, &none, &none, h, None, scale).unwrap_err();
+        assert!(e.to_string().contains("empty sequence"), "{e}");
+        assert!(attention_cpu_f32(&none, &k, &v, h, None, scale).is_err());
     }
 
     #[test]

@@ -235,6 +235,9 @@ mod tests {
             let last = enc.forward_last(&x, Some(&bias)).unwrap();
             assert_eq!(last.dims(), [b, 1, 16]);
             assert!(max_diff(&full, &last) < 1e-5, "{layers} layers");
+            // An empty sequence has no last position: an error, not a panic.
+            let empty = Tensor::zeros((b, 0, 16), DType::F32, &Device::Cpu).unwrap();
+            assert!(enc.forward_last(&empty, None).is_err(), "{layers} layers");
             let g = randn(&[b, 1, 16], 2);
             let gf = (&full * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let gl = (&last * &g).unwrap().sum_all().unwrap().backward().unwrap();

@@ -674,6 +674,22 @@ fn bad_texts_and_presets_give_clear_errors() {
 }
 
 #[test]
+fn empty_token_sequences_are_refused() {
+    let model = load_fixed("siglip_tiny");
+    let ids = Tensor::zeros((2, 0), DType::U32, &Device::Cpu).unwrap();
+    let full = model
+        .model
+        .text
+        .forward(&ids, None)
+        .map(|_| ())
+        .unwrap_err();
+    let pooled = model.model.text.forward_pooled(&ids, None).unwrap_err();
+    for err in [full, pooled] {
+        assert!(err.to_string().contains("empty token sequence"), "{err}");
+    }
+}
+
+#[test]
 fn bf16_inference_is_close_to_f32() {
     let f32_model = load_fixed("siglip_tiny");
     let bf16_opts = LoadOptions {
