@@ -221,6 +221,9 @@ mod tests {
 
     #[test]
     fn only_inference_loaders_store_linear_weights_transposed() {
+        // The backends recognise the hint by its shape: it must stay the one `linear` uses.
+        assert!(is_weight_hint(&WEIGHT_HINT));
+        assert!(!is_weight_hint(&candle_nn::init::DEFAULT_KAIMING_UNIFORM));
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
