@@ -43,6 +43,7 @@ use std::sync::Arc;
 
 use candle_nn::{Linear, VarBuilder};
 
+use crate::nn::gemm::conv1x1;
 use crate::nn::ops::{contiguous_f32, contiguous_f32_mut};
 use serde::{Deserialize, Serialize};
 
@@ -456,10 +457,7 @@ impl ConvBn {
                     Some(g) => xr.broadcast_mul(&g.unsqueeze(2)?)?,
                     None => xr,
                 };
-                self.weight
-                    .flatten_from(1)?
-                    .broadcast_matmul(&xr)?
-                    .reshape((b, out_chs, h, wd))?
+                conv1x1(&self.weight.flatten_from(1)?, &xr)?.reshape((b, out_chs, h, wd))?
             }
             ConvKind::Depthwise { kernel, stride } => depthwise_conv2d_same(
                 x,
@@ -507,7 +505,10 @@ impl ConvBn {
         match self.kind {
             ConvKind::Pointwise => {
                 let xr = x.reshape((b, c, h * wd))?;
+                let tracking = [x, &w].into_iter().chain(gate).any(|t| t.track_op());
                 let y = match gate {
+                    None if tracking => conv1x1(&w, &xr)?,
+                    Some(g) if tracking => conv1x1(&w, &xr.broadcast_mul(&g.unsqueeze(2)?)?)?,
                     None => w.broadcast_matmul(&xr)?,
                     // Gate the weights when they are smaller than the activations.
                     Some(g) if out_chs * c <= c * h * wd => w
@@ -565,6 +566,14 @@ impl ConvBn {
                 return Ok(y);
             }
             _ => {}
+        }
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if cpu_f32(&y) && cpu_f32(shift) && residual.is_none_or(cpu_f32) && shift.rank() == 1 {
+            let op = EpilogueTrain { act: self.act };
+            return match residual {
+                None => y.apply_op2(shift, op),
+                Some(r) => y.apply_op3(shift, r, op),
+            };
         }
         let mut dims = vec![1usize; y.rank()];
         dims[1] = shift.dim(0)?;
@@ -726,6 +735,207 @@ impl InplaceOp3 for BiasActCpu {
         let shift = contiguous_f32(s2, l2, "bias-act")?;
         let res = contiguous_f32(s3, l3, "bias-act")?;
         self.run(s1, l1, shift, Some(res))
+    }
+}
+
+/// The training epilogue `act(y + shift[c] + residual)` over `[b, c, ...]` on the CPU in `f32`,
+/// with its own backward pass: one pass gives `dz = dout · silu'(z)` (recomputing `z`) and
+/// the per-channel sums `dshift`. Composed, the shift's broadcast alone costs a strided
+/// reduction over the batch and positions, and SiLU's derivative six graph ops.
+struct EpilogueTrain {
+    act: bool,
+}
+
+/// `silu'(z) = s + z·s·(1 − s)` for `s = sigmoid(z)`.
+#[inline(always)]
+fn silu_grad(z: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp_f32(-z));
+    s + z * s * (1.0 - s)
+}
+
+/// One plane of [`EpilogueTrain`]'s backward: `dz` into `out`, returning `Σ dz`.
+#[inline(always)]
+fn epilogue_grad_plane(out: &mut [f32], g: &[f32], y: &[f32], r: Option<&[f32]>, sh: f32) -> f32 {
+    match r {
+        Some(r) => {
+            for (((o, g), y), r) in out.iter_mut().zip(g).zip(y).zip(r) {
+                *o = g * silu_grad(y + r + sh);
+            }
+        }
+        None => {
+            for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
+                *o = g * silu_grad(y + sh);
+            }
+        }
+    }
+    out.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn epilogue_grad_plane_avx2(
+    out: &mut [f32],
+    g: &[f32],
+    y: &[f32],
+    r: Option<&[f32]>,
+    sh: f32,
+) -> f32 {
+    epilogue_grad_plane(out, g, y, r, sh)
+}
+
+impl EpilogueTrain {
+    fn fwd(
+        &self,
+        (ys, yl): (&CpuStorage, &Layout),
+        (ss, sl): (&CpuStorage, &Layout),
+        res: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mut st = CpuStorage::F32(contiguous_f32(ys, yl, "epilogue")?.to_vec());
+        let shift = contiguous_f32(ss, sl, "epilogue shift")?;
+        let res = match res {
+            Some((rs, rl)) => Some(contiguous_f32(rs, rl, "epilogue residual")?),
+            None => None,
+        };
+        let layout = Layout::contiguous(yl.shape());
+        BiasActCpu { act: self.act }.run(&mut st, &layout, shift, res)?;
+        Ok((st, yl.shape().clone()))
+    }
+
+    /// `(dz, dshift)` for the output gradient `grad`.
+    fn grads(
+        &self,
+        y: &Tensor,
+        shift: &Tensor,
+        res: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let dims = y.dims().to_vec();
+        let c = dims.get(1).copied().unwrap_or(1);
+        let plane: usize = dims.iter().skip(2).product();
+        let grad = grad.contiguous()?;
+        if !self.act && !shift.track_op() {
+            return Ok((grad, None));
+        }
+        let (y, shift) = (y.contiguous()?, shift.contiguous()?);
+        let res = res.map(|r| r.contiguous()).transpose()?;
+        let data = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
+        // Small per-channel and per-plane vectors; the planes themselves are read in place.
+        let sh = data(&shift)?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (ys, yl) = y.storage_and_layout();
+        let res_guard = res.as_ref().map(|r| r.storage_and_layout());
+        let (candle_core::Storage::Cpu(gc), candle_core::Storage::Cpu(yc)) = (&*gs, &*ys) else {
+            candle_core::bail!("epilogue: expected CPU tensors in the backward pass")
+        };
+        let g = contiguous_f32(gc, gl, "epilogue gradient")?;
+        let yd = contiguous_f32(yc, yl, "epilogue input")?;
+        let rd = match &res_guard {
+            Some((rs, rl)) => match &**rs {
+                candle_core::Storage::Cpu(rc) => Some(contiguous_f32(rc, rl, "epilogue residual")?),
+                _ => candle_core::bail!("epilogue: expected a CPU residual"),
+            },
+            None => None,
+        };
+        if plane == 0
+            || sh.len() != c
+            || g.len() != yd.len()
+            || rd.is_some_and(|r| r.len() != yd.len())
+        {
+            candle_core::bail!("epilogue: shapes do not fit {dims:?}")
+        }
+        let mut dz = vec![0f32; yd.len()];
+        let mut sums = vec![0f32; yd.len() / plane];
+        let act = self.act;
+        dz.par_chunks_mut(plane)
+            .zip(sums.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, (o, sum))| {
+                let span = i * plane..(i + 1) * plane;
+                let (gp, yp) = (&g[span.clone()], &yd[span.clone()]);
+                let rp = rd.map(|r| &r[span]);
+                *sum = if !act {
+                    o.copy_from_slice(gp);
+                    gp.iter().sum()
+                } else {
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2_fma() {
+                        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                        return *sum =
+                            unsafe { epilogue_grad_plane_avx2(o, gp, yp, rp, sh[i % c]) };
+                    }
+                    epilogue_grad_plane(o, gp, yp, rp, sh[i % c])
+                };
+            });
+        drop((gs, ys, res_guard));
+        let dshift = if shift.track_op() {
+            let mut d = vec![0f32; c];
+            for (i, s) in sums.iter().enumerate() {
+                d[i % c] += s;
+            }
+            Some(Tensor::from_vec(d, c, shift.device())?)
+        } else {
+            None
+        };
+        Ok((Tensor::from_vec(dz, dims, y.device())?, dshift))
+    }
+}
+
+impl CustomOp2 for EpilogueTrain {
+    fn name(&self) -> &'static str {
+        "bias-act-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        shift: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dz, dshift) = self.grads(y, shift, None, grad)?;
+        Ok((y.track_op().then_some(dz), dshift))
+    }
+}
+
+impl CustomOp3 for EpilogueTrain {
+    fn name(&self) -> &'static str {
+        "bias-residual-act-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        shift: &Tensor,
+        res: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dz, dshift) = self.grads(y, shift, Some(res), grad)?;
+        let dres = res.track_op().then(|| dz.clone());
+        Ok((y.track_op().then_some(dz), dshift, dres))
     }
 }
 
@@ -1536,6 +1746,79 @@ mod tests {
                     "grad {name} k{k} s{s} {h}x{w}: {}",
                     diff(a, b)
                 );
+            }
+        }
+    }
+
+    /// The training epilogue op against the composed form, with and without SiLU and a
+    /// residual, gradients for every input (or only some of them).
+    #[test]
+    fn epilogue_train_matches_composed() {
+        use crate::nn::test_util::{max_diff, randn};
+        use candle_core::Var;
+        for (act, with_res, shift_tracks) in [
+            (true, false, true),
+            (false, true, true),
+            (true, true, true),
+            (false, false, true),
+            (true, false, false),
+        ] {
+            let y = Var::from_tensor(&(randn(&[2, 3, 4, 5], 1) * 3.0).unwrap()).unwrap();
+            let shift = randn(&[3], 2);
+            let shift = if shift_tracks {
+                Var::from_tensor(&shift).unwrap().as_tensor().clone()
+            } else {
+                shift
+            };
+            let res = Var::from_tensor(&randn(&[2, 3, 4, 5], 3)).unwrap();
+            let r = with_res.then(|| res.as_tensor().clone());
+            let op = EpilogueTrain { act };
+            let ours = match &r {
+                None => y.as_tensor().apply_op2(&shift, op),
+                Some(r) => y.as_tensor().apply_op3(&shift, r, op),
+            }
+            .unwrap();
+            let mut reference = y
+                .as_tensor()
+                .broadcast_add(&shift.reshape((1, 3, 1, 1)).unwrap())
+                .unwrap();
+            if let Some(r) = &r {
+                reference = (reference + r).unwrap();
+            }
+            if act {
+                reference = reference.silu().unwrap();
+            }
+            assert!(
+                max_diff(&ours, &reference) < 1e-5,
+                "forward act {act} res {with_res}"
+            );
+            let probe = randn(ours.dims(), 4);
+            let g1 = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut inputs = vec![("y", y.as_tensor().clone())];
+            if shift_tracks {
+                inputs.push(("shift", shift.clone()));
+            }
+            if with_res {
+                inputs.push(("residual", res.as_tensor().clone()));
+            }
+            for (name, t) in inputs {
+                let (a, b) = (g1.get(&t).unwrap(), g2.get(&t).unwrap());
+                let d = max_diff(a, b);
+                assert!(d < 1e-5, "grad {name} act {act} res {with_res}: {d}");
+            }
+            if !shift_tracks {
+                assert!(g1.get(&shift).is_none());
             }
         }
     }

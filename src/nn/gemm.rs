@@ -101,6 +101,58 @@ unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     unsafe { Vec::from_raw_parts(ptr, len, cap) }
 }
 
+/// `dst = lhs · rhs` (`acc` false) or `dst += lhs · rhs` (`acc` true) for `lhs` `[m, k]` and
+/// `rhs` `[k, n]`, on the calling thread; `dst` is row-major with row stride `drs`.
+///
+/// # Safety
+/// `dst` must be valid for reads and writes of `m` rows of `n` elements at row stride `drs`,
+/// and the views must hold every element of their `[m, k]` and `[k, n]` extents.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    drs: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: View,
+    rhs: View,
+    acc: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: as promised by the caller.
+    unsafe {
+        if k == 0 {
+            if !acc {
+                for r in 0..m {
+                    std::ptr::write_bytes(dst.add(r * drs), 0, n);
+                }
+            }
+            return;
+        }
+        // `gemm` computes `dst = α·dst + β·lhs·rhs`, reading `dst` only when asked to.
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            drs as isize,
+            acc,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if acc { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// `lhs [m, k] · rhs [k, n]` into a new row-major `[m, n]` buffer, split into output blocks
 /// across the rayon pool (one single-threaded `gemm` call each); `finish(row, c0, out_row)`
 /// then runs on each row's part `c0..` of the block while it is in cache.
@@ -122,33 +174,15 @@ fn matmul_blocks(
         // task's alone; `lhs` and `rhs` are read within their views' extents.
         unsafe {
             let d = dst.get().add(r0 * n + c0);
-            if k == 0 {
-                for r in 0..r1 - r0 {
-                    std::ptr::write_bytes(d.add(r * n), 0, c1 - c0);
-                }
-            } else {
-                gemm::gemm(
-                    r1 - r0,
-                    c1 - c0,
-                    k,
-                    d,
-                    1,
-                    n as isize,
-                    false,
-                    lhs.data.as_ptr().add(r0 * lhs.rs),
-                    lhs.cs as isize,
-                    lhs.rs as isize,
-                    rhs.data.as_ptr().add(c0 * rhs.cs),
-                    rhs.cs as isize,
-                    rhs.rs as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let lhs = View {
+                data: &lhs.data[r0 * lhs.rs..],
+                ..lhs
+            };
+            let rhs = View {
+                data: &rhs.data[c0 * rhs.cs..],
+                ..rhs
+            };
+            gemm_into(d, n, (r1 - r0, c1 - c0, k), lhs, rhs, false);
             for r in 0..r1 - r0 {
                 finish(
                     r0 + r,
@@ -489,6 +523,191 @@ impl candle_core::CustomOp2 for LinearTrain {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.grads(x, w, grad, None)?;
         Ok((dx, dw))
+    }
+}
+
+/// `out[i] = lhs · rhs[i]` for the row-major `[k, n]` matrices `rhs[i]` stacked in `rhs`
+/// (`b` of them), into a new `[b, m, n]` buffer; tasks over images and column blocks.
+fn left_matmul_batched(
+    lhs: View,
+    rhs: &[f32],
+    (b, m, n, k): (usize, usize, usize, usize),
+) -> Vec<f32> {
+    if b * m * n == 0 {
+        return Vec::new();
+    }
+    if k == 0 {
+        return vec![0.0; b * m * n];
+    }
+    let mut out = uninit_buffer(b * m * n);
+    let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
+    let task = |i: usize, c0: usize, c1: usize| {
+        let rv = View {
+            data: &rhs[i * k * n + c0..],
+            rs: n,
+            cs: 1,
+        };
+        // SAFETY: columns `c0..c1` of image `i` are this task's alone; `rv` holds rows `0..k`
+        // of width `c1 − c0` and `lhs` its `[m, k]` extent.
+        unsafe {
+            gemm_into(
+                dst.get().add(i * m * n + c0),
+                n,
+                (m, c1 - c0, k),
+                lhs,
+                rv,
+                false,
+            )
+        };
+    };
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || b * m * n * k < SPLIT_MIN_MACS {
+        (0..b).for_each(|i| task(i, 0, n));
+    } else {
+        // Enough column blocks per image that every thread gets work.
+        let per = n.div_ceil(threads.div_ceil(b)).max(COL_ALIGN);
+        rayon::scope(|s| {
+            for i in 0..b {
+                for c0 in (0..n).step_by(per) {
+                    let task = &task;
+                    s.spawn(move |_| task(i, c0, (c0 + per).min(n)));
+                }
+            }
+        });
+    }
+    // SAFETY: the tasks tile every image's output, each written whole by `gemm_into`.
+    unsafe { assume_init(out) }
+}
+
+/// `Σ_i a[i] · b[i]ᵀ` for the row-major `a[i]` `[m, p]` and `b[i]` `[n, p]` stacked in `a`
+/// and `bm` (`b` of each): `[m, n]`. Tasks over row blocks, each summing over the images.
+fn sum_outer_batched(
+    a: &[f32],
+    bm: &[f32],
+    (b, m, n, p): (usize, usize, usize, usize),
+) -> Vec<f32> {
+    if b == 0 || p == 0 {
+        return vec![0.0; m * n];
+    }
+    if m * n == 0 {
+        return Vec::new();
+    }
+    let mut out = uninit_buffer(m * n);
+    let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
+    let task = |r0: usize, r1: usize| {
+        for i in 0..b {
+            let av = View {
+                data: &a[i * m * p + r0 * p..],
+                rs: p,
+                cs: 1,
+            };
+            // `b[i]ᵀ`: element (q, j) at `j·p + q`.
+            let bv = View {
+                data: &bm[i * n * p..],
+                rs: 1,
+                cs: p,
+            };
+            // SAFETY: rows `r0..r1` are this task's alone, written by the first image and
+            // then accumulated; the views hold their extents.
+            unsafe { gemm_into(dst.get().add(r0 * n), n, (r1 - r0, n, p), av, bv, i > 0) };
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || b * m * n * p < SPLIT_MIN_MACS {
+        task(0, m);
+    } else {
+        let per = m.div_ceil(threads);
+        rayon::scope(|s| {
+            for r0 in (0..m).step_by(per) {
+                let task = &task;
+                s.spawn(move |_| task(r0, (r0 + per).min(m)));
+            }
+        });
+    }
+    // SAFETY: the row blocks tile the output; the first image writes each whole.
+    unsafe { assume_init(out) }
+}
+
+/// A 1×1 convolution over channels-first activations, `y[i] = W · x[i]` for `w` `[o, c]` and
+/// `x` `[b, c, p]` (`p` positions), with its own backward pass: `dx[i] = Wᵀ · dy[i]` and
+/// `dW = Σ_i dy[i] · x[i]ᵀ`, each as `gemm` calls on the stacked images. candle's
+/// `broadcast_matmul` would give `dW` per image and reduce them with a strided sum.
+/// Other devices and dtypes take `broadcast_matmul`.
+pub(crate) fn conv1x1(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if cpu_f32(w) && cpu_f32(x) && w.rank() == 2 && x.rank() == 3 {
+        w.apply_op2(&x.contiguous()?, Conv1x1)
+    } else {
+        w.broadcast_matmul(x)
+    }
+}
+
+struct Conv1x1;
+
+impl Conv1x1 {
+    /// `(b, o, c, p)`, checked.
+    fn dims(w: &[usize], x: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        match (w, x) {
+            (&[o, c], &[b, c2, p]) if c == c2 => Ok((b, o, c, p)),
+            _ => candle_core::bail!("conv1x1: weight {w:?} does not fit input {x:?}"),
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for Conv1x1 {
+    fn name(&self) -> &'static str {
+        "conv1x1"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &CpuStorage,
+        wl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (b, o, c, p) = Self::dims(wl.dims(), xl.dims())?;
+        let Some(wv) = view_cpu(ws, wl) else {
+            candle_core::bail!("conv1x1: expected an f32 weight")
+        };
+        let x = contiguous_f32(xs, xl, "conv1x1 input")?;
+        let out = left_matmul_batched(wv, x, (b, o, p, c));
+        Ok((CpuStorage::F32(out), (b, o, p).into()))
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, o, c, p) = Self::dims(w.dims(), x.dims())?;
+        let grad = grad.contiguous()?;
+        let x = x.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (Storage::Cpu(gc), Storage::Cpu(xc), Some(wv)) = (&*gs, &*xs, view(&ws, wl)) else {
+            candle_core::bail!("conv1x1: expected f32 CPU tensors in the backward pass")
+        };
+        let g = contiguous_f32(gc, gl, "conv1x1 gradient")?;
+        let xd = contiguous_f32(xc, xl, "conv1x1 input")?;
+        if g.len() != b * o * p {
+            candle_core::bail!("conv1x1: output gradient {:?}", grad.dims())
+        }
+        let dx = if x.track_op() {
+            let d = left_matmul_batched(wv.t(), g, (b, c, p, o));
+            Some(Tensor::from_vec(d, (b, c, p), x.device())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let d = sum_outer_batched(g, xd, (b, o, c, p));
+            Some(Tensor::from_vec(d, (o, c), w.device())?)
+        } else {
+            None
+        };
+        Ok((dw, dx))
     }
 }
 
@@ -902,6 +1121,72 @@ impl candle_core::CustomOp3 for AttentionTrain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 1×1 convolution op against `broadcast_matmul` with candle's autograd, on shapes
+    /// below and above the threshold for splitting across threads, with the input tracking
+    /// and not.
+    #[test]
+    fn conv1x1_matches_broadcast_matmul() {
+        use crate::nn::test_util::randn;
+        use candle_core::Var;
+        let max_diff = |a: &Tensor, b: &Tensor| match a.elem_count() {
+            0 => {
+                assert_eq!(a.dims(), b.dims());
+                0.0
+            }
+            _ => crate::nn::test_util::max_diff(a, b),
+        };
+        for ((b, o, c, p), x_tracks) in [
+            ((2, 5, 3, 7), true),
+            ((3, 96, 40, 196), true),
+            ((1, 64, 48, 100), false),
+            ((2, 4, 0, 3), true),
+        ] {
+            let w = Var::from_tensor(&randn(&[o, c], 1)).unwrap();
+            let x = randn(&[b, c, p], 2);
+            let x = if x_tracks {
+                Var::from_tensor(&x).unwrap().as_tensor().clone()
+            } else {
+                x
+            };
+            let ours = conv1x1(w.as_tensor(), &x).unwrap();
+            let reference = w.as_tensor().broadcast_matmul(&x).unwrap();
+            assert!(
+                max_diff(&ours, &reference) < 1e-4,
+                "forward {b} {o} {c} {p}"
+            );
+            let probe = randn(ours.dims(), 3);
+            let g1 = (&ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let d = max_diff(
+                g1.get(w.as_tensor()).unwrap(),
+                g2.get(w.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-3, "grad w {b} {o} {c} {p}: {d}");
+            if x_tracks {
+                let d = max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap());
+                assert!(d < 1e-3, "grad x {b} {o} {c} {p}: {d}");
+            } else {
+                assert!(
+                    g1.get(&x).is_none(),
+                    "no gradient for an input that does not track"
+                );
+            }
+        }
+        let bad = conv1x1(&randn(&[4, 3], 1), &randn(&[2, 5, 6], 2));
+        assert!(bad.unwrap_err().to_string().contains("does not fit"));
+    }
+
     use crate::nn::test_util::{max_diff, randn};
     use candle_core::{DType, Device, Var, D};
 
