@@ -509,13 +509,13 @@ impl ConvBn {
                 let y = match gate {
                     None if tracking => conv1x1(&w, &xr)?,
                     Some(g) if tracking => conv1x1(&w, &xr.broadcast_mul(&g.unsqueeze(2)?)?)?,
-                    None => w.broadcast_matmul(&xr)?,
+                    None => conv1x1(&w, &xr)?,
                     // Gate the weights when they are smaller than the activations.
                     Some(g) if out_chs * c <= c * h * wd => w
                         .unsqueeze(0)?
                         .broadcast_mul(&g.unsqueeze(1)?)?
                         .matmul(&xr)?,
-                    Some(g) => w.broadcast_matmul(&xr.broadcast_mul(&g.unsqueeze(2)?)?)?,
+                    Some(g) => conv1x1(&w, &xr.broadcast_mul(&g.unsqueeze(2)?)?)?,
                 };
                 let residual = match residual {
                     Some(r) => Some(r.reshape((b, out_chs, h * wd))?),
@@ -603,8 +603,15 @@ fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // Round to nearest by adding and subtracting 1.5 · 2^23.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // Comparisons rather than `clamp` (whose NaN rules keep loops from vectorising); a NaN
+    // passes through both.
+    let x = if x > 88.0 { 88.0 } else { x };
+    let x = if x < -87.3 { -87.3 } else { x };
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    // The rounded `n` sits in the low mantissa bits of `shifted`: read it from there rather
+    // than with `as i32`, whose saturating conversion does not vectorise.
+    let ni = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -613,7 +620,7 @@ fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
 #[inline(always)]
@@ -1051,11 +1058,136 @@ struct DwGeom {
     pl: usize,
 }
 
-/// [`dw_plane`] compiled for AVX2 and FMA.
+/// One plane of the depthwise convolution with AVX2 and FMA, `act(conv + sh)` into `o`:
+/// register-blocked, each block [`DW_ROWS`] output rows × 8 columns kept in registers over
+/// all `k²` taps, on a zero-padded copy of the plane whose columns are split by phase for
+/// stride 2, so that every tap of a block is one unaligned load per row and no bounds are
+/// checked inside the loop. The taps accumulate in the same order as [`dw_plane`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dw_plane_avx2(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool) {
-    dw_plane(g, src, taps, o, sh, act, true)
+    use std::cell::RefCell;
+    thread_local! {
+        static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    let DwGeom {
+        h,
+        w,
+        ho,
+        wo,
+        k,
+        s,
+        pt,
+        pl,
+    } = g;
+    if ho == 0 || wo == 0 {
+        return;
+    }
+    // Padded rows `r = oy·s + dy`; phase `p` of a padded row holds its columns `p, p + s, …`,
+    // `lp` of them: enough for 8-wide loads at every column block and tap.
+    let hp = (ho - 1) * s + k;
+    let wo8 = wo.div_ceil(8) * 8;
+    let lp = wo8 + k.div_ceil(s);
+    PADDED.with_borrow_mut(|buf| {
+        let len = s * hp * lp;
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        let buf = &mut buf[..len];
+        buf.fill(0.0);
+        for r in pt..(pt + h).min(hp) {
+            let row = &src[(r - pt) * w..(r - pt + 1) * w];
+            if s == 1 {
+                let n = w.min(lp.saturating_sub(pl));
+                buf[r * lp + pl..r * lp + pl + n].copy_from_slice(&row[..n]);
+                continue;
+            }
+            for p in 0..s {
+                // Input columns `ix` with `(ix + pl) % s == p`, at `j = (ix + pl) / s`.
+                let ix0 = (p + s - pl % s) % s;
+                let j0 = (ix0 + pl) / s;
+                let dst = &mut buf[(p * hp + r) * lp..(p * hp + r + 1) * lp];
+                let n = w.saturating_sub(ix0).div_ceil(s).min(lp.saturating_sub(j0));
+                if s == 2 {
+                    for (d, pair) in dst[j0..j0 + n].iter_mut().zip(row[ix0..].chunks(2)) {
+                        *d = pair[0];
+                    }
+                } else {
+                    for (i, d) in dst[j0..j0 + n].iter_mut().enumerate() {
+                        *d = row[ix0 + i * s];
+                    }
+                }
+            }
+        }
+        let buf = &buf[..];
+        let mut oy = 0;
+        while oy < ho {
+            let rows = (ho - oy).min(DW_ROWS);
+            for ox in (0..wo).step_by(8) {
+                // SAFETY: AVX2 and FMA are enabled on this function; every load lies in
+                // `buf` (rows below `hp`, columns below `ox + 8 + (k − 1)/s ≤ lp`).
+                unsafe {
+                    match rows {
+                        DW_ROWS => dw_block::<DW_ROWS>(buf, (hp, lp, k, s), taps, oy, ox, o, wo),
+                        3 => dw_block::<3>(buf, (hp, lp, k, s), taps, oy, ox, o, wo),
+                        2 => dw_block::<2>(buf, (hp, lp, k, s), taps, oy, ox, o, wo),
+                        _ => dw_block::<1>(buf, (hp, lp, k, s), taps, oy, ox, o, wo),
+                    }
+                }
+            }
+            bias_act_plane(&mut o[oy * wo..(oy + rows) * wo], sh, act);
+            oy += rows;
+        }
+    })
+}
+
+/// Output rows per register block of [`dw_plane_avx2`].
+#[cfg(target_arch = "x86_64")]
+const DW_ROWS: usize = 4;
+
+/// `R` output rows from `oy`, columns `ox..ox + 8` (those below `wo`), of [`dw_plane_avx2`].
+///
+/// # Safety
+/// AVX2 and FMA must be available, and `buf` must hold the padded phases as laid out there.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_block<const R: usize>(
+    buf: &[f32],
+    (hp, lp, k, s): (usize, usize, usize, usize),
+    taps: &[f32],
+    oy: usize,
+    ox: usize,
+    o: &mut [f32],
+    wo: usize,
+) {
+    use std::arch::x86_64::*;
+    let base = buf.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); R];
+    for dy in 0..k {
+        for dx in 0..k {
+            let t = _mm256_set1_ps(taps[dy * k + dx]);
+            let col = (dx % s) * hp * lp + ox + dx / s;
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: as promised by the caller.
+                let v = unsafe { _mm256_loadu_ps(base.add(col + ((oy + r) * s + dy) * lp)) };
+                *a = _mm256_fmadd_ps(t, v, *a);
+            }
+        }
+    }
+    let n = (wo - ox).min(8);
+    for (r, a) in acc.iter().enumerate() {
+        let dst = &mut o[(oy + r) * wo + ox..(oy + r) * wo + ox + n];
+        if n == 8 {
+            // SAFETY: `dst` holds 8 elements.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), *a) };
+        } else {
+            let mut tmp = [0f32; 8];
+            // SAFETY: `tmp` holds 8 elements.
+            unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), *a) };
+            dst.copy_from_slice(&tmp[..n]);
+        }
+    }
 }
 
 #[inline(always)]
@@ -1702,6 +1834,8 @@ mod tests {
             (5, 2, 9, 6),
             (5, 1, 5, 5),
             (3, 2, 1, 4),
+            (5, 2, 14, 33),
+            (3, 1, 13, 19),
         ] {
             let x = candle_core::Var::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
             let wt = candle_core::Var::randn(0f32, 1.0, (3, k * k), &dev).unwrap();
@@ -1870,7 +2004,19 @@ mod tests {
     #[test]
     fn fused_depthwise_matches_composed() -> Result<()> {
         let dev = Device::Cpu;
-        for (k, s, h, w) in [(3, 1, 7, 9), (5, 2, 11, 8), (3, 2, 6, 7), (5, 2, 2, 3)] {
+        // Narrow and wide planes: one or several 8-column register blocks, row counts that
+        // are and are not multiples of the row block, odd and even padding.
+        for (k, s, h, w) in [
+            (3, 1, 7, 9),
+            (5, 2, 11, 8),
+            (3, 2, 6, 7),
+            (5, 2, 2, 3),
+            (3, 1, 13, 19),
+            (5, 2, 14, 33),
+            (3, 2, 12, 18),
+            (5, 1, 9, 17),
+            (3, 1, 1, 1),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (3, k * k), &dev)?;
             let shift = Tensor::randn(0f32, 1.0, 3, &dev)?;
