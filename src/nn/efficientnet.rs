@@ -1058,48 +1058,63 @@ struct DwGeom {
     pl: usize,
 }
 
-/// One plane of the depthwise convolution with AVX2 and FMA, `act(conv + sh)` into `o`:
-/// register-blocked, each block [`DW_ROWS`] output rows × 8 columns kept in registers over
-/// all `k²` taps, on a zero-padded copy of the plane whose columns are split by phase for
-/// stride 2, so that every tap of a block is one unaligned load per row and no bounds are
-/// checked inside the loop. The taps accumulate in the same order as [`dw_plane`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dw_plane_avx2(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool) {
-    use std::cell::RefCell;
-    thread_local! {
-        static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
-    let DwGeom {
-        h,
-        w,
-        ho,
-        wo,
-        k,
-        s,
-        pt,
-        pl,
-    } = g;
-    if ho == 0 || wo == 0 {
-        return;
-    }
-    // Padded rows `r = oy·s + dy`; phase `p` of a padded row holds its columns `p, p + s, …`,
-    // `lp` of them: enough for 8-wide loads at every column block and tap.
-    let hp = (ho - 1) * s + k;
-    let wo8 = wo.div_ceil(8) * 8;
-    let lp = wo8 + k.div_ceil(s);
-    PADDED.with_borrow_mut(|buf| {
-        let len = s * hp * lp;
-        if buf.len() < len {
-            buf.resize(len, 0.0);
+/// The zero-padded copy of one plane that the AVX2 depthwise kernels read: padded row `r`
+/// holds input row `(r − pt)/dil` (when that divides), and phase `p` of it the padded columns
+/// `p, p + s, …` (`lp` of them), input column `(c − pl)/dil` at padded column `c`. With
+/// `lp` at least the output width rounded up to 8, plus `⌈k/s⌉`, every 8-wide load of every
+/// tap stays inside the copy, and no bounds are checked in the inner loops.
+#[derive(Clone, Copy)]
+struct Padded {
+    hp: usize,
+    lp: usize,
+    s: usize,
+}
+
+impl Padded {
+    /// The layout for `ho × wo` outputs of a `k×k` kernel at stride `s`.
+    fn new(ho: usize, wo: usize, k: usize, s: usize) -> Self {
+        Self {
+            hp: (ho - 1) * s + k,
+            lp: wo.div_ceil(8) * 8 + k.div_ceil(s),
+            s,
         }
-        let buf = &mut buf[..len];
+    }
+
+    fn len(self) -> usize {
+        self.s * self.hp * self.lp
+    }
+
+    /// Writes the plane `src` (`h × w`) into `buf` (zeroed first); `dil > 1` only with
+    /// stride 1.
+    fn fill(
+        self,
+        buf: &mut [f32],
+        src: &[f32],
+        (h, w): (usize, usize),
+        (pt, pl): (usize, usize),
+        dil: usize,
+    ) {
+        let Self { hp, lp, s } = self;
         buf.fill(0.0);
-        for r in pt..(pt + h).min(hp) {
-            let row = &src[(r - pt) * w..(r - pt + 1) * w];
+        for iy in 0..h {
+            let r = pt + iy * dil;
+            if r >= hp {
+                break;
+            }
+            let row = &src[iy * w..(iy + 1) * w];
             if s == 1 {
-                let n = w.min(lp.saturating_sub(pl));
-                buf[r * lp + pl..r * lp + pl + n].copy_from_slice(&row[..n]);
+                let dst = &mut buf[r * lp..(r + 1) * lp];
+                if dil == 1 {
+                    let n = w.min(lp.saturating_sub(pl));
+                    dst[pl..pl + n].copy_from_slice(&row[..n]);
+                } else {
+                    for (ix, v) in row.iter().enumerate() {
+                        match dst.get_mut(pl + ix * dil) {
+                            Some(d) => *d = *v,
+                            None => break,
+                        }
+                    }
+                }
                 continue;
             }
             for p in 0..s {
@@ -1119,6 +1134,67 @@ unsafe fn dw_plane_avx2(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh:
                 }
             }
         }
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch of the AVX2 depthwise kernels: a padded plane, and a padded
+    /// gradient plane for the weight gradient.
+    static DW_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Grows `v` to at least `len` elements and returns its first `len`.
+fn scratch(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
+/// One plane of the depthwise convolution with AVX2 and FMA, `act(conv + sh)` into `o`:
+/// register-blocked, each block [`DW_ROWS`] output rows × 8 columns kept in registers over
+/// all `k²` taps, on a [`Padded`] copy of the plane. The taps accumulate in the same order
+/// as [`dw_plane`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_plane_avx2(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool) {
+    // SAFETY: AVX2 and FMA are enabled on this function.
+    unsafe { dw_plane_dilated_avx2(g, 1, src, taps, o, sh, act) }
+}
+
+/// [`dw_plane_avx2`] on the `h × w` input dilated by `dil` (`dil − 1` zeros between its rows
+/// and columns), at stride 1 when `dil > 1`: with flipped taps and padding `k − 1 − p`, the
+/// input gradient.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_plane_dilated_avx2(
+    g: DwGeom,
+    dil: usize,
+    src: &[f32],
+    taps: &[f32],
+    o: &mut [f32],
+    sh: f32,
+    act: bool,
+) {
+    let DwGeom {
+        h,
+        w,
+        ho,
+        wo,
+        k,
+        s,
+        pt,
+        pl,
+    } = g;
+    if ho == 0 || wo == 0 {
+        return;
+    }
+    let pad = Padded::new(ho, wo, k, s);
+    DW_SCRATCH.with_borrow_mut(|(buf, _)| {
+        let buf = scratch(buf, pad.len());
+        pad.fill(buf, src, (h, w), (pt, pl), dil);
         let buf = &buf[..];
         let mut oy = 0;
         while oy < ho {
@@ -1128,15 +1204,105 @@ unsafe fn dw_plane_avx2(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh:
                 // `buf` (rows below `hp`, columns below `ox + 8 + (k − 1)/s ≤ lp`).
                 unsafe {
                     match rows {
-                        DW_ROWS => dw_block::<DW_ROWS>(buf, (hp, lp, k, s), taps, oy, ox, o, wo),
-                        3 => dw_block::<3>(buf, (hp, lp, k, s), taps, oy, ox, o, wo),
-                        2 => dw_block::<2>(buf, (hp, lp, k, s), taps, oy, ox, o, wo),
-                        _ => dw_block::<1>(buf, (hp, lp, k, s), taps, oy, ox, o, wo),
+                        DW_ROWS => dw_block::<DW_ROWS>(buf, pad, k, taps, oy, ox, o, wo),
+                        3 => dw_block::<3>(buf, pad, k, taps, oy, ox, o, wo),
+                        2 => dw_block::<2>(buf, pad, k, taps, oy, ox, o, wo),
+                        _ => dw_block::<1>(buf, pad, k, taps, oy, ox, o, wo),
                     }
                 }
             }
             bias_act_plane(&mut o[oy * wo..(oy + rows) * wo], sh, act);
             oy += rows;
+        }
+    })
+}
+
+/// The input gradient of one plane with AVX2 and FMA, into `gx` (`h × w`): the stride-1
+/// convolution of the gradient `gy` (`ho × wo`), dilated by the stride, with the flipped
+/// taps and padding `k − 1 − p` on each side.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_grad_input_avx2(g: DwGeom, gy: &[f32], taps: &[f32], gx: &mut [f32]) {
+    let k = g.k;
+    let mut flipped = [0f32; 64];
+    for (i, t) in taps.iter().enumerate().take(64) {
+        flipped[k * k - 1 - i] = *t;
+    }
+    // The source is the `ho × wo` gradient, spread `s` apart by the dilation.
+    let t = DwGeom {
+        h: g.ho,
+        w: g.wo,
+        ho: g.h,
+        wo: g.w,
+        k,
+        s: 1,
+        pt: k - 1 - g.pt,
+        pl: k - 1 - g.pl,
+    };
+    // SAFETY: AVX2 and FMA are enabled on this function.
+    unsafe { dw_plane_dilated_avx2(t, g.s, gy, &flipped[..k * k], gx, 0.0, false) }
+}
+
+/// Adds one plane's weight gradient `Σ gy[oy, ox] · x_pad[oy·s + dy, ox·s + dx]` to
+/// `gw` (`k²` taps) with AVX2 and FMA: 8 output columns at a time, one accumulator per
+/// `dx` while `dy` is fixed, on [`Padded`] copies of `x` and of `gy` (rows zero-padded to a
+/// multiple of 8).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_grad_weight_avx2(g: DwGeom, x: &[f32], gy: &[f32], gw: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let DwGeom {
+        h,
+        w,
+        ho,
+        wo,
+        k,
+        s,
+        pt,
+        pl,
+    } = g;
+    if ho == 0 || wo == 0 {
+        return;
+    }
+    let pad = Padded::new(ho, wo, k, s);
+    let wo8 = wo.div_ceil(8) * 8;
+    DW_SCRATCH.with_borrow_mut(|(buf, gbuf)| {
+        let buf = scratch(buf, pad.len());
+        pad.fill(buf, x, (h, w), (pt, pl), 1);
+        let gp = scratch(gbuf, ho * wo8);
+        gp.fill(0.0);
+        for (dst, src) in gp.chunks_exact_mut(wo8).zip(gy.chunks_exact(wo)) {
+            dst[..wo].copy_from_slice(src);
+        }
+        let (xb, gb) = (buf.as_ptr(), gp.as_ptr());
+        let Padded { hp, lp, .. } = pad;
+        for dy in 0..k {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for dx0 in (0..k).step_by(8) {
+                let n = (k - dx0).min(8);
+                for oy in 0..ho {
+                    let row = oy * s + dy;
+                    for ox in (0..wo8).step_by(8) {
+                        // SAFETY: `gp` holds `ho` rows of `wo8`; the padded loads stay
+                        // below column `ox + 8 + (k − 1)/s ≤ lp` of rows below `hp`.
+                        unsafe {
+                            let gv = _mm256_loadu_ps(gb.add(oy * wo8 + ox));
+                            for (j, a) in acc.iter_mut().enumerate().take(n) {
+                                let dx = dx0 + j;
+                                let at = (dx % s) * hp * lp + row * lp + ox + dx / s;
+                                *a = _mm256_fmadd_ps(gv, _mm256_loadu_ps(xb.add(at)), *a);
+                            }
+                        }
+                    }
+                }
+                for (j, a) in acc.iter_mut().enumerate().take(n) {
+                    let mut lanes = [0f32; 8];
+                    // SAFETY: `lanes` holds 8 elements.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+                    gw[dy * k + dx0 + j] += lanes.iter().sum::<f32>();
+                    *a = _mm256_setzero_ps();
+                }
+            }
         }
     })
 }
@@ -1154,7 +1320,8 @@ const DW_ROWS: usize = 4;
 #[allow(clippy::too_many_arguments)]
 unsafe fn dw_block<const R: usize>(
     buf: &[f32],
-    (hp, lp, k, s): (usize, usize, usize, usize),
+    Padded { hp, lp, s }: Padded,
+    k: usize,
     taps: &[f32],
     oy: usize,
     ox: usize,
@@ -1456,12 +1623,19 @@ impl CustomOp2 for DepthwiseGradInput {
             pl,
         } = self.g;
         let mut out = vec![0f32; b * c * h * w];
+        let fast = avx2_fma() && k <= 8 && pt < k && pl < k;
         out.par_chunks_mut(h * w)
             .enumerate()
             .for_each(|(plane, gx)| {
                 let ch = plane % c;
                 let g = &gy[plane * ho * wo..(plane + 1) * ho * wo];
                 let taps = &wt[ch * k * k..(ch + 1) * k * k];
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    unsafe { dw_grad_input_avx2(self.g, g, taps, gx) };
+                    return;
+                }
                 for dy in 0..k {
                     let (oy0, oy1) = valid_outputs(ho, s, dy as isize - pt as isize, h);
                     for dx in 0..k {
@@ -1517,11 +1691,18 @@ impl CustomOp2 for DepthwiseGradWeight {
             pl,
         } = self.g;
         let mut out = vec![0f32; c * k * k];
+        let fast = avx2_fma();
         out.par_chunks_mut(k * k).enumerate().for_each(|(ch, gw)| {
             for bi in 0..b {
                 let plane = bi * c + ch;
                 let xs = &x[plane * h * w..(plane + 1) * h * w];
                 let g = &gy[plane * ho * wo..(plane + 1) * ho * wo];
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                    unsafe { dw_grad_weight_avx2(self.g, xs, g, gw) };
+                    continue;
+                }
                 for dy in 0..k {
                     let (oy0, oy1) = valid_outputs(ho, s, dy as isize - pt as isize, h);
                     for dx in 0..k {
