@@ -1152,6 +1152,23 @@ fn scratch(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
+/// Writes the [`Padded`] copy of the plane `src` for `g` (the input dilated by `dil`) into
+/// the scratch `buf`; `None` when `g` has no outputs.
+fn pad_plane<'a>(
+    g: DwGeom,
+    dil: usize,
+    src: &[f32],
+    buf: &'a mut Vec<f32>,
+) -> Option<(Padded, &'a [f32])> {
+    if g.ho == 0 || g.wo == 0 {
+        return None;
+    }
+    let pad = Padded::new(g.ho, g.wo, g.k, g.s);
+    let buf = scratch(buf, pad.len());
+    pad.fill(buf, src, (g.h, g.w), (g.pt, g.pl), dil);
+    Some((pad, buf))
+}
+
 /// One plane of the depthwise convolution with AVX2 and FMA, `act(conv + sh)` into `o`:
 /// register-blocked, each block [`DW_ROWS`] output rows × 8 columns kept in registers over
 /// all `k²` taps, on a [`Padded`] copy of the plane. The taps accumulate in the same order
@@ -1178,24 +1195,11 @@ unsafe fn dw_plane_dilated_avx2(
     sh: f32,
     act: bool,
 ) {
-    let DwGeom {
-        h,
-        w,
-        ho,
-        wo,
-        k,
-        s,
-        pt,
-        pl,
-    } = g;
-    if ho == 0 || wo == 0 {
-        return;
-    }
-    let pad = Padded::new(ho, wo, k, s);
+    let DwGeom { ho, wo, k, .. } = g;
     DW_SCRATCH.with_borrow_mut(|(buf, _)| {
-        let buf = scratch(buf, pad.len());
-        pad.fill(buf, src, (h, w), (pt, pl), dil);
-        let buf = &buf[..];
+        let Some((pad, buf)) = pad_plane(g, dil, src, buf) else {
+            return;
+        };
         let mut oy = 0;
         while oy < ho {
             let rows = (ho - oy).min(DW_ROWS);
@@ -1251,24 +1255,12 @@ unsafe fn dw_grad_input_avx2(g: DwGeom, gy: &[f32], taps: &[f32], gx: &mut [f32]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dw_grad_weight_avx2(g: DwGeom, x: &[f32], gy: &[f32], gw: &mut [f32]) {
     use std::arch::x86_64::*;
-    let DwGeom {
-        h,
-        w,
-        ho,
-        wo,
-        k,
-        s,
-        pt,
-        pl,
-    } = g;
-    if ho == 0 || wo == 0 {
-        return;
-    }
-    let pad = Padded::new(ho, wo, k, s);
+    let DwGeom { ho, wo, k, s, .. } = g;
     let wo8 = wo.div_ceil(8) * 8;
     DW_SCRATCH.with_borrow_mut(|(buf, gbuf)| {
-        let buf = scratch(buf, pad.len());
-        pad.fill(buf, x, (h, w), (pt, pl), 1);
+        let Some((pad, buf)) = pad_plane(g, 1, x, buf) else {
+            return;
+        };
         let gp = scratch(gbuf, ho * wo8);
         gp.fill(0.0);
         for (dst, src) in gp.chunks_exact_mut(wo8).zip(gy.chunks_exact(wo)) {
@@ -2005,19 +1997,30 @@ impl Module for EfficientNet {
 mod tests {
     use super::*;
 
+    /// `(kernel, stride, h, w)` for the depthwise tests: narrow and wide planes (one or
+    /// several 8-column register blocks), row counts that are and are not multiples of the
+    /// row block, odd and even padding, planes smaller than the kernel.
+    const DW_SHAPES: &[(usize, usize, usize, usize)] = &[
+        (3, 1, 7, 9),
+        (3, 2, 8, 11),
+        (5, 2, 9, 6),
+        (5, 1, 5, 5),
+        (3, 2, 1, 4),
+        (5, 2, 11, 8),
+        (3, 2, 6, 7),
+        (5, 2, 2, 3),
+        (3, 1, 13, 19),
+        (5, 2, 14, 33),
+        (3, 2, 12, 18),
+        (5, 1, 9, 17),
+        (3, 1, 1, 1),
+    ];
+
     /// The CPU depthwise op with backward against the composed (autograd) form.
     #[test]
     fn depthwise_op_gradients_match_composed() {
         let dev = Device::Cpu;
-        for (k, s, h, w) in [
-            (3, 1, 7, 9),
-            (3, 2, 8, 11),
-            (5, 2, 9, 6),
-            (5, 1, 5, 5),
-            (3, 2, 1, 4),
-            (5, 2, 14, 33),
-            (3, 1, 13, 19),
-        ] {
+        for &(k, s, h, w) in DW_SHAPES {
             let x = candle_core::Var::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
             let wt = candle_core::Var::randn(0f32, 1.0, (3, k * k), &dev).unwrap();
             let ours = depthwise_conv2d_same(x.as_tensor(), wt.as_tensor(), k, s).unwrap();
@@ -2029,30 +2032,9 @@ mod tests {
             )
             .unwrap();
             assert_eq!(ours.dims(), reference.dims(), "k{k} s{s} {h}x{w}");
-            let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff = crate::nn::test_util::max_diff;
             assert!(diff(&ours, &reference) < 1e-5, "forward k{k} s{s} {h}x{w}");
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (g1, g2) = crate::nn::test_util::probe_grads(&ours, &reference, 5);
             for (name, v) in [("x", &x), ("weight", &wt)] {
                 let a = g1.get(v.as_tensor()).unwrap();
                 let b = g2.get(v.as_tensor()).unwrap();
@@ -2107,19 +2089,7 @@ mod tests {
                 max_diff(&ours, &reference) < 1e-5,
                 "forward act {act} res {with_res}"
             );
-            let probe = randn(ours.dims(), 4);
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (g1, g2) = crate::nn::test_util::probe_grads(&ours, &reference, 4);
             let mut inputs = vec![("y", y.as_tensor().clone())];
             if shift_tracks {
                 inputs.push(("shift", shift.clone()));
@@ -2185,19 +2155,7 @@ mod tests {
     #[test]
     fn fused_depthwise_matches_composed() -> Result<()> {
         let dev = Device::Cpu;
-        // Narrow and wide planes: one or several 8-column register blocks, row counts that
-        // are and are not multiples of the row block, odd and even padding.
-        for (k, s, h, w) in [
-            (3, 1, 7, 9),
-            (5, 2, 11, 8),
-            (3, 2, 6, 7),
-            (5, 2, 2, 3),
-            (3, 1, 13, 19),
-            (5, 2, 14, 33),
-            (3, 2, 12, 18),
-            (5, 1, 9, 17),
-            (3, 1, 1, 1),
-        ] {
+        for &(k, s, h, w) in DW_SHAPES {
             let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (3, k * k), &dev)?;
             let shift = Tensor::randn(0f32, 1.0, 3, &dev)?;

@@ -1155,19 +1155,7 @@ mod tests {
                 max_diff(&ours, &reference) < 1e-4,
                 "forward {b} {o} {c} {p}"
             );
-            let probe = randn(ours.dims(), 3);
-            let g1 = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (g1, g2) = crate::nn::test_util::probe_grads(&ours, &reference, 3);
             let d = max_diff(
                 g1.get(w.as_tensor()).unwrap(),
                 g2.get(w.as_tensor()).unwrap(),

@@ -25,3 +25,18 @@ pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The gradients of `Σ a·p` and of `Σ b·p` for one seeded random probe `p`: two
+/// computations of the same values compared through their backward passes.
+pub(crate) fn probe_grads(
+    a: &Tensor,
+    b: &Tensor,
+    seed: u64,
+) -> (
+    candle_core::backprop::GradStore,
+    candle_core::backprop::GradStore,
+) {
+    let probe = randn(a.dims(), seed);
+    let grads = |t: &Tensor| (t * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    (grads(a), grads(b))
+}
