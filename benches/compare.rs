@@ -8,7 +8,10 @@
 //! depend on shapes only); the workloads are in `workloads.rs`. `--list` prints them. Run one
 //! workload per process so that the peak RSS (`VmHWM`) is that workload's. Like
 //! `tuwen::load` for a CPU model, it applies `tuwen::tune_allocator()` first;
-//! `--untuned-allocator` measures without it.
+//! `--untuned-allocator` measures without it. Like the examples, it runs candle's own
+//! elementwise ops on the calling thread unless `CANDLE_NUM_THREADS` is set
+//! (`tuwen::threads::candle_ops_on_calling_thread`); `--candle-threads-default` measures
+//! with candle's own pool.
 
 use std::time::Instant;
 
@@ -23,6 +26,11 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    if !args.iter().any(|a| a == "--candle-threads-default") {
+        // SAFETY: no other thread exists yet and no candle op has run (reading the arguments
+        // starts neither).
+        unsafe { tuwen::threads::candle_ops_on_calling_thread() };
+    }
     if args.iter().any(|a| a == "--list") {
         println!("{}", WORKLOADS.join("\n"));
         return;

@@ -122,6 +122,8 @@ fn run(args: Args) -> tuwen::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in `main`: no other thread exists yet and no candle op has run.
+    unsafe { tuwen::threads::candle_ops_on_calling_thread() };
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

@@ -333,6 +333,8 @@ fn run(args: Args) -> tuwen::Result<()> {
 }
 
 fn main() {
+    // SAFETY: first thing in `main`: no other thread exists yet and no candle op has run.
+    unsafe { tuwen::threads::candle_ops_on_calling_thread() };
     if let Err(e) = merge(Args::parse()).and_then(run) {
         eprintln!("error: {e}");
         std::process::exit(1);

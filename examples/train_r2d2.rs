@@ -236,6 +236,8 @@ fn run(args: Args) -> tuwen::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in `main`: no other thread exists yet and no candle op has run.
+    unsafe { tuwen::threads::candle_ops_on_calling_thread() };
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

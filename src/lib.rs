@@ -36,6 +36,7 @@ pub mod models;
 pub mod nn;
 pub mod preprocess;
 pub mod registry;
+pub mod threads;
 pub mod train;
 
 pub use allocator::tune_allocator;
