@@ -505,11 +505,11 @@ impl ConvBn {
         match self.kind {
             ConvKind::Pointwise => {
                 let xr = x.reshape((b, c, h * wd))?;
+                // Training takes the product with its own backward pass on gated activations.
                 let tracking = [x, &w].into_iter().chain(gate).any(|t| t.track_op());
                 let y = match gate {
-                    None if tracking => conv1x1(&w, &xr)?,
-                    Some(g) if tracking => conv1x1(&w, &xr.broadcast_mul(&g.unsqueeze(2)?)?)?,
                     None => conv1x1(&w, &xr)?,
+                    Some(g) if tracking => conv1x1(&w, &xr.broadcast_mul(&g.unsqueeze(2)?)?)?,
                     // Gate the weights when they are smaller than the activations.
                     Some(g) if out_chs * c <= c * h * wd => w
                         .unsqueeze(0)?
@@ -851,29 +851,34 @@ impl EpilogueTrain {
         {
             candle_core::bail!("epilogue: shapes do not fit {dims:?}")
         }
-        let mut dz = vec![0f32; yd.len()];
+        // Without the activation `dz` is the gradient itself: only its plane sums are needed.
+        let mut dz = if self.act {
+            vec![0f32; yd.len()]
+        } else {
+            Vec::new()
+        };
         let mut sums = vec![0f32; yd.len() / plane];
-        let act = self.act;
-        dz.par_chunks_mut(plane)
-            .zip(sums.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (o, sum))| {
-                let span = i * plane..(i + 1) * plane;
-                let (gp, yp) = (&g[span.clone()], &yd[span.clone()]);
-                let rp = rd.map(|r| &r[span]);
-                *sum = if !act {
-                    o.copy_from_slice(gp);
-                    gp.iter().sum()
-                } else {
+        if self.act {
+            dz.par_chunks_mut(plane)
+                .zip(sums.par_iter_mut())
+                .enumerate()
+                .for_each(|(i, (o, sum))| {
+                    let span = i * plane..(i + 1) * plane;
+                    let (gp, yp) = (&g[span.clone()], &yd[span.clone()]);
+                    let rp = rd.map(|r| &r[span]);
                     #[cfg(target_arch = "x86_64")]
                     if avx2_fma() {
                         // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-                        return *sum =
-                            unsafe { epilogue_grad_plane_avx2(o, gp, yp, rp, sh[i % c]) };
+                        *sum = unsafe { epilogue_grad_plane_avx2(o, gp, yp, rp, sh[i % c]) };
+                        return;
                     }
-                    epilogue_grad_plane(o, gp, yp, rp, sh[i % c])
-                };
-            });
+                    *sum = epilogue_grad_plane(o, gp, yp, rp, sh[i % c]);
+                });
+        } else {
+            sums.par_iter_mut()
+                .zip(g.par_chunks(plane))
+                .for_each(|(sum, gp)| *sum = gp.iter().sum());
+        }
         drop((gs, ys, res_guard));
         let dshift = if shift.track_op() {
             let mut d = vec![0f32; c];
@@ -884,7 +889,12 @@ impl EpilogueTrain {
         } else {
             None
         };
-        Ok((Tensor::from_vec(dz, dims, y.device())?, dshift))
+        let dz = if self.act {
+            Tensor::from_vec(dz, dims, y.device())?
+        } else {
+            grad
+        };
+        Ok((dz, dshift))
     }
 }
 
@@ -1172,7 +1182,7 @@ fn pad_plane<'a>(
 /// One plane of the depthwise convolution with AVX2 and FMA, `act(conv + sh)` into `o`:
 /// register-blocked, each block [`DW_ROWS`] output rows × 8 columns kept in registers over
 /// all `k²` taps, on a [`Padded`] copy of the plane. The taps accumulate in the same order
-/// as [`dw_plane`].
+/// as [`dw_plane`] (the portable kernel), each as a fused multiply-add.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dw_plane_avx2(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool) {
@@ -1350,7 +1360,7 @@ unsafe fn dw_block<const R: usize>(
 }
 
 #[inline(always)]
-fn dw_plane(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool, fma: bool) {
+fn dw_plane(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: bool) {
     let DwGeom {
         h,
         w,
@@ -1403,15 +1413,9 @@ fn dw_plane(g: DwGeom, src: &[f32], taps: &[f32], o: &mut [f32], sh: f32, act: b
                 let start = (lo as isize + q) as usize;
                 let dst = &mut orow[lo..hi];
                 let src = &row[start..start + (hi - lo)];
-                if fma {
-                    dst.iter_mut()
-                        .zip(src.iter())
-                        .for_each(|(d, v)| *d = t.mul_add(*v, *d));
-                } else {
-                    dst.iter_mut()
-                        .zip(src.iter())
-                        .for_each(|(d, v)| *d += t * v);
-                }
+                dst.iter_mut()
+                    .zip(src.iter())
+                    .for_each(|(d, v)| *d += t * v);
             }
         }
         bias_act_plane(orow, sh, act);
@@ -1469,7 +1473,7 @@ impl CustomOp3 for DepthwiseCpu {
                     unsafe { dw_plane_avx2(g, src, taps, o, shift[ch], act) };
                     return;
                 }
-                dw_plane(g, src, taps, o, shift[ch], act, false);
+                dw_plane(g, src, taps, o, shift[ch], act);
             });
         Ok((CpuStorage::F32(out), Shape::from((b, c, g.ho, g.wo))))
     }
@@ -1548,7 +1552,7 @@ impl CustomOp2 for DepthwiseTrain {
                     unsafe { dw_plane_avx2(g, src, taps, o, 0.0, false) };
                     return;
                 }
-                dw_plane(g, src, taps, o, 0.0, false, false);
+                dw_plane(g, src, taps, o, 0.0, false);
             });
         Ok((CpuStorage::F32(out), Shape::from((b, c, g.ho, g.wo))))
     }
@@ -1615,6 +1619,7 @@ impl CustomOp2 for DepthwiseGradInput {
             pl,
         } = self.g;
         let mut out = vec![0f32; b * c * h * w];
+        #[cfg(target_arch = "x86_64")]
         let fast = avx2_fma() && k <= 8 && pt < k && pl < k;
         out.par_chunks_mut(h * w)
             .enumerate()
@@ -1683,6 +1688,7 @@ impl CustomOp2 for DepthwiseGradWeight {
             pl,
         } = self.g;
         let mut out = vec![0f32; c * k * k];
+        #[cfg(target_arch = "x86_64")]
         let fast = avx2_fma();
         out.par_chunks_mut(k * k).enumerate().for_each(|(ch, gw)| {
             for bi in 0..b {

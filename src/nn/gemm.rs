@@ -1121,20 +1121,21 @@ impl candle_core::CustomOp3 for AttentionTrain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::{max_diff, randn};
+    use candle_core::{DType, Device, Var, D};
 
     /// The 1×1 convolution op against `broadcast_matmul` with candle's autograd, on shapes
     /// below and above the threshold for splitting across threads, with the input tracking
     /// and not.
     #[test]
     fn conv1x1_matches_broadcast_matmul() {
-        use crate::nn::test_util::randn;
-        use candle_core::Var;
-        let max_diff = |a: &Tensor, b: &Tensor| match a.elem_count() {
+        // `max_diff`, with empty tensors (no channels) compared by shape alone.
+        let diff = |a: &Tensor, b: &Tensor| match a.elem_count() {
             0 => {
                 assert_eq!(a.dims(), b.dims());
                 0.0
             }
-            _ => crate::nn::test_util::max_diff(a, b),
+            _ => max_diff(a, b),
         };
         for ((b, o, c, p), x_tracks) in [
             ((2, 5, 3, 7), true),
@@ -1151,18 +1152,15 @@ mod tests {
             };
             let ours = conv1x1(w.as_tensor(), &x).unwrap();
             let reference = w.as_tensor().broadcast_matmul(&x).unwrap();
-            assert!(
-                max_diff(&ours, &reference) < 1e-4,
-                "forward {b} {o} {c} {p}"
-            );
+            assert!(diff(&ours, &reference) < 1e-4, "forward {b} {o} {c} {p}");
             let (g1, g2) = crate::nn::test_util::probe_grads(&ours, &reference, 3);
-            let d = max_diff(
+            let d = diff(
                 g1.get(w.as_tensor()).unwrap(),
                 g2.get(w.as_tensor()).unwrap(),
             );
             assert!(d < 1e-3, "grad w {b} {o} {c} {p}: {d}");
             if x_tracks {
-                let d = max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap());
+                let d = diff(g1.get(&x).unwrap(), g2.get(&x).unwrap());
                 assert!(d < 1e-3, "grad x {b} {o} {c} {p}: {d}");
             } else {
                 assert!(
@@ -1174,9 +1172,6 @@ mod tests {
         let bad = conv1x1(&randn(&[4, 3], 1), &randn(&[2, 5, 6], 2));
         assert!(bad.unwrap_err().to_string().contains("does not fit"));
     }
-
-    use crate::nn::test_util::{max_diff, randn};
-    use candle_core::{DType, Device, Var, D};
 
     /// The gradients of `Σ y ⊙ g`.
     fn grads_of(y: &Tensor, g: &Tensor) -> candle_core::backprop::GradStore {
