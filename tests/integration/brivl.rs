@@ -17,20 +17,20 @@ use tuwen::nn::grid_sample::{affine_grid, grid_sample};
 use tuwen::nn::ops;
 use tuwen::{DualEncoder, Error, Family, ImageInput, LoadOptions};
 
-use crate::common::{assert_close, fixture, get, load_st, max_abs_diff, shared};
+use crate::common::{assert_close, fixture, get, load_st, max_abs_diff};
 use crate::common::{test_device, test_opts};
 
-const TINY_PTH: &str = "fixtures/original/brivl_tiny.pth";
-const TINY_IO: &str = "fixtures/original/brivl_tiny_io.safetensors";
-const TINY_JSON: &str = "fixtures/original/brivl_tiny.json";
+const TINY_PTH: &str = "original/brivl_tiny.pth";
+const TINY_IO: &str = "original/brivl_tiny_io.safetensors";
+const TINY_JSON: &str = "original/brivl_tiny.json";
 const TOKENIZER: &str = "data/hfl-roberta-wwm-ext/tokenizer.json";
 
 fn tiny_config() -> BrivlConfig {
-    BrivlConfig::from_file(&shared(TINY_JSON)).expect("tiny config")
+    BrivlConfig::from_file(&fixture(TINY_JSON)).expect("tiny config")
 }
 
 fn tiny_json() -> serde_json::Value {
-    let s = std::fs::read_to_string(shared(TINY_JSON)).unwrap();
+    let s = std::fs::read_to_string(fixture(TINY_JSON)).unwrap();
     serde_json::from_str(&s).unwrap()
 }
 
@@ -38,7 +38,7 @@ fn tiny_from(checkpoint: &Path) -> BrivlEncoder {
     BrivlEncoder::from_checkpoint(
         &tiny_config(),
         checkpoint,
-        Some(&shared(TOKENIZER)),
+        Some(&fixture(TOKENIZER)),
         &test_opts(),
     )
     .expect("load tiny BriVL")
@@ -50,7 +50,7 @@ fn extra() -> HashMap<String, Tensor> {
 
 /// Checks the tiny model against the original fixture's outputs (and reports the keys).
 fn check_fixture_outputs(enc: &BrivlEncoder, what: &str) {
-    let io = load_st(&shared(TINY_IO));
+    let io = load_st(&fixture(TINY_IO));
     let img = enc
         .image_embeds_from_pixels(
             get(&io, "pixel_values"),
@@ -91,7 +91,7 @@ fn check_fixture_outputs(enc: &BrivlEncoder, what: &str) {
 
 #[test]
 fn brivl_tiny_pth_matches_original() {
-    let enc = tiny_from(&shared(TINY_PTH));
+    let enc = tiny_from(&fixture(TINY_PTH));
     check_fixture_outputs(&enc, ".pth");
     assert_eq!(enc.family(), Family::Brivl);
     assert_eq!(enc.embed_dim(), 160);
@@ -102,7 +102,7 @@ fn brivl_tiny_safetensors_after_conversion() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("brivl_tiny.safetensors");
     let report = convert_pth(
-        &shared(TINY_PTH),
+        &fixture(TINY_PTH),
         &out,
         &ConvertOptions {
             key: None,
@@ -119,8 +119,8 @@ fn brivl_tiny_safetensors_after_conversion() {
 
     // The same file through the registry: a directory with the checkpoint, the config
     // (the fixture's JSON) and the tokenizer.
-    std::fs::copy(shared(TINY_JSON), dir.path().join("config.json")).unwrap();
-    std::fs::copy(shared(TOKENIZER), dir.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(fixture(TINY_JSON), dir.path().join("config.json")).unwrap();
+    std::fs::copy(fixture(TOKENIZER), dir.path().join("tokenizer.json")).unwrap();
     let model = tuwen::load(dir.path().to_str().unwrap(), &test_opts()).unwrap();
     assert_eq!(model.family(), Family::Brivl);
     let texts: Vec<String> = tiny_json()["texts"]
@@ -130,7 +130,7 @@ fn brivl_tiny_safetensors_after_conversion() {
         .map(|t| t.as_str().unwrap().to_string())
         .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let io = load_st(&shared(TINY_IO));
+    let io = load_st(&fixture(TINY_IO));
     assert_close(
         "brivl tiny text_embeds (registry directory)",
         &model.embed_texts(&refs).unwrap(),
@@ -141,7 +141,7 @@ fn brivl_tiny_safetensors_after_conversion() {
     // f16 conversion keeps integer tensors and halves the floats.
     let half = dir.path().join("half.safetensors");
     convert_pth(
-        &shared(TINY_PTH),
+        &fixture(TINY_PTH),
         &half,
         &ConvertOptions {
             dtype: TargetDtype::F16,
@@ -162,8 +162,8 @@ fn brivl_tiny_safetensors_after_conversion() {
 
 #[test]
 fn brivl_masks_padding_and_grid_boxes_match_reference() {
-    let enc = tiny_from(&shared(TINY_PTH));
-    let io = load_st(&shared(TINY_IO));
+    let enc = tiny_from(&fixture(TINY_PTH));
+    let io = load_st(&fixture(TINY_IO));
     let ex = extra();
     let txt = enc
         .text_embeds_from_ids(get(&ex, "input_ids_padded"))
@@ -202,7 +202,7 @@ fn brivl_masks_padding_and_grid_boxes_match_reference() {
 }
 
 fn jsonl_boxes(stem: &str, keep: usize) -> Vec<[f32; 4]> {
-    let text = std::fs::read_to_string(shared("data/images/brivl_example.jsonl")).unwrap();
+    let text = std::fs::read_to_string(fixture("data/images/brivl_example.jsonl")).unwrap();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         if v["image_id"].as_str().unwrap().ends_with(stem) {
@@ -232,15 +232,15 @@ fn raw_inputs() -> Vec<ImageInput> {
         .iter()
         .map(|n| {
             let n = n.as_str().unwrap();
-            ImageInput::path(shared(&format!("data/images/{n}"))).with_boxes(jsonl_boxes(n, 5))
+            ImageInput::path(fixture(&format!("data/images/{n}"))).with_boxes(jsonl_boxes(n, 5))
         })
         .collect()
 }
 
 #[test]
 fn brivl_raw_inputs_through_public_api() {
-    let mut enc = tiny_from(&shared(TINY_PTH));
-    let io = load_st(&shared(TINY_IO));
+    let mut enc = tiny_from(&fixture(TINY_PTH));
+    let io = load_st(&fixture(TINY_IO));
     let ex = extra();
     let inputs = raw_inputs();
 
@@ -428,7 +428,7 @@ fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn brivl_runs_in_f16() {
-    let io = load_st(&shared(TINY_IO));
+    let io = load_st(&fixture(TINY_IO));
     let want_img = get(&io, "image_embeds");
     let want_txt = get(&io, "text_embeds");
     // (candle 0.11 has no bf16 matmul on the CPU, so bf16 is for GPUs.)
@@ -439,7 +439,7 @@ fn brivl_runs_in_f16() {
             ..test_opts()
         };
         let enc =
-            BrivlEncoder::from_checkpoint(&tiny_config(), &shared(TINY_PTH), None, &opts).unwrap();
+            BrivlEncoder::from_checkpoint(&tiny_config(), &fixture(TINY_PTH), None, &opts).unwrap();
         let img = enc
             .image_embeds_from_pixels(
                 get(&io, "pixel_values"),
@@ -650,7 +650,7 @@ fn brivl_full_size_parameters_match_manifest() {
     let cfg = BrivlConfig::preset("brivl-1.0").unwrap();
     let ours = tuwen::checkpoint::parameter_shapes(|vb| Brivl::new(&cfg, vb)).unwrap();
 
-    let text = std::fs::read_to_string(shared("manifests/brivl-1.0.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("manifests/brivl-1.0.json")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut theirs = BTreeMap::new();
     let mut left_out = BTreeMap::<&str, usize>::new();
@@ -701,7 +701,7 @@ fn brivl_full_size_parameters_match_manifest() {
 }
 
 fn expect_invalid_box(enc: &BrivlEncoder, boxes: Vec<[f32; 4]>, what: &str) -> String {
-    let input = ImageInput::path(shared("data/images/baike_14361859_0.jpg")).with_boxes(boxes);
+    let input = ImageInput::path(fixture("data/images/baike_14361859_0.jpg")).with_boxes(boxes);
     match enc.embed_images(&[input]) {
         Err(e @ Error::InvalidBox { .. }) => {
             println!("{what}: {e}");
@@ -713,7 +713,7 @@ fn expect_invalid_box(enc: &BrivlEncoder, boxes: Vec<[f32; 4]>, what: &str) -> S
 
 #[test]
 fn brivl_rejects_bad_boxes() {
-    let enc = tiny_from(&shared(TINY_PTH));
+    let enc = tiny_from(&fixture(TINY_PTH));
     // The image is 450x299.
     let ok = [54.0, 128.0, 187.0, 207.0];
     let m = expect_invalid_box(&enc, vec![ok, [f32::NAN, 0.0, 10.0, 10.0]], "NaN box");
@@ -730,7 +730,7 @@ fn brivl_rejects_bad_boxes() {
     // Slightly outside is clipped, not rejected.
     let clipped = enc
         .preprocess_images(
-            &[ImageInput::path(shared("data/images/baike_14361859_0.jpg"))
+            &[ImageInput::path(fixture("data/images/baike_14361859_0.jpg"))
                 .with_boxes(vec![[-3.0, 0.0, 455.0, 100.0]])],
         )
         .unwrap()
@@ -741,7 +741,7 @@ fn brivl_rejects_bad_boxes() {
         vec![0.0, 0.0, 96.0, (100.0f64 * 96.0 / 299.0) as f32]
     );
     // A grid that does not fit MAX_IMG_LEN (tiny: 6) is a configuration error.
-    match enc.embed_images(&[ImageInput::path(shared("data/images/test.jpg"))]) {
+    match enc.embed_images(&[ImageInput::path(fixture("data/images/test.jpg"))]) {
         Err(Error::Config(m)) => assert!(m.contains("6x6"), "{m}"),
         other => panic!("expected a config error, got {other:?}"),
     }
@@ -749,14 +749,14 @@ fn brivl_rejects_bad_boxes() {
 
 #[test]
 fn brivl_rejects_bad_images() {
-    let enc = tiny_from(&shared(TINY_PTH));
+    let enc = tiny_from(&fixture(TINY_PTH));
     let corrupt =
         ImageInput::bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg".to_vec()).with_boxes(vec![]);
     assert!(
         matches!(enc.embed_images(&[corrupt]), Err(Error::Image { .. })),
         "corrupt bytes"
     );
-    let mut bytes = std::fs::read(shared("data/images/baike_14361859_0.jpg")).unwrap();
+    let mut bytes = std::fs::read(fixture("data/images/baike_14361859_0.jpg")).unwrap();
     bytes.truncate(bytes.len() / 3);
     match enc.embed_images(&[ImageInput::bytes(bytes).with_boxes(vec![])]) {
         Err(Error::Image { .. }) | Ok(_) => {} // truncated JPEGs may decode partially
@@ -774,7 +774,7 @@ fn brivl_rejects_bad_images() {
 }
 
 fn tiny_tensors() -> HashMap<String, Tensor> {
-    TensorSource::open(&shared(TINY_PTH), Some("learnable"))
+    TensorSource::open(&fixture(TINY_PTH), Some("learnable"))
         .unwrap()
         .load_all()
         .unwrap()
@@ -843,7 +843,7 @@ fn brivl_rejects_other_checkpoints() {
     let opts = test_opts();
     match BrivlEncoder::from_checkpoint(
         &cfg,
-        &shared("fixtures/original/r2d2_tiny.pth"),
+        &fixture("original/r2d2_tiny.pth"),
         None,
         &opts,
     ) {
@@ -861,14 +861,14 @@ fn brivl_rejects_other_checkpoints() {
         Err(Error::WrongFamily { found, .. }) => assert!(found.contains("SigLIP"), "{found}"),
         other => panic!("expected WrongFamily, got {other:?}"),
     }
-    assert!(!brivl::is_brivl_path(&shared(
-        "fixtures/original/r2d2_tiny.pth"
+    assert!(!brivl::is_brivl_path(&fixture(
+        "original/r2d2_tiny.pth"
     )));
-    assert!(brivl::is_brivl_path(&shared(TINY_PTH)));
+    assert!(brivl::is_brivl_path(&fixture(TINY_PTH)));
 
     // A truncated download.
     let dir = tempfile::tempdir().unwrap();
-    let bytes = std::fs::read(shared(TINY_PTH)).unwrap();
+    let bytes = std::fs::read(fixture(TINY_PTH)).unwrap();
     for n in [bytes.len() / 2, bytes.len() - 100, 10] {
         let cut: PathBuf = dir.path().join(format!("cut{n}.pth"));
         std::fs::write(&cut, &bytes[..n]).unwrap();
@@ -878,7 +878,7 @@ fn brivl_rejects_other_checkpoints() {
         }
     }
     // A bare checkpoint whose shapes are not the published ones needs a config.
-    match BrivlEncoder::from_path(&shared(TINY_PTH), &opts) {
+    match BrivlEncoder::from_path(&fixture(TINY_PTH), &opts) {
         Err(Error::Config(m)) => assert!(m.contains("config"), "{m}"),
         other => panic!("expected a config error, got {other:?}"),
     }
@@ -913,11 +913,11 @@ fn brivl_presets_are_registered() {
 #[test]
 fn brivl_gradients_match_reference_and_reach_every_part() {
     let cfg = tiny_config();
-    let source = TensorSource::open(&shared(TINY_PTH), Some("learnable")).unwrap();
+    let source = TensorSource::open(&fixture(TINY_PTH), Some("learnable")).unwrap();
     let (loader, vars) = Loader::new(source, "brivl_tiny.pth").trainable().unwrap();
     let vb = loader.var_builder(DType::F32, &test_device());
     let model = Brivl::new(&cfg, vb).map_err(|e| loader.error(e)).unwrap();
-    let io = load_st(&shared(TINY_IO));
+    let io = load_st(&fixture(TINY_IO));
     let ex = extra();
 
     let img = model
@@ -1005,7 +1005,7 @@ fn brivl_gradients_match_reference_and_reach_every_part() {
 }
 
 /// The real BriVL-1.0 weights against the original repository's saved embeddings of its three
-/// example pairs (`../shared/data/brivl-reference/np_{img,text}.npy`, made by
+/// example pairs (`tests/fixtures/data/brivl-reference/np_{img,text}.npy`, made by
 /// `XYB_box_extract.py`: cfg `test_xyb.yml`, the first 36 boxes of each image, `sur_text`,
 /// torchvision 0.9.1 preprocessing). Opt-in because it needs the 2.2 GB checkpoint:
 ///
@@ -1023,9 +1023,9 @@ fn brivl_1_0_real_weights_reproduce_reference_embeddings() {
         std::env::var_os("TUWEN_BRIVL_CHECKPOINT")
             .expect("set TUWEN_BRIVL_CHECKPOINT to BriVL-1.0-5500w.pth"),
     );
-    let want_img = Tensor::read_npy(shared("data/brivl-reference/np_img.npy")).unwrap();
-    let want_txt = Tensor::read_npy(shared("data/brivl-reference/np_text.npy")).unwrap();
-    let text = std::fs::read_to_string(shared("data/images/brivl_example.jsonl")).unwrap();
+    let want_img = Tensor::read_npy(fixture("data/brivl-reference/np_img.npy")).unwrap();
+    let want_txt = Tensor::read_npy(fixture("data/brivl-reference/np_text.npy")).unwrap();
+    let text = std::fs::read_to_string(fixture("data/images/brivl_example.jsonl")).unwrap();
     let mut images = Vec::new();
     let mut texts = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -1038,7 +1038,7 @@ fn brivl_1_0_real_weights_reproduce_reference_embeddings() {
             .unwrap()
             .to_string();
         images.push(
-            ImageInput::path(shared(&format!("data/images/{name}")))
+            ImageInput::path(fixture(&format!("data/images/{name}")))
                 .with_boxes(jsonl_boxes(&name, 36)),
         );
         let sur = v["sentences"]
@@ -1055,7 +1055,7 @@ fn brivl_1_0_real_weights_reproduce_reference_embeddings() {
         let mut cfg = BrivlConfig::preset("brivl-1.0").unwrap();
         cfg.img_size = size;
         let enc =
-            BrivlEncoder::from_checkpoint(&cfg, &ckpt, Some(&shared(TOKENIZER)), &test_opts())
+            BrivlEncoder::from_checkpoint(&cfg, &ckpt, Some(&fixture(TOKENIZER)), &test_opts())
                 .unwrap();
         assert!(
             enc.load_report().unexpected.is_empty(),

@@ -20,13 +20,13 @@ use tuwen::train::{
 use tuwen::Error;
 
 use crate::common::test_device;
-use crate::common::{fixture, get, load_st, shared};
+use crate::common::{fixture, get, load_st};
 
-const TINY_PTH: &str = "fixtures/original/brivl_tiny.pth";
-const TINY_JSON: &str = "fixtures/original/brivl_tiny.json";
+const TINY_PTH: &str = "original/brivl_tiny.pth";
+const TINY_JSON: &str = "original/brivl_tiny.json";
 
 fn tiny_config() -> BrivlConfig {
-    BrivlConfig::from_file(&shared(TINY_JSON)).expect("tiny config")
+    BrivlConfig::from_file(&fixture(TINY_JSON)).expect("tiny config")
 }
 
 fn test_trainable() -> Vec<String> {
@@ -57,7 +57,7 @@ fn moco_config(multi: bool) -> MocoConfig {
 /// reference script builds it), so that loading `_mom` is exercised.
 fn source_with_mom() -> TensorSource {
     let pats = Patterns::new(test_trainable()).unwrap();
-    let mut m: HashMap<String, Tensor> = TensorSource::open(&shared(TINY_PTH), Some("learnable"))
+    let mut m: HashMap<String, Tensor> = TensorSource::open(&fixture(TINY_PTH), Some("learnable"))
         .unwrap()
         .load_all()
         .unwrap()
@@ -109,7 +109,7 @@ fn ref_list(key: &str) -> Vec<String> {
 }
 
 fn inputs(perm: Option<&[u32]>) -> BrivlInputs {
-    let io = load_st(&shared("fixtures/original/brivl_tiny_io.safetensors"));
+    let io = load_st(&fixture("original/brivl_tiny_io.safetensors"));
     let ex = load_st(&fixture("brivl/brivl_extra.safetensors"));
     let x = BrivlInputs::new(
         get(&io, "pixel_values"),
@@ -380,7 +380,7 @@ fn brivl_moco_multi_positive_matches_pytorch() {
 
 #[test]
 fn brivl_moco_without_mom_starts_from_query_copies() {
-    let src = TensorSource::open(&shared(TINY_PTH), Some("learnable")).unwrap();
+    let src = TensorSource::open(&fixture(TINY_PTH), Some("learnable")).unwrap();
     let m: HashMap<String, Tensor> = src
         .load_all()
         .unwrap()
@@ -514,7 +514,7 @@ fn scratch_moco(multi: bool) -> BrivlMoco {
     m.topk = 4;
     BrivlMoco::from_scratch(&cfg, m, 3, &Device::Cpu, DType::F32)
         .unwrap()
-        .with_tokenizer(&shared(TOKENIZER))
+        .with_tokenizer(&fixture(TOKENIZER))
         .unwrap()
 }
 
@@ -576,7 +576,7 @@ fn moco_run(
         &Device::Cpu,
         DType::F32,
     )?
-    .with_tokenizer(&shared(TOKENIZER))?
+    .with_tokenizer(&fixture(TOKENIZER))?
     .with_box_grid(2);
     let cfg = TrainerConfig {
         optimizer: AdamWConfig {
@@ -890,7 +890,7 @@ fn brivl_class_recall(moco: &BrivlMoco, held: &BrivlInputs, labels: &[usize]) ->
     let (img, _) = moco.query_embeds(held).unwrap();
     moco.model.set_batch_norm_training(training);
     let tok = tuwen::preprocess::TextProcessor::from_file(
-        &shared(TOKENIZER),
+        &fixture(TOKENIZER),
         tuwen::preprocess::TextStyle::Bert,
         moco.config().max_text_len,
     )
@@ -950,7 +950,7 @@ fn tiny_brivl_learns_synthetic_captions() {
     mc.queue_size = 2 * batch;
     let moco = BrivlMoco::from_scratch(&cfg, mc, SEED, &Device::Cpu, DType::F32)
         .unwrap()
-        .with_tokenizer(&shared(TOKENIZER))
+        .with_tokenizer(&fixture(TOKENIZER))
         .unwrap();
     let max_steps = 1500u64;
     // The text tower learns at 0.05x until the image tower tells shapes apart, then 0.3x.

@@ -15,27 +15,6 @@ pub fn fixtures_dir() -> PathBuf {
     repo_dir().join("tests").join("fixtures")
 }
 
-/// The shared data folder (`../shared` beside the checkout, or `TUWEN_SHARED`). Missing
-/// data fails the test: a test that skips cannot fail.
-pub fn shared_dir() -> PathBuf {
-    let dir = std::env::var_os("TUWEN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_dir().join("..").join("shared"));
-    assert!(
-        dir.join("fixtures").is_dir() && dir.join("data").is_dir(),
-        "shared fixtures not found at {} (set TUWEN_SHARED)",
-        dir.display()
-    );
-    dir
-}
-
-/// A path under the shared folder, which must exist.
-pub fn shared(rel: &str) -> PathBuf {
-    let p = shared_dir().join(rel);
-    assert!(p.exists(), "missing shared file {}", p.display());
-    p
-}
-
 /// A path under `tests/fixtures`, which must exist.
 pub fn fixture(rel: &str) -> PathBuf {
     let p = fixtures_dir().join(rel);

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::common::{assert_close, get, load_st, shared, tiny_siglip_dir};
+use crate::common::{assert_close, fixture, get, load_st, tiny_siglip_dir};
 
 /// The compiled example next to this test binary (`cargo test` builds the examples).
 fn example(name: &str) -> PathBuf {
@@ -19,7 +19,7 @@ fn zero_shot_prints_a_ranked_table() {
     let dir = tiny_siglip_dir();
     let out = Command::new(example("zero_shot"))
         .args(["--model", dir.path().to_str().unwrap()])
-        .args(["--image", shared("data/images/test.jpg").to_str().unwrap()])
+        .args(["--image", fixture("data/images/test.jpg").to_str().unwrap()])
         .args(["--labels", "猫,狗，汽车"])
         .output()
         .unwrap();
@@ -46,7 +46,7 @@ fn embed_writes_what_the_api_computes() {
     let dir = tiny_siglip_dir();
     let out_dir = tempfile::tempdir().unwrap();
     let out_file = out_dir.path().join("e.safetensors");
-    let img = shared("data/images/jordan.jpg");
+    let img = fixture("data/images/jordan.jpg");
     let status = Command::new(example("embed"))
         .args(["--model", dir.path().to_str().unwrap()])
         .args(["--image", img.to_str().unwrap()])
@@ -103,9 +103,9 @@ fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
         format!(
             "checkpoint = {:?}\nmodel_config = {:?}\ntokenizer = {:?}\nbatch_size = 4\n\
              box_grid = 2\nsave_every = 2\nlr = 1e-4\n",
-            shared("fixtures/original/brivl_tiny.pth"),
-            shared("fixtures/original/brivl_tiny.json"),
-            shared("data/hfl-roberta-wwm-ext/tokenizer.json"),
+            fixture("original/brivl_tiny.pth"),
+            fixture("original/brivl_tiny.json"),
+            fixture("data/hfl-roberta-wwm-ext/tokenizer.json"),
         ),
     )
     .unwrap();
@@ -163,7 +163,7 @@ fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
     let model = out.join("model");
     let o = Command::new(example("zero_shot"))
         .args(["--model", model.to_str().unwrap()])
-        .args(["--image", shared("data/images/test.jpg").to_str().unwrap()])
+        .args(["--image", fixture("data/images/test.jpg").to_str().unwrap()])
         .args(["--labels", "红色的圆形,蓝色的三角形"])
         .output()
         .unwrap();
@@ -177,7 +177,7 @@ fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
     let emb = dir.path().join("e.safetensors");
     let st = Command::new(example("embed"))
         .args(["--model", model.to_str().unwrap()])
-        .args(["--image", shared("data/images/test.jpg").to_str().unwrap()])
+        .args(["--image", fixture("data/images/test.jpg").to_str().unwrap()])
         .args(["--text", "红色的圆形"])
         .args(["--out", emb.to_str().unwrap()])
         .status()
@@ -273,8 +273,8 @@ fn train_r2d2_augments_and_resumes_exactly() {
         &tuwen::train::synthetic::ShapesConfig::new(24, 6),
     )
     .unwrap();
-    let pth = shared("fixtures/original/r2d2_tiny.pth");
-    let tok = shared("data/hfl-roberta-wwm-ext/tokenizer.json");
+    let pth = fixture("original/r2d2_tiny.pth");
+    let tok = fixture("data/hfl-roberta-wwm-ext/tokenizer.json");
     let train = |out: &std::path::Path, steps: &str, extra: &[&str]| {
         let mut args = vec![
             "--init",

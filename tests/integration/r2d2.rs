@@ -15,7 +15,7 @@ use tuwen::nn::{Activation, BertConfig, ClipVisionConfig};
 use tuwen::preprocess::{TextProcessor, TextStyle};
 use tuwen::{DualEncoder, Error, Family, ImageInput};
 
-use crate::common::{assert_close, get, load_st, max_abs_diff, shared};
+use crate::common::{assert_close, fixture, get, load_st, max_abs_diff};
 use crate::common::{test_device, test_opts};
 
 /// The tolerance of the network parity checks (fp32 throughout).
@@ -30,20 +30,20 @@ const JPEG_PIXEL_TOL: f32 = 1.5 / 255.0 / 0.261_302_6;
 const JPEG_TOL: f32 = 2e-3;
 
 fn fixture_json() -> serde_json::Value {
-    let p = shared("fixtures/original/r2d2_tiny.json");
+    let p = fixture("original/r2d2_tiny.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
 fn tiny_pth() -> PathBuf {
-    shared("fixtures/original/r2d2_tiny.pth")
+    fixture("original/r2d2_tiny.pth")
 }
 
 fn tokenizer_path() -> PathBuf {
-    shared("data/hfl-roberta-wwm-ext/tokenizer.json")
+    fixture("data/hfl-roberta-wwm-ext/tokenizer.json")
 }
 
 fn io() -> HashMap<String, Tensor> {
-    load_st(&shared("fixtures/original/r2d2_tiny_io.safetensors"))
+    load_st(&fixture("original/r2d2_tiny_io.safetensors"))
 }
 
 fn texts() -> Vec<String> {
@@ -230,8 +230,8 @@ fn parity_from_jpegs_and_texts_through_public_api() {
     let model = load_tiny(&tiny_pth());
     let io = io();
     let images = [
-        ImageInput::path(shared("data/images/test.jpg")),
-        ImageInput::path(shared("data/images/jordan.jpg")),
+        ImageInput::path(fixture("data/images/test.jpg")),
+        ImageInput::path(fixture("data/images/jordan.jpg")),
     ];
     // The fixture resized with torchvision on a PIL image (PIL bicubic, horizontal pass
     // first); we use fast_image_resize's Catmull-Rom in the same pass order. See
@@ -380,7 +380,7 @@ fn prd2_is_the_dual_encoder_without_joint_layers() {
         get(&io, "image_embeds_jordan"),
         TOL,
     );
-    let images = [ImageInput::path(shared("data/images/test.jpg"))];
+    let images = [ImageInput::path(fixture("data/images/test.jpg"))];
     assert!(model.itm_scores(&images, &["乔丹投篮"]).unwrap().is_none());
     let err = eval::itm_scores(&model, &images[0], &["乔丹投篮"]).unwrap_err();
     assert!(err.to_string().contains("PRD2"), "{err}");
@@ -398,7 +398,7 @@ fn full_size_parameter_lists_match_manifests() {
         ("manifests/prd2-vit-l14.json", "prd2-vit-l14-250m"),
     ] {
         let m: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(shared(manifest)).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(fixture(manifest)).unwrap()).unwrap();
         let cfg = R2d2Config::preset(preset).unwrap();
         let built = tuwen::checkpoint::parameter_shapes(|vb| R2d2::new(&cfg, vb)).unwrap();
 
@@ -605,7 +605,7 @@ fn retrieval_end_to_end_on_tiny_model() {
     std::fs::create_dir(dir.path().join("img")).unwrap();
     for n in ["test", "jordan"] {
         std::fs::copy(
-            shared(&format!("data/images/{n}.jpg")),
+            fixture(&format!("data/images/{n}.jpg")),
             dir.path().join(format!("img/{n}.jpg")),
         )
         .unwrap();
@@ -693,7 +693,7 @@ fn empty_text_list_is_an_error() {
     let model = load_tiny(&tiny_pth());
     let e = model.embed_texts(&[]).unwrap_err();
     assert!(matches!(e, Error::Text(_)), "{e}");
-    let img = ImageInput::path(shared("data/images/test.jpg"));
+    let img = ImageInput::path(fixture("data/images/test.jpg"));
     assert!(eval::itm_scores(&model, &img, &[]).is_err());
     assert!(model.itm_scores(&[img], &[]).is_err());
 }
@@ -722,7 +722,7 @@ fn long_text_is_truncated_and_reported() {
     assert_close("truncated text", &f.embeds.i(1..2).unwrap(), &want, 1e-6);
     let itm = eval::itm_scores(
         &model,
-        &ImageInput::path(shared("data/images/jordan.jpg")),
+        &ImageInput::path(fixture("data/images/jordan.jpg")),
         &[long.as_str()],
     )
     .unwrap();
@@ -732,7 +732,7 @@ fn long_text_is_truncated_and_reported() {
 #[test]
 fn corrupt_image_is_an_error() {
     let model = load_tiny(&tiny_pth());
-    let mut bytes = std::fs::read(shared("data/images/test.jpg")).unwrap();
+    let mut bytes = std::fs::read(fixture("data/images/test.jpg")).unwrap();
     bytes.truncate(200);
     for input in [
         ImageInput::bytes(bytes),
@@ -747,7 +747,7 @@ fn corrupt_image_is_an_error() {
 
 #[test]
 fn wrong_family_checkpoint_says_what_it_found() {
-    let brivl = shared("fixtures/original/brivl_tiny.pth");
+    let brivl = fixture("original/brivl_tiny.pth");
     let e = R2d2Encoder::from_checkpoint(&brivl, None, None, &test_opts()).unwrap_err();
     let msg = e.to_string();
     println!("wrong family: {msg}");

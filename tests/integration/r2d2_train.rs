@@ -25,7 +25,7 @@ use tuwen::train::{
 };
 
 use crate::common::test_device;
-use crate::common::{fixture, get, load_st, max_abs_diff, shared};
+use crate::common::{fixture, get, load_st, max_abs_diff};
 
 /// Relative tolerance of the loss and gradient parity checks.
 const REL: f32 = 1e-4;
@@ -77,7 +77,7 @@ fn tiny_config() -> R2d2Config {
 /// The tiny fixture model with every weight a trainable var.
 fn tiny_trainable() -> (R2d2, VarMap, VarBuilder<'static>) {
     let src =
-        TensorSource::open(&shared("fixtures/original/r2d2_tiny.pth"), Some("model")).unwrap();
+        TensorSource::open(&fixture("original/r2d2_tiny.pth"), Some("model")).unwrap();
     let (loader, vars) = Loader::new(src, "r2d2_tiny.pth").trainable().unwrap();
     let vb = loader.var_builder(DType::F32, &test_device());
     let net = R2d2::new(&tiny_config(), vb.clone())
@@ -1027,7 +1027,7 @@ fn tiny_r2d2_learns_synthetic_captions() {
     )
     .unwrap();
     let tok = TextProcessor::from_file(
-        &shared("data/hfl-roberta-wwm-ext/tokenizer.json"),
+        &fixture("data/hfl-roberta-wwm-ext/tokenizer.json"),
         TextStyle::Bert,
         cfg.max_text_len,
     )

@@ -14,7 +14,7 @@ use tuwen::preprocess::{
 use tuwen::{DualEncoder, Error, LoadOptions};
 
 use crate::common::test_opts;
-use crate::common::{assert_close, fixture, get, load_st, shared, tiny_siglip_dir};
+use crate::common::{assert_close, fixture, get, load_st, tiny_siglip_dir};
 
 const TOL: f32 = 1e-4;
 
@@ -258,7 +258,7 @@ fn image_stems() -> Vec<(String, PathBuf)> {
         .map(|(stem, v)| {
             (
                 stem.clone(),
-                shared(&format!("data/images/{}", v["file"].as_str().unwrap())),
+                fixture(&format!("data/images/{}", v["file"].as_str().unwrap())),
             )
         })
         .collect()
@@ -451,7 +451,7 @@ fn public_api_zero_shot_on_real_images() {
 
 fn manifest_shapes(name: &str) -> BTreeMap<String, Vec<usize>> {
     let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(shared(&format!("manifests/{name}.json"))).unwrap(),
+        &std::fs::read_to_string(fixture(&format!("manifests/{name}.json"))).unwrap(),
     )
     .unwrap();
     v["tensors"]
@@ -616,7 +616,7 @@ fn bad_images_give_clear_errors() {
         .unwrap_err();
     assert!(matches!(err, Error::Image { .. }), "{err}");
     // A truncated JPEG.
-    let jpeg = std::fs::read(shared("data/images/test.jpg")).unwrap();
+    let jpeg = std::fs::read(fixture("data/images/test.jpg")).unwrap();
     let err = model
         .embed_images(&[ImageInput::bytes(jpeg[..200].to_vec())])
         .unwrap_err();
