@@ -15,8 +15,9 @@ use tuwen::nn::ops::{l2_normalize, softmax_last_dim};
 use tuwen::nn::Activation;
 use tuwen::nn::{Bert, BertConfig, ClipVisionConfig, ClipVisionTransformer};
 use tuwen::train::brivl::{BrivlInputs, BrivlMoco, MocoConfig};
-use tuwen::train::r2d2::{fgr_loss, gcpr_loss, HardNegatives};
+use tuwen::train::r2d2::{fgr_loss, gcpr_loss, HardNegatives, World};
 use tuwen::train::siglip::sigmoid_loss;
+use tuwen::train::Objective;
 use tuwen::train::{AdamW, AdamWConfig, ParamGroupConfig, StepCtx};
 
 /// One forward pass of a workload.
@@ -339,8 +340,11 @@ fn train_r2d2_small(batch: usize) -> Result<Run, String> {
     Ok(Box::new(move || {
         let (tokens, img) = m.encode_image(&px)?;
         let (states, txt) = m.encode_text(&ids, &mask)?;
-        let l1 = gcpr_loss(&img, &txt, &m.temp, &image_ids).map_err(te)?;
-        let l2 = fgr_loss(&m, &tokens, &states, &mask, &negs, [1.0, 2.0]).map_err(te)?;
+        let world = World::local(&img, &txt, &image_ids)
+            .map_err(te)?
+            .with_local_fgr(&tokens, &states, &mask);
+        let l1 = gcpr_loss(&img, &txt, &image_ids, &world, &m.temp).map_err(te)?;
+        let l2 = fgr_loss(&m, &tokens, &states, &mask, &world, &negs, [1.0, 2.0]).map_err(te)?;
         step(&mut opt, &(l1 + l2)?)
     }))
 }

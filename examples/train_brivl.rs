@@ -27,7 +27,7 @@ use tuwen::models::{parse_device, parse_dtype};
 use tuwen::train::brivl::{all_trainable, BatchNormMode, BrivlMoco, MocoConfig};
 use tuwen::train::{
     AdamWConfig, AugmentConfig, CheckpointManager, DataConfig, DataLoader, EvalFn, Fit, Manifest,
-    MetricsLog, Schedule, Trainer, TrainerConfig,
+    MetricsLog, Objective, Schedule, Trainer, TrainerConfig,
 };
 use tuwen::Error;
 
@@ -289,7 +289,6 @@ fn run(args: Args) -> tuwen::Result<()> {
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     let ckpts = CheckpointManager::new(out.join("ckpt"), args.keep.unwrap_or(3))?;
     let mut log = MetricsLog::append(out.join("metrics.jsonl"))?;
-    let mut extra = model.extra_state();
     let val = match &args.val {
         Some(p) => Some(Manifest::open(p)?),
         None => None,
@@ -309,7 +308,7 @@ fn run(args: Args) -> tuwen::Result<()> {
         .checkpoints(&ckpts, args.save_every.unwrap_or(500))
         .resume(args.resume)
         .log(&mut log, 1)
-        .extra_state(&mut extra)
+        .objective_state(&model)
         .progress(args.progress)
         .config(run_config);
     if val.is_some() {

@@ -25,7 +25,7 @@ use tuwen::models::r2d2::{open_checkpoint, R2d2, R2d2Config, R2d2Encoder};
 use tuwen::preprocess::{FixedProcessor, TextProcessor, TextStyle};
 use tuwen::train::r2d2::{finetune_trainer_config, image_keys, R2d2Inputs};
 use tuwen::train::{
-    CheckpointManager, DataConfig, DataLoader, Fit, ImagePipeline, Manifest, MetricsLog,
+    CheckpointManager, DataConfig, DataLoader, Fit, ImagePipeline, Manifest, MetricsLog, Objective,
     R2d2LossConfig, R2d2Objective, Schedule, Trainer,
 };
 use tuwen::LoadOptions;
@@ -128,7 +128,7 @@ fn run(args: Args) -> tuwen::Result<()> {
     // The student, every weight a trainable var (the trainer's patterns decide which train).
     let (loader, vars) = Loader::new(source, file.display().to_string()).trainable()?;
     let vb = loader.var_builder(DType::F32, &device);
-    let net = R2d2::new(&cfg, vb.clone()).map_err(|e| loader.error(e))?;
+    let net = R2d2::new(&cfg, vb).map_err(|e| loader.error(e))?;
     let report = loader.finish(tuwen::models::r2d2::IGNORED_KEYS);
     println!(
         "{family} loaded from {}: {} tensors",
@@ -165,7 +165,7 @@ fn run(args: Args) -> tuwen::Result<()> {
     tcfg.schedule = Schedule::warmup_cosine(warmup, args.steps, 0.0);
     tcfg.grad_accum = args.grad_accum;
     tcfg.seed = args.seed;
-    let objective = R2d2Objective::new(loss_cfg.clone(), &net, &vars, vb)?;
+    let objective = R2d2Objective::new(loss_cfg.clone(), &net, &vars)?;
     let mut trainer = Trainer::from_varmap(&vars, tcfg.clone())?;
 
     let manifest = Manifest::open(&args.manifest)?;
@@ -184,7 +184,6 @@ fn run(args: Args) -> tuwen::Result<()> {
         .map_err(|e| tuwen::Error::io(format!("creating {}", args.out.display()), e))?;
     let ckpts = CheckpointManager::new(args.out.join("ckpt"), args.keep)?;
     let mut log = MetricsLog::append(args.out.join("metrics.jsonl"))?;
-    let mut extra = objective.extra_state();
     let run_config = serde_json::json!({
         "model": cfg,
         "losses": loss_cfg,
@@ -195,7 +194,7 @@ fn run(args: Args) -> tuwen::Result<()> {
         .checkpoints(&ckpts, args.checkpoint_every)
         .resume(true)
         .log(&mut log, 10)
-        .extra_state(&mut extra)
+        .objective_state(&objective)
         .config(run_config)
         .progress(true)
         .run(|batch, ctx| {
@@ -209,7 +208,7 @@ fn run(args: Args) -> tuwen::Result<()> {
                 attention_mask: &text.attention_mask,
                 image_ids: &keys,
             };
-            Ok(objective.loss(&net, &x, ctx)?.total)
+            Ok(objective.loss(&x, ctx)?.total)
         })?;
     if let Some(p) = &summary.resumed_from {
         println!("resumed from {}", p.display());

@@ -39,11 +39,12 @@ use tuwen::models::{parse_device, parse_dtype};
 use tuwen::preprocess::ImageInput;
 use tuwen::train::dist::Collective;
 use tuwen::train::siglip::{
-    export_model_dir, load_trainable, DistillKind, SiglipLossConfig, SiglipObjective, SiglipPixels,
+    export_model_dir, load_trainable, DistillKind, SiglipInputs, SiglipLossConfig, SiglipObjective,
+    SiglipPixels,
 };
 use tuwen::train::{
     AdamWConfig, CheckpointManager, DataConfig, DataLoader, Fit, ImagePipeline, Manifest,
-    MetricsLog, ParamGroupConfig, Schedule, Trainer, TrainerConfig,
+    MetricsLog, Objective, ParamGroupConfig, Schedule, Trainer, TrainerConfig,
 };
 use tuwen::{Error, LoadOptions};
 
@@ -233,13 +234,15 @@ fn run(args: Args) -> tuwen::Result<()> {
     if let Some(log) = metrics.as_mut() {
         fit = fit.log(log, args.log_every);
     }
-    let summary = fit.run(|batch, _ctx| {
+    let summary = fit.run(|batch, ctx| {
         let texts: Vec<&str> = batch.captions.iter().map(String::as_str).collect();
         let ids = text.encode_batch(&texts, &device)?.input_ids;
         match &m.image_processor {
             SiglipImageProcessor::Fixed(_) => {
                 let px = batch.images.to_device(&device)?.to_dtype(dtype)?;
-                Ok(objective.loss(SiglipPixels::Fixed(&px), &ids, None)?.total)
+                Ok(objective
+                    .loss(&SiglipInputs::new(SiglipPixels::Fixed(&px), &ids), ctx)?
+                    .total)
             }
             SiglipImageProcessor::NaFlex(p) => {
                 let inputs: Vec<ImageInput> = batch
@@ -249,7 +252,9 @@ fn run(args: Args) -> tuwen::Result<()> {
                     .collect();
                 let mut nb = p.process_batch(&inputs, &device)?;
                 nb.pixel_values = nb.pixel_values.to_dtype(dtype)?;
-                Ok(objective.loss(SiglipPixels::NaFlex(&nb), &ids, None)?.total)
+                Ok(objective
+                    .loss(&SiglipInputs::new(SiglipPixels::NaFlex(&nb), &ids), ctx)?
+                    .total)
             }
         }
     })?;

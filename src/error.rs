@@ -90,8 +90,38 @@ pub enum Error {
     #[error("cannot parse {origin}: {reason}")]
     Parse { origin: String, reason: String },
 
-    /// Training cannot go on (too many non-finite steps, inconsistent optimiser state, a
-    /// checkpoint that does not match the model).
+    /// Training stopped because too many steps in a row had non-finite values; the
+    /// weights are those after the last good step.
+    #[error(
+        "training diverged: stopped at step {step} after {skipped} consecutive steps skipped \
+         because of non-finite values (last: {reason}); the weights are those after the last \
+         good step"
+    )]
+    Diverged {
+        step: u64,
+        skipped: u64,
+        reason: String,
+    },
+    /// Some trainable tensors received no gradient (a frozen path, or an op without a
+    /// backward pass); the message lists them.
+    #[error("gradient coverage incomplete: {0}")]
+    IncompleteGradients(String),
+    /// Saved training state (a checkpoint, optimiser moments, an objective's extra
+    /// tensors) that does not match this run: another seed, other trained parameters,
+    /// other shapes.
+    #[error("training state does not match this run: {0}")]
+    StateMismatch(String),
+    /// A data-parallel collective failed: a rank failed or left, ranks disagree on a shape,
+    /// or the transport (NCCL) reported an error.
+    #[error("collective: {0}")]
+    Collective(String),
+    /// A lock was poisoned by a thread that panicked while holding it.
+    #[error("{0} lock poisoned (a thread panicked while holding it)")]
+    LockPoisoned(&'static str),
+    /// A value could not be serialised (a config, checkpoint metadata, a log record).
+    #[error("cannot serialise {what}: {reason}")]
+    Serialize { what: String, reason: String },
+    /// Training cannot go on for another reason (an internal invariant of the engine).
     #[error("training: {0}")]
     Training(String),
 

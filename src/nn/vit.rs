@@ -203,6 +203,28 @@ impl ClipVisionTransformer {
         self.encoder.forward(&x, None)
     }
 
+    /// [`Self::forward`] over a subset of the tokens: image `i` keeps the tokens `keep[i]`
+    /// (indices into the `positions` embeddings, 0 the class token; every list the same
+    /// length) before `pre_layrnorm`. This is the patch-dropped input of feature-guided
+    /// distillation.
+    pub fn forward_kept(&self, pixel_values: &Tensor, keep: &[Vec<usize>]) -> Result<Tensor> {
+        let x = self.embeddings(pixel_values)?;
+        if keep.len() != x.dim(0)? {
+            candle_core::bail!("{} kept-token lists for {} images", keep.len(), x.dim(0)?)
+        }
+        let rows = keep
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let k: Vec<u32> = k.iter().map(|&j| j as u32).collect();
+                x.get(i)?
+                    .index_select(&Tensor::new(k.as_slice(), x.device())?, 0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let x = self.pre_layrnorm.forward(&Tensor::stack(&rows, 0)?)?;
+        self.encoder.forward(&x, None)
+    }
+
     /// HF's `pooler_output`: `post_layernorm` of the class token of `last_hidden_state`.
     /// Fails if the tower was built without `post_layernorm`.
     pub fn pooled(&self, last_hidden_state: &Tensor) -> Result<Tensor> {

@@ -160,7 +160,7 @@ pub fn all_gather_with_grad(x: &Tensor, comm: &Arc<dyn Collective>) -> Result<Te
     // A fresh contiguous tensor at offset 0: the custom op hands its storage out as is.
     let gathered = comm.all_gather(&x.detach())?.force_contiguous()?;
     if gathered.dim(0)? != rows * comm.world_size() {
-        return Err(Error::Training(format!(
+        return Err(Error::Collective(format!(
             "all_gather returned {} rows for {} ranks of {rows}",
             gathered.dim(0)?,
             comm.world_size()
@@ -197,7 +197,7 @@ pub fn all_reduce_grads(grads: &mut Grads, vars: &[Var], comm: &dyn Collective) 
         return Ok(());
     }
     if vars.len() != grads.grads.len() {
-        return Err(Error::Training(format!(
+        return Err(Error::Collective(format!(
             "all_reduce_grads: {} parameters for {} gradients",
             vars.len(),
             grads.grads.len()
@@ -392,7 +392,7 @@ impl LocalGroup {
                 .enumerate()
                 .map(|(rank, j)| {
                     j.join().unwrap_or_else(|_| {
-                        Err(Error::Training(format!(
+                        Err(Error::Collective(format!(
                             "worker thread of rank {rank} panicked"
                         )))
                     })
@@ -429,9 +429,9 @@ impl LocalGroup {
         let mut st = sh
             .state
             .lock()
-            .map_err(|_| Error::Training("collective state lock poisoned".into()))?;
+            .map_err(|_| Error::LockPoisoned("collective state"))?;
         if let Some(why) = &st.broken {
-            return Err(Error::Training(format!(
+            return Err(Error::Collective(format!(
                 "collective group is broken: {why}"
             )));
         }
@@ -447,7 +447,7 @@ impl LocalGroup {
             let deadline = std::time::Instant::now() + sh.timeout;
             while st.generation == generation {
                 if let Some(why) = &st.broken {
-                    return Err(Error::Training(format!(
+                    return Err(Error::Collective(format!(
                         "collective group is broken: {why}"
                     )));
                 }
@@ -459,25 +459,25 @@ impl LocalGroup {
                     );
                     st.broken = Some(why.clone());
                     sh.cv.notify_all();
-                    return Err(Error::Training(why));
+                    return Err(Error::Collective(why));
                 }
                 st = sh
                     .cv
                     .wait_timeout(st, deadline - now)
-                    .map_err(|_| Error::Training("collective state lock poisoned".into()))?
+                    .map_err(|_| Error::LockPoisoned("collective state"))?
                     .0;
             }
         }
         let entries: Vec<Entry> = st.slots[parity].iter().flatten().cloned().collect();
         drop(st);
         if entries.len() != sh.world {
-            return Err(Error::Training("collective: missing entries".into()));
+            return Err(Error::Collective("missing entries".into()));
         }
         let first = &entries[0];
         for (r, e) in entries.iter().enumerate() {
             let same_shape = first.op == "all_gather" || e.dims == first.dims;
             if e.op != first.op || !same_shape || e.dtype != first.dtype || e.root != first.root {
-                return Err(Error::Training(format!(
+                return Err(Error::Collective(format!(
                     "collective mismatch: rank 0 called {}({:?}, {:?}), rank {r} called \
                      {}({:?}, {:?}); every rank must issue the same collectives in the same \
                      order",
@@ -485,7 +485,7 @@ impl LocalGroup {
                 )));
             }
             if first.op == "all_gather" && e.dims.get(1..) != first.dims.get(1..) {
-                return Err(Error::Training(format!(
+                return Err(Error::Collective(format!(
                     "all_gather: rank {r} has shape {:?}, rank 0 {:?}",
                     e.dims, first.dims
                 )));
@@ -531,7 +531,7 @@ impl Drop for LocalGroup {
 fn tensor_of(e: &Entry) -> Result<&Tensor> {
     e.tensor
         .as_ref()
-        .ok_or_else(|| Error::Training(format!("collective {}: an entry has no tensor", e.op)))
+        .ok_or_else(|| Error::Collective(format!("{}: an entry has no tensor", e.op)))
 }
 
 impl Collective for LocalGroup {
@@ -639,7 +639,7 @@ mod nccl {
     }
 
     fn nccl_err(what: &str, e: impl std::fmt::Debug) -> Error {
-        Error::Training(format!("NCCL {what}: {e:?}"))
+        Error::Collective(format!("NCCL {what}: {e:?}"))
     }
 
     impl NcclGroup {
@@ -700,7 +700,7 @@ mod nccl {
                             break Id::uninit(internal);
                         }
                         _ if start.elapsed() > wait => {
-                            return Err(Error::Training(format!(
+                            return Err(Error::Collective(format!(
                                 "rank {rank}: no NCCL id in {} after {wait:?}",
                                 id_file.display()
                             )))
@@ -906,7 +906,7 @@ mod tests {
             }
             Ok(())
         });
-        assert!(matches!(r, Err(Error::Training(m)) if m.contains("mismatch")));
+        assert!(matches!(r, Err(Error::Collective(m)) if m.contains("mismatch")));
         // Different shapes.
         let r = LocalGroup::run(2, |c| {
             c.all_reduce_sum(&Tensor::zeros(c.rank() + 1, DType::F32, &Device::Cpu)?)?;

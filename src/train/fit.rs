@@ -1,13 +1,13 @@
 //! The training loop: batches from a [`BatchSource`] (the manifest
 //! [`DataLoader`](super::data::DataLoader) or the streaming
-//! [`WebDatasetLoader`](super::webdataset::WebDatasetLoader)), steps of a [`Trainer`], metrics,
+//! [`WebDatasetLoader`](super::data::webdataset::WebDatasetLoader)), steps of a [`Trainer`], metrics,
 //! evaluation hooks, periodic checkpoints, and resume from the newest checkpoint.
 //!
 //! # Data-parallel runs
 //!
 //! When the trainer has a collective of more than one rank
 //! ([`Trainer::set_collective`]), every rank runs its own `Fit` over its own loader (a
-//! [`WebDatasetLoader`](super::webdataset::WebDatasetLoader) with its rank, say) and:
+//! [`WebDatasetLoader`](super::data::webdataset::WebDatasetLoader) with its rank, say) and:
 //!
 //! * after every step the ranks gather their data positions (a few hundred bytes through
 //!   [`all_gather_bytes`]); at a checkpoint step **rank 0 alone** writes the checkpoint,
@@ -47,6 +47,7 @@ use super::data::{Batch, BatchSource, DataPosition};
 use super::dist::{all_gather_bytes, Collective};
 use super::eval::EvalHook;
 use super::log::{step_record, MetricsLog, Progress};
+use super::objectives::Objective;
 use super::state::CheckpointManager;
 use super::trainer::{StepCtx, Trainer};
 use crate::error::{Error, Result};
@@ -58,6 +59,16 @@ pub trait ExtraState {
     fn save_state(&self) -> Result<BTreeMap<String, Tensor>>;
     /// Restores what [`ExtraState::save_state`] returned.
     fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
+}
+
+impl<T: ExtraState + ?Sized> ExtraState for &mut T {
+    fn save_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        (**self).save_state()
+    }
+
+    fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        (**self).load_state(tensors)
+    }
 }
 
 /// What a [`Fit::run`] did.
@@ -91,7 +102,7 @@ pub struct Fit<'a> {
     log: Option<&'a mut MetricsLog>,
     log_every: u64,
     evals: Vec<&'a mut dyn EvalHook>,
-    extra: Option<&'a mut dyn ExtraState>,
+    extra: Option<Box<dyn ExtraState + 'a>>,
     resume: bool,
     progress: bool,
     prefetch: usize,
@@ -157,7 +168,14 @@ impl<'a> Fit<'a> {
 
     /// Checkpoints and restores extra state.
     pub fn extra_state(mut self, extra: &'a mut dyn ExtraState) -> Self {
-        self.extra = Some(extra);
+        self.extra = Some(Box::new(extra));
+        self
+    }
+
+    /// Checkpoints and restores the extra state of `objective` (queues, momentum
+    /// encoders, EMA teachers: [`Objective::extra_state`]), if it has any.
+    pub fn objective_state<O: Objective>(mut self, objective: &'a O) -> Self {
+        self.extra = objective.extra_state();
         self
     }
 
@@ -254,7 +272,7 @@ impl<'a> Fit<'a> {
             summary.resumed_from = Some(path);
         }
         summary.start_step = trainer.global_step();
-        let mut parts = Parts {
+        let mut parts = RunState {
             trainer,
             total_steps,
             checkpoints,
@@ -302,14 +320,16 @@ impl<'a> Fit<'a> {
     }
 }
 
-struct Parts<'a, 'b> {
+/// What a run holds once it has started: the trainer, where to checkpoint and log, the
+/// hooks, and this rank's group.
+struct RunState<'a, 'b> {
     trainer: &'b mut Trainer,
     total_steps: u64,
     checkpoints: Option<(&'a CheckpointManager, u64)>,
     log: Option<&'a mut MetricsLog>,
     log_every: u64,
     evals: Vec<&'a mut dyn EvalHook>,
-    extra: Option<&'a mut dyn ExtraState>,
+    extra: Option<Box<dyn ExtraState + 'a>>,
     config: serde_json::Value,
     bar: Option<Progress>,
     group: Option<&'b Group>,
@@ -327,14 +347,17 @@ struct Group {
 impl Group {
     /// Every rank's `value`, in rank order (JSON through [`all_gather_bytes`]).
     fn gather<S: Serialize, D: DeserializeOwned>(&self, value: &S) -> Result<Vec<D>> {
-        let bytes = serde_json::to_vec(value)
-            .map_err(|e| Error::Training(format!("cannot serialise rank metadata: {e}")))?;
+        let bytes = serde_json::to_vec(value).map_err(|e| Error::Serialize {
+            what: "rank metadata".into(),
+            reason: e.to_string(),
+        })?;
         all_gather_bytes(self.comm.as_ref(), &bytes, &self.device)?
             .iter()
             .enumerate()
             .map(|(r, b)| {
-                serde_json::from_slice(b)
-                    .map_err(|e| Error::Training(format!("rank {r} sent unreadable metadata: {e}")))
+                serde_json::from_slice(b).map_err(|e| {
+                    Error::Collective(format!("rank {r} sent unreadable metadata: {e}"))
+                })
             })
             .collect()
     }
@@ -357,8 +380,8 @@ impl Group {
         let all: Vec<Option<std::result::Result<T, String>>> = self.gather(&none)?;
         match all.into_iter().next().flatten() {
             Some(Ok(v)) => Ok(v),
-            Some(Err(m)) => Err(Error::Training(format!("rank 0 failed {what}: {m}"))),
-            None => Err(Error::Training(format!("rank 0 sent nothing {what}"))),
+            Some(Err(m)) => Err(Error::Collective(format!("rank 0 failed {what}: {m}"))),
+            None => Err(Error::Collective(format!("rank 0 sent nothing {what}"))),
         }
     }
 
@@ -373,7 +396,7 @@ impl Group {
             .enumerate()
             .find_map(|(r, m)| m.as_ref().map(|m| (r, m)))
         {
-            Some((r, m)) => Err(Error::Training(format!("rank {r} failed {what}: {m}"))),
+            Some((r, m)) => Err(Error::Collective(format!("rank {r} failed {what}: {m}"))),
             None => Ok(mine),
         }
     }
@@ -387,7 +410,7 @@ struct StepMeta {
     checkpoint: bool,
 }
 
-impl Parts<'_, '_> {
+impl RunState<'_, '_> {
     fn run<F>(
         &mut self,
         next: &mut dyn FnMut() -> Result<Batch>,
@@ -405,7 +428,11 @@ impl Parts<'_, '_> {
             }
             let pos = match micro.last() {
                 Some(b) => b.position_after,
-                None => return Err(Error::Training("no micro-batch".into())),
+                None => {
+                    return Err(Error::InvalidArgument(
+                        "a step needs at least one micro-batch".into(),
+                    ))
+                }
             };
             let report = match self.trainer.step(&micro, &mut *loss_fn) {
                 Ok(r) => r,
@@ -474,7 +501,9 @@ impl Parts<'_, '_> {
                         let path = g.on_rank0(
                             || match due {
                                 Some((mgr, _)) => self.save(mgr, done, &positions),
-                                None => Err(Error::Training("no checkpoint manager".into())),
+                                None => Err(Error::Config(
+                                    "saving a checkpoint needs a checkpoint manager".into(),
+                                )),
                             },
                             "to write the checkpoint",
                         )?;

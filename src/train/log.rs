@@ -51,8 +51,10 @@ impl MetricsLog {
 
     /// Writes one JSON object as a line and flushes.
     pub fn write(&mut self, record: &Value) -> Result<()> {
-        let line = serde_json::to_string(record)
-            .map_err(|e| Error::Training(format!("cannot serialise a log record: {e}")))?;
+        let line = serde_json::to_string(record).map_err(|e| Error::Serialize {
+            what: "a log record".into(),
+            reason: e.to_string(),
+        })?;
         let r = writeln!(self.out, "{line}").and_then(|_| self.out.flush());
         r.map_err(|e| Error::io(format!("writing metrics log {}", self.path.display()), e))
     }

@@ -53,23 +53,23 @@
 //! # }
 //! ```
 
-pub mod augment;
-pub mod brivl;
 pub mod data;
 pub mod dist;
 pub mod eval;
 pub mod fit;
 pub mod log;
+pub mod objectives;
 pub mod optim;
 pub mod pattern;
-pub mod r2d2;
 pub mod rng;
 pub mod schedule;
-pub mod siglip;
 pub mod state;
-pub mod synthetic;
 pub mod trainer;
-pub mod webdataset;
+
+// The objectives and the data pipeline at their earlier paths (`tuwen::train::r2d2`,
+// `tuwen::train::webdataset`, ...), which programs written against them keep using.
+pub use data::{augment, synthetic, webdataset};
+pub use objectives::{brivl, r2d2, siglip};
 
 pub use augment::AugmentConfig;
 pub use data::{Batch, DataConfig, DataLoader, DataPosition, ImagePipeline, Manifest, Sample};
@@ -77,6 +77,7 @@ pub use dist::{all_gather_with_grad, Collective, LocalGroup};
 pub use eval::{EvalFn, EvalHook};
 pub use fit::{ExtraState, Fit, FitSummary};
 pub use log::{MetricsLog, Progress};
+pub use objectives::{LossTerms, Objective};
 pub use optim::{AdamW, AdamWConfig, Grads, GroupRule, ParamGroupConfig};
 pub use pattern::Patterns;
 pub use r2d2::{R2d2LossConfig, R2d2Objective};

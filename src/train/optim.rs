@@ -26,6 +26,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use super::pattern::Patterns;
+use super::trainer::lock_vars;
 use crate::error::{Error, Result};
 
 /// AdamW hyper-parameters (PyTorch defaults).
@@ -200,12 +201,12 @@ impl Grads {
         let mut grads = vec![None; opt.params.len()];
         for (name, g) in named {
             let i = opt.index_of(name).ok_or_else(|| {
-                Error::Training(format!(
+                Error::InvalidArgument(format!(
                     "gradient for `{name}`, which is not a trained parameter"
                 ))
             })?;
             if g.dims() != opt.params[i].var.dims() {
-                return Err(Error::Training(format!(
+                return Err(Error::InvalidArgument(format!(
                     "gradient for `{name}` has shape {:?}, the parameter {:?}",
                     g.dims(),
                     opt.params[i].var.dims()
@@ -285,10 +286,7 @@ impl AdamW {
         groups: &ParamGroupConfig,
     ) -> Result<Self> {
         let named: Vec<(String, Var)> = {
-            let data = vars
-                .data()
-                .lock()
-                .map_err(|_| Error::Training("var map lock poisoned".into()))?;
+            let data = lock_vars(vars)?;
             data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
         Self::new(named, config, groups)
@@ -535,7 +533,7 @@ impl AdamW {
     /// One AdamW update with the current learning rate.
     pub fn step(&mut self, grads: &Grads) -> Result<()> {
         if grads.grads.len() != self.params.len() {
-            return Err(Error::Training(format!(
+            return Err(Error::InvalidArgument(format!(
                 "{} gradients for {} parameters",
                 grads.grads.len(),
                 self.params.len()
@@ -661,7 +659,7 @@ impl AdamW {
                 .or_else(|| key.strip_prefix("t."))
                 .unwrap_or(key);
             if !self.index.contains_key(name) {
-                return Err(Error::Training(format!(
+                return Err(Error::StateMismatch(format!(
                     "{origin}: optimiser state `{key}` belongs to no trained parameter \
                      (did the freezing rules change?)"
                 )));

@@ -7,7 +7,7 @@
 //! resume the exact same random sequence. The generator is ChaCha8 from `rand_chacha`,
 //! whose output is stable across versions and platforms; the hash is SplitMix64.
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 pub use rand_chacha::ChaCha8Rng;
 
 /// Stream ids used by the engine. Model code should use ids of 100 and above.
@@ -22,6 +22,13 @@ pub mod streams {
     pub const STEP: u64 = 4;
     /// Weight initialisation.
     pub const INIT: u64 = 5;
+}
+
+/// A standard normal sample (Box–Muller), for random initialisation (queues, weights).
+pub fn standard_normal<R: Rng>(rng: &mut R) -> f32 {
+    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.random_range(0.0..1.0);
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// One round of SplitMix64.

@@ -241,8 +241,10 @@ impl CheckpointManager {
             self.write_file(&tmp.join(file), &bytes)?;
             meta.files.insert(file.to_string(), bytes.len() as u64);
         }
-        let json = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| Error::Training(format!("cannot serialise checkpoint meta: {e}")))?;
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Serialize {
+            what: "checkpoint meta".into(),
+            reason: e.to_string(),
+        })?;
         // meta.json last: a directory with a valid meta has all its files.
         self.write_file(&tmp.join(META), &json)?;
         fsync_dir(tmp)?;
@@ -444,7 +446,7 @@ impl super::trainer::Trainer {
     /// data position and extra tensors are the caller's to restore ([`super::Fit`] does).
     pub fn restore(&mut self, ckpt: &TrainCheckpoint) -> Result<()> {
         if ckpt.meta.seed != self.config().seed {
-            return Err(Error::Training(format!(
+            return Err(Error::StateMismatch(format!(
                 "checkpoint at step {} was written with seed {}, this run uses seed {}",
                 ckpt.meta.step,
                 ckpt.meta.seed,

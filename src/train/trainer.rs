@@ -15,6 +15,15 @@ use super::rng::{derive_rng, streams, ChaCha8Rng};
 use super::schedule::Schedule;
 use crate::error::{Error, Result};
 
+/// Locks a var map's table, or fails if a thread panicked while holding it.
+pub(crate) fn lock_vars(
+    vars: &VarMap,
+) -> Result<std::sync::MutexGuard<'_, std::collections::HashMap<String, Var>>> {
+    vars.data()
+        .lock()
+        .map_err(|_| Error::LockPoisoned("var map"))
+}
+
 /// What a [`Trainer`] does each step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -242,10 +251,7 @@ impl Trainer {
 
     /// A trainer over every var of a [`VarMap`] (e.g. from `Loader::trainable`).
     pub fn from_varmap(vars: &VarMap, config: TrainerConfig) -> Result<Self> {
-        let named: Vec<(String, Var)> = vars
-            .data()
-            .lock()
-            .map_err(|_| Error::Training("var map lock poisoned".into()))?
+        let named: Vec<(String, Var)> = lock_vars(vars)?
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -327,7 +333,7 @@ impl Trainer {
     /// configured), the schedule sets the learning rate, AdamW updates, and hooks run.
     ///
     /// A non-finite loss or gradient norm skips the update (the report says why); after
-    /// `max_consecutive_skips` skips in a row an [`Error::Training`] stops training. The
+    /// `max_consecutive_skips` skips in a row an [`Error::Diverged`] stops training. The
     /// weights are then those of the last good step.
     ///
     /// With a collective ([`Trainer::set_collective`]) the averaged gradients are further
@@ -361,7 +367,7 @@ impl Trainer {
             };
             let loss = loss_fn(batch, &ctx)?;
             if loss.elem_count() != 1 {
-                return Err(Error::Training(format!(
+                return Err(Error::InvalidArgument(format!(
                     "the loss must be a scalar, got shape {:?}",
                     loss.dims()
                 )));
@@ -454,12 +460,11 @@ impl Trainer {
                 self.counters.consecutive_skips += 1;
                 self.counters.skipped_steps += 1;
                 if self.counters.consecutive_skips >= self.config.max_consecutive_skips as u64 {
-                    return Err(Error::Training(format!(
-                        "stopped at step {step}: {} consecutive steps skipped because of \
-                         non-finite values (last: {reason}); the weights are those after \
-                         the last good step",
-                        self.counters.consecutive_skips
-                    )));
+                    return Err(Error::Diverged {
+                        step,
+                        skipped: self.counters.consecutive_skips,
+                        reason: reason.to_string(),
+                    });
                 }
             }
             None => {
@@ -527,9 +532,7 @@ impl GradCoverage {
         if self.is_complete() {
             return Ok(());
         }
-        Err(Error::Training(format!(
-            "gradient coverage incomplete: {self}"
-        )))
+        Err(Error::IncompleteGradients(self.to_string()))
     }
 }
 
@@ -633,10 +636,7 @@ impl EmaPairs {
     /// `target_prefix + rest`, e.g. `("imgencoder.", "imgencoder_mom.")`. Fails when a
     /// source has no target or shapes differ; fails when nothing matches.
     pub fn by_prefix(vars: &VarMap, source_prefix: &str, target_prefix: &str) -> Result<Self> {
-        let data = vars
-            .data()
-            .lock()
-            .map_err(|_| Error::Training("var map lock poisoned".into()))?;
+        let data = lock_vars(vars)?;
         let mut pairs = Vec::new();
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();

@@ -15,7 +15,8 @@ use tuwen::train::brivl::{
 };
 use tuwen::train::synthetic::{write_shapes_dataset, ShapesConfig, ShapesDataset};
 use tuwen::train::{
-    AdamWConfig, DataConfig, DataLoader, Fit, Patterns, Schedule, StepCtx, Trainer, TrainerConfig,
+    AdamWConfig, DataConfig, DataLoader, Fit, Objective, Patterns, Schedule, StepCtx, Trainer,
+    TrainerConfig,
 };
 use tuwen::Error;
 
@@ -605,7 +606,7 @@ fn moco_run(
             }
         })));
     }
-    let mut extra = moco.extra_state();
+    let mut extra = moco.moco_state();
     let summary = Fit::new(&mut trainer, &mut loader, steps)
         .checkpoints(&mgr, 2)
         .resume(resume)
@@ -874,7 +875,7 @@ fn brivl_moco_bad_inputs_are_named() {
         .unwrap();
     assert!(matches!(moco.inputs(&b), Err(Error::Tokenizer { .. })));
     // A checkpoint whose MoCo state lacks the queues.
-    let mut extra = moco.extra_state();
+    let mut extra = moco.moco_state();
     let mut saved = tuwen::train::ExtraState::save_state(&extra).unwrap();
     saved.remove("text_queue");
     match tuwen::train::ExtraState::load_state(&mut extra, &saved) {

@@ -13,14 +13,13 @@ use tuwen::nn::{Activation, BertConfig, ClipVisionConfig};
 use tuwen::preprocess::{FixedProcessor, TextProcessor, TextStyle};
 use tuwen::train::dist::{Collective, LocalGroup};
 use tuwen::train::r2d2::{
-    fgr_loss, fgr_loss_world, gather_fgr_world, gcpr_loss, hard_negative_weights,
-    hard_negative_weights_against, image_keys, mask_text_tokens, sample_hard_negatives,
-    sample_kept_tokens, tgd_loss, FeatureLoss, FeatureQueue, HardNegatives, R2d2Inputs,
-    R2d2LossConfig, R2d2Objective,
+    fgr_loss, gcpr_loss, hard_negative_weights, image_keys, mask_text_tokens,
+    sample_hard_negatives, sample_kept_tokens, tgd_loss, FeatureLoss, FeatureQueue, HardNegatives,
+    R2d2Inputs, R2d2LossConfig, R2d2Objective, TeacherWorld, World,
 };
 use tuwen::train::rng::derive_rng;
 use tuwen::train::{
-    grad_coverage, synthetic, AdamWConfig, DataConfig, DataLoader, ExtraState, ImagePipeline,
+    grad_coverage, synthetic, AdamWConfig, DataConfig, DataLoader, ImagePipeline, Objective,
     ParamGroupConfig, Schedule, StepCtx, Trainer, TrainerConfig,
 };
 
@@ -75,15 +74,14 @@ fn tiny_config() -> R2d2Config {
 }
 
 /// The tiny fixture model with every weight a trainable var.
-fn tiny_trainable() -> (R2d2, VarMap, VarBuilder<'static>) {
-    let src =
-        TensorSource::open(&fixture("original/r2d2_tiny.pth"), Some("model")).unwrap();
+fn tiny_trainable() -> (R2d2, VarMap) {
+    let src = TensorSource::open(&fixture("original/r2d2_tiny.pth"), Some("model")).unwrap();
     let (loader, vars) = Loader::new(src, "r2d2_tiny.pth").trainable().unwrap();
     let vb = loader.var_builder(DType::F32, &test_device());
-    let net = R2d2::new(&tiny_config(), vb.clone())
+    let net = R2d2::new(&tiny_config(), vb)
         .map_err(|e| loader.error(e))
         .unwrap();
-    (net, vars, vb)
+    (net, vars)
 }
 
 struct Fixed {
@@ -179,23 +177,27 @@ fn check_loss_and_grads(name: &str, loss: &Tensor, vars: &VarMap, r: &HashMap<St
 #[test]
 fn gcpr_loss_and_gradients_match_pytorch() {
     let r = refs();
-    let (net, vars, _) = tiny_trainable();
+    let (net, vars) = tiny_trainable();
     let b = fixed_batch(&r);
     let (_, img) = net.encode_image(&b.pixels).unwrap();
     let (_, txt) = net.encode_text(&b.ids, &b.mask).unwrap();
-    let loss = gcpr_loss(&img, &txt, &net.temp, &b.keys).unwrap();
+    let world = World::local(&img, &txt, &b.keys).unwrap();
+    let loss = gcpr_loss(&img, &txt, &b.keys, &world, &net.temp).unwrap();
     check_loss_and_grads("gcpr", &loss, &vars, &r);
 }
 
 #[test]
 fn fgr_loss_with_given_negatives_matches_pytorch() {
     let r = refs();
-    let (net, vars, _) = tiny_trainable();
+    let (net, vars) = tiny_trainable();
     let b = fixed_batch(&r);
     let (tokens, img) = net.encode_image(&b.pixels).unwrap();
     let (states, txt) = net.encode_text(&b.ids, &b.mask).unwrap();
+    let world = World::local(&img, &txt, &b.keys)
+        .unwrap()
+        .with_local_fgr(&tokens, &states, &b.mask);
     // The sampler's weights match too.
-    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, &net.temp, &b.keys).unwrap();
+    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, &b.keys, &world, &net.temp).unwrap();
     let d1 = max_abs_diff(&w_i2t, get(&r, "weights_i2t"));
     let d2 = max_abs_diff(&w_t2i, get(&r, "weights_t2i"));
     println!("hard-negative weights: max diff {d1:.2e} / {d2:.2e}");
@@ -204,7 +206,7 @@ fn fgr_loss_with_given_negatives_matches_pytorch() {
         image_for_text: usize_vec(get(&r, "image_neg")),
         text_for_image: usize_vec(get(&r, "text_neg")),
     };
-    let loss = fgr_loss(&net, &tokens, &states, &b.mask, &negs, [1.0, 2.0]).unwrap();
+    let loss = fgr_loss(&net, &tokens, &states, &b.mask, &world, &negs, [1.0, 2.0]).unwrap();
     check_loss_and_grads("fgr", &loss, &vars, &r);
 
     // Bad negatives are named, not indexed out of bounds.
@@ -213,11 +215,11 @@ fn fgr_loss_with_given_negatives_matches_pytorch() {
         image_for_text: negs.image_for_text[1..].to_vec(),
         text_for_image: negs.text_for_image.clone(),
     };
-    let err = fgr_loss(&net, &tokens, &states, &b.mask, &short, [1.0, 2.0]).unwrap_err();
+    let err = fgr_loss(&net, &tokens, &states, &b.mask, &world, &short, [1.0, 2.0]).unwrap_err();
     assert!(err.to_string().contains("negatives for a batch"), "{err}");
     let mut beyond = negs.clone();
     beyond.text_for_image[0] = n;
-    let err = fgr_loss(&net, &tokens, &states, &b.mask, &beyond, [1.0, 2.0]).unwrap_err();
+    let err = fgr_loss(&net, &tokens, &states, &b.mask, &world, &beyond, [1.0, 2.0]).unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
 }
 
@@ -228,19 +230,19 @@ fn load_scaled_teacher(obj: &R2d2Objective, vars: &VarMap) {
     for (k, v) in vars.data().lock().unwrap().iter() {
         m.insert(format!("teacher.{k}"), (v.as_tensor() * 0.98).unwrap());
     }
-    obj.extra_state().load_state(&m).unwrap();
+    obj.extra_state().unwrap().load_state(&m).unwrap();
 }
 
 #[test]
 fn tgd_loss_and_gradients_match_pytorch() {
     let r = refs();
-    let (net, vars, vb) = tiny_trainable();
+    let (net, vars) = tiny_trainable();
     let b = fixed_batch(&r);
     let cfg = R2d2LossConfig {
         queue_size: 6,
         ..R2d2LossConfig::default()
     };
-    let obj = R2d2Objective::new(cfg, &net, &vars, vb).unwrap();
+    let obj = R2d2Objective::new(cfg, &net, &vars).unwrap();
     load_scaled_teacher(&obj, &vars);
     let queue = FeatureQueue::from_parts(
         get(&r, "queue_image").clone(),
@@ -266,6 +268,11 @@ fn tgd_loss_and_gradients_match_pytorch() {
         &t_img,
         &t_txt,
         &b.keys,
+        TeacherWorld {
+            image: &t_img,
+            text: &t_txt,
+            ids: &b.keys,
+        },
         Some(&queue),
         &net.temp,
         alpha,
@@ -289,13 +296,13 @@ fn fgd_loss_and_gradients_match_pytorch() {
         (FeatureLoss::Cosine, "fgd_cosine"),
         (FeatureLoss::Mse, "fgd_mse"),
     ] {
-        let (net, vars, vb) = tiny_trainable();
+        let (net, vars) = tiny_trainable();
         let cfg = R2d2LossConfig {
             feature_loss: kind,
             patch_drop_ratio: 0.25,
             ..R2d2LossConfig::default()
         };
-        let obj = R2d2Objective::new(cfg, &net, &vars, vb).unwrap();
+        let obj = R2d2Objective::new(cfg, &net, &vars).unwrap();
         load_scaled_teacher(&obj, &vars);
         let x = R2d2Inputs {
             pixel_values: &b.pixels,
@@ -303,7 +310,7 @@ fn fgd_loss_and_gradients_match_pytorch() {
             attention_mask: &b.mask,
             image_ids: &b.keys,
         };
-        let loss = obj.fgd_with_masks(&net, &x, masked, Some(&keep)).unwrap();
+        let loss = obj.fgd_with_masks(&x, masked, Some(&keep)).unwrap();
         check_loss_and_grads(name, &loss, &vars, &r);
     }
 }
@@ -311,15 +318,16 @@ fn fgd_loss_and_gradients_match_pytorch() {
 #[test]
 fn samplers_respect_positives_and_are_seeded() {
     let r = refs();
-    let (net, _, _) = tiny_trainable();
+    let (net, _) = tiny_trainable();
     let b = fixed_batch(&r);
     let (_, img) = net.encode_image(&b.pixels).unwrap();
     let (_, txt) = net.encode_text(&b.ids, &b.mask).unwrap();
-    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, &net.temp, &b.keys).unwrap();
+    let world = World::local(&img, &txt, &b.keys).unwrap();
+    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, &b.keys, &world, &net.temp).unwrap();
     let mut seen = Vec::new();
     for seed in 0..50u64 {
-        let a = sample_hard_negatives(&w_i2t, &w_t2i, &mut derive_rng(seed, &[7])).unwrap();
-        let again = sample_hard_negatives(&w_i2t, &w_t2i, &mut derive_rng(seed, &[7])).unwrap();
+        let a = sample_hard_negatives(&w_i2t, &w_t2i, 0, &mut derive_rng(seed, &[7])).unwrap();
+        let again = sample_hard_negatives(&w_i2t, &w_t2i, 0, &mut derive_rng(seed, &[7])).unwrap();
         assert_eq!(a, again);
         for i in 0..4 {
             assert_ne!(b.keys[a.image_for_text[i]], b.keys[i]);
@@ -407,8 +415,8 @@ fn fgr_only() -> R2d2LossConfig {
 fn dp_fgr_negatives(seed: u64, steps: u64) -> Vec<Vec<HardNegatives>> {
     let g = global_fgr_batch();
     LocalGroup::run(2, |comm: Arc<dyn Collective>| {
-        let (net, vars, vb) = tiny_trainable();
-        let obj = R2d2Objective::new(fgr_only(), &net, &vars, vb)?.with_collective(comm.clone());
+        let (net, vars) = tiny_trainable();
+        let obj = R2d2Objective::new(fgr_only(), &net, &vars)?.with_collective(comm.clone());
         let x = rank_share(&g, comm.rank(), 2);
         let inputs = R2d2Inputs {
             pixel_values: &x.pixels,
@@ -425,7 +433,7 @@ fn dp_fgr_negatives(seed: u64, steps: u64) -> Vec<Vec<HardNegatives>> {
                     seed,
                     rank: 0,
                 };
-                let l = obj.loss(&net, &inputs, &ctx)?;
+                let l = obj.loss(&inputs, &ctx)?;
                 assert!(l.fgr.unwrap().is_finite());
                 Ok(l.fgr_negatives.expect("FGR ran"))
             })
@@ -501,37 +509,33 @@ fn fgr_across_ranks_equals_one_worker_with_the_same_negatives() {
         image_for_text: (0..8).map(|i| (i + 4 + i % 3) % 8).collect(),
         text_for_image: (0..8).map(|i| (i + 5) % 8).collect(),
     };
-    let (net, vars, _) = tiny_trainable();
+    let (net, vars) = tiny_trainable();
     let (tokens, img) = net.encode_image(&g.pixels).unwrap();
     let (states, txt) = net.encode_text(&g.ids, &g.mask).unwrap();
-    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, &net.temp, &g.keys).unwrap();
-    let single = fgr_loss(&net, &tokens, &states, &g.mask, &negs, [1.0, 2.0]).unwrap();
+    let world = World::local(&img, &txt, &g.keys)
+        .unwrap()
+        .with_local_fgr(&tokens, &states, &g.mask);
+    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, &g.keys, &world, &net.temp).unwrap();
+    let single = fgr_loss(&net, &tokens, &states, &g.mask, &world, &negs, [1.0, 2.0]).unwrap();
     let single_loss = single.to_scalar::<f32>().unwrap();
     let single_grads = grads_by_name(&vars, &single);
 
     let ranks = LocalGroup::run(2, |comm: Arc<dyn Collective>| {
-        let (net, vars, _) = tiny_trainable();
+        let (net, vars) = tiny_trainable();
         let r = comm.rank();
         let x = rank_share(&g, r, 2);
         let (tokens, img) = net.encode_image(&x.pixels)?;
         let (states, txt) = net.encode_text(&x.ids, &x.mask)?;
-        let world = gather_fgr_world(&comm, &tokens, &img, &txt, &x.ids, &x.mask, &x.keys)?;
+        let fgr = Some((&tokens, &x.ids, &x.mask));
+        let world = World::gather(&comm, &img, &txt, &x.keys, fgr)?;
         assert_eq!(world.ids, g.keys);
         assert_eq!(world.offset, 4 * r);
-        let w = hard_negative_weights_against(
-            &img,
-            &txt,
-            &world.image_feat,
-            &world.text_feat,
-            &net.temp,
-            &x.keys,
-            &world.ids,
-        )?;
+        let w = hard_negative_weights(&img, &txt, &x.keys, &world, &net.temp)?;
         let mine = HardNegatives {
             image_for_text: negs.image_for_text[4 * r..4 * r + 4].to_vec(),
             text_for_image: negs.text_for_image[4 * r..4 * r + 4].to_vec(),
         };
-        let loss = fgr_loss_world(&net, &tokens, &states, &x.mask, &world, &mine, [1.0, 2.0])?;
+        let loss = fgr_loss(&net, &tokens, &states, &x.mask, &world, &mine, [1.0, 2.0])?;
         Ok((loss.to_scalar::<f32>()?, grads_by_name(&vars, &loss), w))
     })
     .unwrap();
@@ -605,7 +609,7 @@ fn prd2_objectives_across_ranks_equal_one_worker() {
         ..R2d2LossConfig::default()
     };
     type StepOut = (f32, BTreeMap<String, Tensor>);
-    let run = |obj: &R2d2Objective, net: &R2d2, vars: &VarMap, x: &Fixed| -> Vec<StepOut> {
+    let run = |obj: &R2d2Objective, vars: &VarMap, x: &Fixed| -> Vec<StepOut> {
         let inputs = R2d2Inputs {
             pixel_values: &x.pixels,
             input_ids: &x.ids,
@@ -614,7 +618,7 @@ fn prd2_objectives_across_ranks_equal_one_worker() {
         };
         (0..2)
             .map(|s| {
-                let l = obj.loss(net, &inputs, &step_ctx(s)).unwrap();
+                let l = obj.loss(&inputs, &step_ctx(s)).unwrap();
                 (
                     l.total.to_scalar::<f32>().unwrap(),
                     grads_by_name(vars, &l.total),
@@ -622,9 +626,9 @@ fn prd2_objectives_across_ranks_equal_one_worker() {
             })
             .collect()
     };
-    let (net, vars, vb) = tiny_trainable();
-    let obj = R2d2Objective::new(cfg.clone(), &net, &vars, vb).unwrap();
-    let single = run(&obj, &net, &vars, &g);
+    let (net, vars) = tiny_trainable();
+    let obj = R2d2Objective::new(cfg.clone(), &net, &vars).unwrap();
+    let single = run(&obj, &vars, &g);
     let single_queue = obj.queue().unwrap();
     let abs_max = |t: &Tensor| {
         t.abs()
@@ -638,11 +642,10 @@ fn prd2_objectives_across_ranks_equal_one_worker() {
     };
     for world in [2usize, 4] {
         let ranks = LocalGroup::run(world, |comm: Arc<dyn Collective>| {
-            let (net, vars, vb) = tiny_trainable();
-            let obj =
-                R2d2Objective::new(cfg.clone(), &net, &vars, vb)?.with_collective(comm.clone());
+            let (net, vars) = tiny_trainable();
+            let obj = R2d2Objective::new(cfg.clone(), &net, &vars)?.with_collective(comm.clone());
             let x = rank_share(&g, comm.rank(), world);
-            let out = run(&obj, &net, &vars, &x);
+            let out = run(&obj, &vars, &x);
             Ok((out, obj.queue()))
         })
         .unwrap();
@@ -746,7 +749,7 @@ fn every_trainable_parameter_gets_a_gradient_under_each_objective() {
         ("all", [1.0, 1.0, 1.0, 1.0], Box::new(|_| true)),
     ];
     for (name, w, expected) in cases {
-        let (net, vars, vb) = tiny_trainable();
+        let (net, vars) = tiny_trainable();
         let cfg = R2d2LossConfig {
             gcpr_weight: w[0],
             fgr_weight: w[1],
@@ -755,8 +758,8 @@ fn every_trainable_parameter_gets_a_gradient_under_each_objective() {
             queue_size: 8,
             ..R2d2LossConfig::default()
         };
-        let obj = R2d2Objective::new(cfg, &net, &vars, vb).unwrap();
-        let losses = obj.loss(&net, &x, &step_ctx(0)).unwrap();
+        let obj = R2d2Objective::new(cfg, &net, &vars).unwrap();
+        let losses = obj.loss(&x, &step_ctx(0)).unwrap();
         let named: Vec<(String, Var)> = vars
             .data()
             .lock()
@@ -798,17 +801,17 @@ fn teacher_and_queue_are_checkpointed() {
         attention_mask: &b.mask,
         image_ids: &b.keys,
     };
-    let (net, vars, vb) = tiny_trainable();
+    let (net, vars) = tiny_trainable();
     let cfg = R2d2LossConfig {
         fgr_weight: 0.0,
         queue_size: 6,
         ..R2d2LossConfig::default()
     };
-    let obj = R2d2Objective::new(cfg.clone(), &net, &vars, vb).unwrap();
+    let obj = R2d2Objective::new(cfg.clone(), &net, &vars).unwrap();
     load_scaled_teacher(&obj, &vars);
-    obj.loss(&net, &x, &step_ctx(0)).unwrap();
+    obj.loss(&x, &step_ctx(0)).unwrap();
     // The EMA moved the scaled teacher 0.5% of the way back: t = 0.995·0.98·w + 0.005·w.
-    let saved = obj.extra_state().save_state().unwrap();
+    let saved = obj.extra_state().unwrap().save_state().unwrap();
     let w = var(&vars, "text_proj.weight");
     let t = &saved["teacher.text_proj.weight"];
     let want = (w.as_tensor() * (0.995 * 0.98 + 0.005)).unwrap();
@@ -824,10 +827,10 @@ fn teacher_and_queue_are_checkpointed() {
         .unwrap();
     assert!(max_abs_diff(&q.image.i(0..4).unwrap(), &t_img) < 1e-6);
     // A fresh objective restores both.
-    let (net2, vars2, vb2) = tiny_trainable();
-    let obj2 = R2d2Objective::new(cfg, &net2, &vars2, vb2).unwrap();
-    obj2.extra_state().load_state(&saved).unwrap();
-    let again = obj2.extra_state().save_state().unwrap();
+    let (net2, vars2) = tiny_trainable();
+    let obj2 = R2d2Objective::new(cfg, &net2, &vars2).unwrap();
+    obj2.extra_state().unwrap().load_state(&saved).unwrap();
+    let again = obj2.extra_state().unwrap().save_state().unwrap();
     assert_eq!(saved.len(), again.len());
     for (k, v) in &saved {
         let d = max_abs_diff(
@@ -871,9 +874,8 @@ fn finetune_preset_is_the_official_recipe() {
     cfg.joint_config = None;
     let vm = VarMap::new();
     let net = R2d2::new(&cfg, random_vars(&cfg, &vm, 1)).unwrap();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    assert!(R2d2Objective::new(R2d2LossConfig::default(), &net, &vm, vb.clone()).is_err());
-    assert!(R2d2Objective::new(R2d2LossConfig::prd2(), &net, &vm, vb).is_ok());
+    assert!(R2d2Objective::new(R2d2LossConfig::default(), &net, &vm).is_err());
+    assert!(R2d2Objective::new(R2d2LossConfig::prd2(), &net, &vm).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1007,7 +1009,7 @@ fn tiny_r2d2_learns_synthetic_captions() {
         freeze_vision: false,
         ..R2d2LossConfig::finetune()
     };
-    let obj = R2d2Objective::new(loss_cfg, &net, &vm, vb).unwrap();
+    let obj = R2d2Objective::new(loss_cfg, &net, &vm).unwrap();
     let schedule_steps = 1000u64;
     let max_steps = 1400u64;
     let mut trainer = Trainer::from_varmap(
@@ -1075,7 +1077,7 @@ fn tiny_r2d2_learns_synthetic_captions() {
                     attention_mask: &text.attention_mask,
                     image_ids: &keys,
                 };
-                let l = obj.loss(&net, &x, ctx)?;
+                let l = obj.loss(&x, ctx)?;
                 parts = (l.gcpr, l.fgr);
                 Ok(l.total)
             })

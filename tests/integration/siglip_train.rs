@@ -13,12 +13,13 @@ use tuwen::models::siglip2::{Siglip, SiglipConfig, SiglipEncoder};
 use tuwen::preprocess::{FixedProcessor, ImageInput, NaFlexBatch};
 use tuwen::train::dist::{Collective, LocalGroup};
 use tuwen::train::siglip::{
-    export_model_dir, load_trainable, DistillKind, SiglipLossConfig, SiglipObjective, SiglipPixels,
+    export_model_dir, load_trainable, DistillKind, SiglipInputs, SiglipLossConfig, SiglipObjective,
+    SiglipPixels,
 };
 use tuwen::train::synthetic::{class_captions, write_shapes_dataset, ShapesConfig};
 use tuwen::train::{
-    grad_coverage, AdamWConfig, DataConfig, DataLoader, ImagePipeline, Schedule, Trainer,
-    TrainerConfig,
+    grad_coverage, AdamWConfig, DataConfig, DataLoader, ImagePipeline, Objective, Schedule,
+    StepCtx, Trainer, TrainerConfig,
 };
 use tuwen::LoadOptions;
 
@@ -129,8 +130,9 @@ fn siglip_sigmoid_loss_and_gradients_match_hf() {
     let io = load_st(&fixture("siglip_train/fixed_io.safetensors"));
     let obj = SiglipObjective::new(m.model.clone(), None, SiglipLossConfig::default()).unwrap();
     let ids = get(&io, "input_ids").to_dtype(DType::U32).unwrap();
+    let px = SiglipPixels::Fixed(get(&io, "pixel_values"));
     let loss = obj
-        .loss(SiglipPixels::Fixed(get(&io, "pixel_values")), &ids, None)
+        .loss(&SiglipInputs::new(px, &ids), &StepCtx::single(0, 0))
         .unwrap();
     check_against_hf("fixed", &m.vars, &loss.total, &io, &[]);
 }
@@ -164,7 +166,12 @@ fn siglip2_naflex_sigmoid_loss_and_gradients_match_hf() {
     let batch = naflex_batch(&io);
     // The batch mixes aspect ratios.
     assert_eq!(batch.spatial_shapes, vec![(4, 4), (2, 8), (3, 5), (1, 16)]);
-    let loss = obj.loss(SiglipPixels::NaFlex(&batch), &ids, None).unwrap();
+    let loss = obj
+        .loss(
+            &SiglipInputs::new(SiglipPixels::NaFlex(&batch), &ids),
+            &StepCtx::single(0, 0),
+        )
+        .unwrap();
     check_against_hf(
         "naflex",
         &m.vars,
@@ -209,7 +216,12 @@ fn every_parameter_gets_a_gradient_under_each_objective() {
             }
         }
         let obj = SiglipObjective::new(m.model.clone(), Some(teacher.clone()), cfg).unwrap();
-        let loss = obj.loss(SiglipPixels::Fixed(px), &ids, None).unwrap();
+        let loss = obj
+            .loss(
+                &SiglipInputs::new(SiglipPixels::Fixed(px), &ids),
+                &StepCtx::single(0, 0),
+            )
+            .unwrap();
         if cfg.distill_weight > 0.0 {
             let d = loss.distill.as_ref().unwrap().to_scalar::<f32>().unwrap();
             assert!(d > 0.0, "{name}: distillation term {d}");
@@ -306,8 +318,10 @@ fn train_dp(
             let (px, ids) = global_batch(step, dtype);
             let px = px.narrow(0, comm.rank() * b, b)?;
             let ids = ids.narrow(0, comm.rank() * b, b)?;
-            let report = trainer.step(&[()], |_, _| {
-                Ok(obj.loss(SiglipPixels::Fixed(&px), &ids, None)?.total)
+            let report = trainer.step(&[()], |_, ctx| {
+                Ok(obj
+                    .loss(&SiglipInputs::new(SiglipPixels::Fixed(&px), &ids), ctx)?
+                    .total)
             })?;
             assert!(report.skipped.is_none());
             if step == 0 {
@@ -564,9 +578,10 @@ fn tiny_siglip_learns_synthetic_captions() {
             .map(|&i| train.labels[i] as u64)
             .collect();
         let report = trainer
-            .step(&[()], |_, _| {
+            .step(&[()], |_, ctx| {
                 let px = SiglipPixels::Fixed(&batch.images);
-                Ok(obj.loss_grouped(px, &tok.input_ids, None, &classes)?.total)
+                let x = SiglipInputs::new(px, &tok.input_ids).with_groups(&classes);
+                Ok(obj.loss(&x, ctx)?.total)
             })
             .unwrap();
         first.get_or_insert(report.loss);

@@ -637,6 +637,10 @@ fn train_nan_loss_is_skipped_logged_and_stops_training() {
     let (step, e) = err.expect("training should stop");
     println!("stopped: {e}");
     assert_eq!(step, 14, "3 consecutive skips at 12, 13, 14");
+    assert!(
+        matches!(e, tuwen::Error::Diverged { skipped: 3, .. }),
+        "{e:?}"
+    );
     let msg = e.to_string();
     assert!(
         msg.contains("3 consecutive steps skipped") && msg.contains("NaN"),

@@ -12,7 +12,7 @@
 //! over the `m` texts of the batch and all images: HF `SiglipModel(return_loss=True)`,
 //! with `log σ` computed stably ([`crate::nn::ops::log_sigmoid`]). In data parallelism each
 //! rank takes its `b` texts against the `N·b` images of all ranks
-//! ([`super::dist::all_gather_with_grad`]); the trainer's averaging of gradients over ranks
+//! ([`crate::train::dist::all_gather_with_grad`]); the trainer's averaging of gradients over ranks
 //! then gives exactly the gradient of the single-worker loss over batch `N·b`, and the mean
 //! of the ranks' losses is that loss.
 //!
@@ -35,12 +35,14 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use super::dist::{all_gather_with_grad, Collective};
+use super::{scalar, LossTerms, Objective};
 use crate::checkpoint::{LoadReport, Loader};
 use crate::error::{Error, Result};
 use crate::models::siglip2::{safetensors_files, Siglip, SiglipConfig, SiglipImageProcessor};
 use crate::nn::ops;
 use crate::preprocess::{FixedProcessor, NaFlexBatch, NaFlexProcessor, TextProcessor, TextStyle};
+use crate::train::dist::{all_gather_with_grad, Collective};
+use crate::train::trainer::StepCtx;
 
 /// `[m, n]` logits `exp(scale) · text · imagesᵀ + bias`, in f32.
 pub fn pair_logits(
@@ -186,6 +188,46 @@ pub enum SiglipPixels<'a> {
     NaFlex(&'a NaFlexBatch),
 }
 
+/// One micro-batch for [`SiglipObjective`].
+#[derive(Debug, Clone, Copy)]
+pub struct SiglipInputs<'a> {
+    /// The images; `images[i]` pairs with text `i`.
+    pub images: SiglipPixels<'a>,
+    /// `[b, len]` u32 token ids.
+    pub input_ids: &'a Tensor,
+    /// An optional attention mask (SigLIP trains without one, on texts padded to the full
+    /// length).
+    pub attention_mask: Option<&'a Tensor>,
+    /// Group ids: every (text, image) pair whose samples share one is positive
+    /// ([`sigmoid_loss_grouped`]), across ranks too (e.g. the image id when an image has
+    /// several captions in the batch, or a class). `None`: only `(i, i)` is positive.
+    pub groups: Option<&'a [u64]>,
+}
+
+impl<'a> SiglipInputs<'a> {
+    /// Images paired with texts, no mask, no groups.
+    pub fn new(images: SiglipPixels<'a>, input_ids: &'a Tensor) -> Self {
+        Self {
+            images,
+            input_ids,
+            attention_mask: None,
+            groups: None,
+        }
+    }
+
+    /// With positives by group id.
+    pub fn with_groups(mut self, groups: &'a [u64]) -> Self {
+        self.groups = Some(groups);
+        self
+    }
+
+    /// With an attention mask.
+    pub fn with_mask(mut self, mask: &'a Tensor) -> Self {
+        self.attention_mask = Some(mask);
+        self
+    }
+}
+
 /// The parts of a loss evaluation.
 #[derive(Debug, Clone)]
 pub struct SiglipLoss {
@@ -258,38 +300,13 @@ impl SiglipObjective {
         &self.config
     }
 
-    /// The loss of one (micro-)batch: `images[i]` pairs with text `i` (`input_ids`
-    /// `[b, len]` u32, with an optional attention mask; SigLIP trains without one, on
-    /// texts padded to the full length).
-    pub fn loss(
-        &self,
-        images: SiglipPixels<'_>,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<SiglipLoss> {
-        self.loss_impl(images, input_ids, attention_mask, None)
-    }
-
-    /// Like [`SiglipObjective::loss`], but every (text, image) pair whose samples share a
-    /// group id is positive ([`sigmoid_loss_grouped`]), across ranks too: e.g. the image
-    /// id when an image has several captions in the batch, or a class.
-    pub fn loss_grouped(
-        &self,
-        images: SiglipPixels<'_>,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        groups: &[u64],
-    ) -> Result<SiglipLoss> {
-        self.loss_impl(images, input_ids, attention_mask, Some(groups))
-    }
-
-    fn loss_impl(
-        &self,
-        images: SiglipPixels<'_>,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        groups: Option<&[u64]>,
-    ) -> Result<SiglipLoss> {
+    fn loss_of(&self, x: &SiglipInputs<'_>) -> Result<SiglipLoss> {
+        let SiglipInputs {
+            images,
+            input_ids,
+            attention_mask,
+            groups,
+        } = *x;
         let img = image_features(&self.student, images)?;
         let txt = text_features(&self.student, input_ids, attention_mask)?;
         let b = img.dim(0)?;
@@ -352,6 +369,33 @@ impl SiglipObjective {
             sigmoid,
             distill,
         })
+    }
+}
+
+impl LossTerms for SiglipLoss {
+    fn total(&self) -> &Tensor {
+        &self.total
+    }
+
+    fn terms(&self) -> Result<Vec<(&'static str, f64)>> {
+        let mut out = vec![("sigmoid", scalar(&self.sigmoid)?)];
+        if let Some(d) = &self.distill {
+            out.push(("distill", scalar(d)?));
+        }
+        Ok(out)
+    }
+}
+
+impl Objective for SiglipObjective {
+    type Inputs<'a> = SiglipInputs<'a>;
+    type Losses = SiglipLoss;
+
+    /// The loss of one (micro-)batch: `images[i]` pairs with text `i` (or, with
+    /// [`SiglipInputs::groups`], every pair whose samples share a group id is positive).
+    /// Under data parallelism the images of every rank are gathered once, with gradient.
+    /// The step context is not used: the loss has no randomness.
+    fn loss(&self, x: &SiglipInputs<'_>, _ctx: &StepCtx) -> Result<SiglipLoss> {
+        self.loss_of(x)
     }
 }
 

@@ -16,7 +16,7 @@
 //!   parallelism ([`R2d2Objective::with_collective`]) the negatives come from the batch of
 //!   every rank, as in BLIP's `negative_all_rank` (ALBEF's successor): each rank's
 //!   positives are scored against the gathered features, the negative images' tokens are
-//!   gathered with gradient ([`super::dist::all_gather_with_grad`]) and the negative
+//!   gathered with gradient ([`crate::train::dist::all_gather_with_grad`]) and the negative
 //!   texts' ids and masks are gathered and re-encoded locally ([`gather_fgr_world`],
 //!   [`fgr_loss_world`]).
 //! * **TgD** ([`tgd_loss`], teacher-guided distillation): an EMA teacher (momentum 0.995,
@@ -47,16 +47,16 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::dist::{all_gather_with_grad, Collective};
-use super::fit::ExtraState;
-use super::optim::{AdamWConfig, ParamGroupConfig};
-use super::rng::{derive_rng, streams, ChaCha8Rng};
-use super::schedule::Schedule;
-use super::trainer::{EmaPairs, StepCtx, TrainerConfig};
+use super::{scalar, LossTerms, Objective};
 use crate::error::{Error, Result};
 use crate::models::r2d2::R2d2;
-use crate::nn::ops::{self, LayerNorm};
-use crate::nn::{LayerDims, PreNormEncoder};
+use crate::nn::ops;
+use crate::train::dist::{all_gather_with_grad, Collective};
+use crate::train::fit::ExtraState;
+use crate::train::optim::{AdamWConfig, ParamGroupConfig};
+use crate::train::rng::{derive_rng, standard_normal, streams, ChaCha8Rng};
+use crate::train::schedule::Schedule;
+use crate::train::trainer::{lock_vars, EmaPairs, StepCtx, TrainerConfig};
 
 /// [`StepCtx::rng`] stream of the FGR hard-negative sampler.
 pub const STREAM_FGR: u64 = 100;
@@ -287,79 +287,172 @@ fn check_ids(n: usize, ids: &[i64]) -> Result<()> {
     Ok(())
 }
 
-/// GCPR: in-batch InfoNCE with multi-positive targets, both directions averaged.
-/// `image_feat`, `text_feat`: `[B, D]` normalised; `temp`: the 0-d temperature (gradients
-/// flow into it); `ids`: image keys of the `B` pairs.
+/// The pairs that every loss term compares against: the batches of all ranks in rank
+/// order, gathered once at the top of [`R2d2Objective::loss`] ([`World::gather`]), or the
+/// local batch for a single worker ([`World::local`]), the degenerate case.
+#[derive(Debug, Clone)]
+pub struct World {
+    /// `[n, E]` normalised image embeddings (with gradient: a column's gradient returns to
+    /// its rank).
+    pub image_feat: Tensor,
+    /// `[n, E]` normalised text embeddings (with gradient).
+    pub text_feat: Tensor,
+    /// The image keys of the `n` pairs.
+    pub ids: Vec<i64>,
+    /// This rank's first row, `rank · b` (0 for a single worker).
+    pub offset: usize,
+    /// What FGR draws its negatives from, when FGR runs.
+    pub fgr: Option<FgrWorld>,
+}
+
+/// FGR's share of the [`World`]: the pairs its hard negatives are drawn from.
+#[derive(Debug, Clone)]
+pub struct FgrWorld {
+    /// `[n, P, D]` image tokens (gathered with gradient: a negative image's gradient
+    /// returns to its rank).
+    pub image_tokens: Tensor,
+    /// The negative texts.
+    pub texts: NegativeTexts,
+}
+
+/// Where FGR's negative texts come from.
+#[derive(Debug, Clone)]
+pub enum NegativeTexts {
+    /// A single worker: the batch's encoded `[n, T, H]` states and `[n, T]` masks, indexed
+    /// directly.
+    States { states: Tensor, mask: Tensor },
+    /// Data parallelism: every rank's `[n, T]` token ids and masks; a negative text is
+    /// re-encoded by the rank that uses it (BLIP's `negative_all_rank`).
+    Ids {
+        input_ids: Tensor,
+        attention_mask: Tensor,
+    },
+}
+
+impl World {
+    /// The local batch as the world: `n = b`, offset 0.
+    pub fn local(image_feat: &Tensor, text_feat: &Tensor, ids: &[i64]) -> Result<Self> {
+        check_ids(image_feat.dim(0)?, ids)?;
+        Ok(Self {
+            image_feat: image_feat.clone(),
+            text_feat: text_feat.clone(),
+            ids: ids.to_vec(),
+            offset: 0,
+            fgr: None,
+        })
+    }
+
+    /// Adds FGR's share for a single worker: the batch's image tokens, text states and mask.
+    pub fn with_local_fgr(
+        mut self,
+        image_tokens: &Tensor,
+        text_states: &Tensor,
+        text_mask: &Tensor,
+    ) -> Self {
+        self.fgr = Some(FgrWorld {
+            image_tokens: image_tokens.clone(),
+            texts: NegativeTexts::States {
+                states: text_states.clone(),
+                mask: text_mask.clone(),
+            },
+        });
+        self
+    }
+
+    /// Gathers every rank's embeddings (with gradient) and image keys over `comm`, and,
+    /// with `fgr = Some((image_tokens, input_ids, attention_mask))`, FGR's share. Every
+    /// rank must call it with the same shapes. A group of one gives [`World::local`].
+    pub fn gather(
+        comm: &Arc<dyn Collective>,
+        image_feat: &Tensor,
+        text_feat: &Tensor,
+        ids: &[i64],
+        fgr: Option<(&Tensor, &Tensor, &Tensor)>,
+    ) -> Result<Self> {
+        let b = image_feat.dim(0)?;
+        check_ids(b, ids)?;
+        Ok(Self {
+            image_feat: all_gather_with_grad(image_feat, comm)?,
+            text_feat: all_gather_with_grad(text_feat, comm)?,
+            ids: gather_ids(comm, ids, image_feat.device())?,
+            offset: comm.rank() * b,
+            fgr: match fgr {
+                None => None,
+                Some((tokens, input_ids, attention_mask)) => Some(FgrWorld {
+                    image_tokens: all_gather_with_grad(tokens, comm)?,
+                    texts: NegativeTexts::Ids {
+                        input_ids: comm.all_gather(input_ids)?,
+                        attention_mask: comm.all_gather(attention_mask)?,
+                    },
+                }),
+            },
+        })
+    }
+
+    /// The number of pairs, `n`.
+    pub fn len(&self) -> Result<usize> {
+        Ok(self.image_feat.dim(0)?)
+    }
+}
+
+/// The image keys of every rank's pairs, in rank order (sent from `device`, which the
+/// collective must accept: the GPU for NCCL).
+pub fn gather_ids(comm: &Arc<dyn Collective>, ids: &[i64], device: &Device) -> Result<Vec<i64>> {
+    let keys = Tensor::new(ids, device)?;
+    Ok(comm
+        .all_gather(&keys)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<i64>()?)
+}
+
+/// GCPR: InfoNCE with multi-positive targets, both directions averaged, of this rank's
+/// `b` pairs (rows: `image_feat`, `text_feat` `[b, D]` normalised, keys `ids`) against the
+/// `n` pairs of the [`World`] (columns). `temp` is the 0-d temperature (gradients flow into
+/// it). The mean is over this rank's rows, so averaging the ranks' gradients gives the
+/// gradient of the single-worker loss over the concatenated batch.
 pub fn gcpr_loss(
     image_feat: &Tensor,
     text_feat: &Tensor,
-    temp: &Tensor,
     ids: &[i64],
-) -> Result<Tensor> {
-    gcpr_loss_against(image_feat, text_feat, image_feat, text_feat, temp, ids, ids)
-}
-
-/// [`gcpr_loss`] of this rank's `b` pairs (rows) against the `n` pairs of every rank
-/// (columns: `world_*`, gathered with gradient by [`all_gather_with_grad`], and their keys).
-/// The mean is over this rank's rows, so averaging the ranks' gradients gives the gradient
-/// of the single-worker loss over the concatenated batch.
-pub fn gcpr_loss_against(
-    image_feat: &Tensor,
-    text_feat: &Tensor,
-    world_image_feat: &Tensor,
-    world_text_feat: &Tensor,
+    world: &World,
     temp: &Tensor,
-    ids: &[i64],
-    world_ids: &[i64],
 ) -> Result<Tensor> {
     check_ids(image_feat.dim(0)?, ids)?;
-    check_ids(world_image_feat.dim(0)?, world_ids)?;
-    let targets = multi_positive_targets(ids, world_ids, image_feat.device())?
+    check_ids(world.len()?, &world.ids)?;
+    let targets = multi_positive_targets(ids, &world.ids, image_feat.device())?
         .to_dtype(image_feat.dtype())?;
     let temp = temp.to_dtype(image_feat.dtype())?;
     let sim_i2t = image_feat
-        .matmul(&world_text_feat.t()?)?
+        .matmul(&world.text_feat.t()?)?
         .broadcast_div(&temp)?;
     let sim_t2i = text_feat
-        .matmul(&world_image_feat.t()?)?
+        .matmul(&world.image_feat.t()?)?
         .broadcast_div(&temp)?;
     let l_i2t = ops::soft_cross_entropy(&sim_i2t, &targets)?;
     let l_t2i = ops::soft_cross_entropy(&sim_t2i, &targets)?;
     Ok(((l_i2t + l_t2i)? * 0.5)?)
 }
 
-/// The FGR sampling weights (no gradient): `softmax(image·textᵀ / temp)` per image row
-/// (`w_i2t`, picks a text for each image) and `softmax(text·imageᵀ / temp)` per text row
-/// (`w_t2i`, picks an image for each text), with positives set to 0.
+/// The FGR sampling weights (no gradient) of this rank's `b` pairs (rows) against the
+/// [`World`]'s `n` (columns): `softmax(image·textᵀ / temp)` per image row (`w_i2t`, picks
+/// a text for each image) and `softmax(text·imageᵀ / temp)` per text row (`w_t2i`, picks an
+/// image for each text), `[b, n]`, with 0 where the keys match (this rank's own pairs
+/// included).
 pub fn hard_negative_weights(
     image_feat: &Tensor,
     text_feat: &Tensor,
-    temp: &Tensor,
     ids: &[i64],
-) -> Result<(Tensor, Tensor)> {
-    hard_negative_weights_against(image_feat, text_feat, image_feat, text_feat, temp, ids, ids)
-}
-
-/// [`hard_negative_weights`] of this rank's `b` pairs (rows) against the `n` pairs of every
-/// rank (columns, `world_*`, e.g. [`FgrWorld`]): `[b, n]` matrices whose entries are 0
-/// where the keys match (this rank's own pairs included).
-pub fn hard_negative_weights_against(
-    image_feat: &Tensor,
-    text_feat: &Tensor,
-    world_image_feat: &Tensor,
-    world_text_feat: &Tensor,
+    world: &World,
     temp: &Tensor,
-    ids: &[i64],
-    world_ids: &[i64],
 ) -> Result<(Tensor, Tensor)> {
     check_ids(image_feat.dim(0)?, ids)?;
-    check_ids(world_image_feat.dim(0)?, world_ids)?;
+    check_ids(world.len()?, &world.ids)?;
     let img = image_feat.detach().to_dtype(DType::F32)?;
     let txt = text_feat.detach().to_dtype(DType::F32)?;
-    let w_img = world_image_feat.detach().to_dtype(DType::F32)?;
-    let w_txt = world_text_feat.detach().to_dtype(DType::F32)?;
+    let w_img = world.image_feat.detach().to_dtype(DType::F32)?;
+    let w_txt = world.text_feat.detach().to_dtype(DType::F32)?;
     let temp = temp.detach().to_dtype(DType::F32)?;
-    let keep = (1.0 - positive_mask(ids, world_ids, img.device())?)?;
+    let keep = (1.0 - positive_mask(ids, &world.ids, img.device())?)?;
     let w_i2t = ops::softmax_last_dim(&img.matmul(&w_txt.t()?)?.broadcast_div(&temp)?)?;
     let w_t2i = ops::softmax_last_dim(&txt.matmul(&w_img.t()?)?.broadcast_div(&temp)?)?;
     Ok(((w_i2t * &keep)?, (w_t2i * &keep)?))
@@ -430,19 +523,11 @@ fn sample_row(w: &[f32], i: usize, rng: &mut ChaCha8Rng) -> usize {
     }
 }
 
-/// Draws one negative per row of each weight matrix (`torch.multinomial(w[i], 1)`).
+/// Draws one negative per row of each weight matrix (`torch.multinomial(w[i], 1)`). The
+/// rows are the pairs `offset..offset + b` of the columns ([`World::offset`]: 0 for a
+/// single worker): a row whose weights are all zero (every column a positive) falls back
+/// to any column but its own, `offset + i`.
 pub fn sample_hard_negatives(
-    weights_i2t: &Tensor,
-    weights_t2i: &Tensor,
-    rng: &mut ChaCha8Rng,
-) -> Result<HardNegatives> {
-    sample_hard_negatives_at(weights_i2t, weights_t2i, 0, rng)
-}
-
-/// [`sample_hard_negatives`] for rows that are the pairs `offset..offset + b` of the
-/// columns (a rank's rows against the gathered batch): a row whose weights are all zero
-/// (every column a positive) falls back to any column but its own, `offset + i`.
-pub fn sample_hard_negatives_at(
     weights_i2t: &Tensor,
     weights_t2i: &Tensor,
     offset: usize,
@@ -487,145 +572,55 @@ fn weighted_ce(logits: &Tensor, labels: &[u32], class_weights: [f64; 2]) -> Resu
 }
 
 /// FGR: ITM cross-entropy with class weights on both cross encoders, averaged. The pairs
-/// are the `B` positives `(text i, image i)`, then `(text i, image image_for_text[i])`, then
-/// `(text text_for_image[i], image i)`.
+/// are this rank's `b` positives `(text i, image i)` (`image_tokens`, `text_states`,
+/// `text_mask`), then `(text i, image image_for_text[i])`, then `(text text_for_image[i],
+/// image i)`, where `negatives` index the pairs of `world` (which must hold FGR's share:
+/// [`World::with_local_fgr`] or [`World::gather`]). Under data parallelism a negative
+/// image's tokens come from the gathered tokens and a negative text is encoded here from
+/// its ids; averaging the ranks' gradients gives the gradient of the single-worker loss
+/// over the concatenated batch with the same negatives.
 pub fn fgr_loss(
     model: &R2d2,
     image_tokens: &Tensor,
     text_states: &Tensor,
     text_mask: &Tensor,
+    world: &World,
     negatives: &HardNegatives,
     class_weights: [f64; 2],
 ) -> Result<Tensor> {
+    let fgr = world.fgr.as_ref().ok_or_else(|| {
+        Error::InvalidArgument("FGR: the world holds no image tokens or texts".into())
+    })?;
     let b = image_tokens.dim(0)?;
-    negatives.check(b, b)?;
+    negatives.check(b, fgr.image_tokens.dim(0)?)?;
     let dev = image_tokens.device();
-    let img_neg = image_tokens.index_select(&index(&negatives.image_for_text, dev)?, 0)?;
-    let ti = index(&negatives.text_for_image, dev)?;
-    let txt_neg = text_states.index_select(&ti, 0)?;
-    let mask_neg = text_mask.index_select(&ti, 0)?;
-    fgr_loss_given(
-        model,
-        image_tokens,
-        text_states,
-        text_mask,
-        (&img_neg, &txt_neg, &mask_neg),
-        class_weights,
-    )
-}
-
-/// FGR from the selected negatives: `neg.0` the negative image tokens of the texts,
-/// `neg.1`, `neg.2` the negative texts' states and masks of the images.
-fn fgr_loss_given(
-    model: &R2d2,
-    image_tokens: &Tensor,
-    text_states: &Tensor,
-    text_mask: &Tensor,
-    neg: (&Tensor, &Tensor, &Tensor),
-    class_weights: [f64; 2],
-) -> Result<Tensor> {
-    let b = image_tokens.dim(0)?;
-    let (img_neg, txt_neg, mask_neg) = neg;
-    let images = Tensor::cat(&[image_tokens, img_neg, image_tokens], 0)?;
-    let texts = Tensor::cat(&[text_states, text_states, txt_neg], 0)?;
-    let masks = Tensor::cat(&[text_mask, text_mask, mask_neg], 0)?;
+    let img_neg = fgr
+        .image_tokens
+        .index_select(&index(&negatives.image_for_text, dev)?, 0)?;
+    let (txt_neg, mask_neg) = match &fgr.texts {
+        NegativeTexts::States { states, mask } => {
+            let ti = index(&negatives.text_for_image, states.device())?;
+            (states.index_select(&ti, 0)?, mask.index_select(&ti, 0)?)
+        }
+        NegativeTexts::Ids {
+            input_ids,
+            attention_mask,
+        } => {
+            let ti = index(&negatives.text_for_image, input_ids.device())?;
+            let ids_neg = input_ids.index_select(&ti, 0)?;
+            let mask_neg = attention_mask.index_select(&ti, 0)?;
+            (model.encode_text(&ids_neg, &mask_neg)?.0, mask_neg)
+        }
+    };
+    let images = Tensor::cat(&[image_tokens, &img_neg, image_tokens], 0)?;
+    let texts = Tensor::cat(&[text_states, text_states, &txt_neg], 0)?;
+    let masks = Tensor::cat(&[text_mask, text_mask, &mask_neg], 0)?;
     let (lt, li) = model.itm_logits(&images, &texts, &masks)?;
     let mut labels = vec![1u32; b];
     labels.extend(std::iter::repeat_n(0u32, 2 * b));
     let l_t = weighted_ce(&lt, &labels, class_weights)?;
     let l_i = weighted_ce(&li, &labels, class_weights)?;
     Ok(((l_t + l_i)? * 0.5)?)
-}
-
-/// What FGR needs from every rank to draw negatives across the data-parallel group
-/// ([`gather_fgr_world`]): the `n = N·b` pairs of all ranks in rank order.
-#[derive(Debug, Clone)]
-pub struct FgrWorld {
-    /// `[n, P, D]` image tokens, gathered with gradient (a negative image's gradient
-    /// returns to its rank).
-    pub image_tokens: Tensor,
-    /// `[n, T]` token ids and masks (a negative text is re-encoded by the rank using it).
-    pub input_ids: Tensor,
-    pub attention_mask: Tensor,
-    /// `[n, E]` normalised embeddings, without gradient (the sampling weights).
-    pub image_feat: Tensor,
-    pub text_feat: Tensor,
-    /// The image keys of the `n` pairs.
-    pub ids: Vec<i64>,
-    /// This rank's first row, `rank · b`.
-    pub offset: usize,
-}
-
-/// The image keys of every rank's pairs, in rank order (sent from `device`, which the
-/// collective must accept: the GPU for NCCL).
-pub fn gather_ids(comm: &Arc<dyn Collective>, ids: &[i64], device: &Device) -> Result<Vec<i64>> {
-    let keys = Tensor::new(ids, device)?;
-    Ok(comm
-        .all_gather(&keys)?
-        .to_device(&Device::Cpu)?
-        .to_vec1::<i64>()?)
-}
-
-/// Gathers [`FgrWorld`] over `comm` from this rank's image tokens, normalised image and
-/// text embeddings, token ids, mask and image keys. Every rank must call it with the
-/// same shapes. With a group of one the "world" is the local batch.
-pub fn gather_fgr_world(
-    comm: &Arc<dyn Collective>,
-    image_tokens: &Tensor,
-    image_feat: &Tensor,
-    text_feat: &Tensor,
-    input_ids: &Tensor,
-    attention_mask: &Tensor,
-    ids: &[i64],
-) -> Result<FgrWorld> {
-    let b = image_tokens.dim(0)?;
-    check_ids(b, ids)?;
-    let world_ids = gather_ids(comm, ids, image_feat.device())?;
-    Ok(FgrWorld {
-        image_feat: comm.all_gather(&image_feat.detach())?,
-        text_feat: comm.all_gather(&text_feat.detach())?,
-        ids: world_ids,
-        image_tokens: all_gather_with_grad(image_tokens, comm)?,
-        input_ids: comm.all_gather(input_ids)?,
-        attention_mask: comm.all_gather(attention_mask)?,
-        offset: comm.rank() * b,
-    })
-}
-
-/// [`fgr_loss`] with negatives drawn from every rank: `negatives` index the rows of
-/// `world`; this rank's pairs are `image_tokens`, `text_states`, `text_mask` (rows
-/// `world.offset ..` of the world). The negative images' tokens come from
-/// `world.image_tokens`; the negative texts are encoded here from `world.input_ids`.
-/// Averaging the ranks' gradients gives the gradient of the single-worker [`fgr_loss`]
-/// over the concatenated batch with the same negatives.
-pub fn fgr_loss_world(
-    model: &R2d2,
-    image_tokens: &Tensor,
-    text_states: &Tensor,
-    text_mask: &Tensor,
-    world: &FgrWorld,
-    negatives: &HardNegatives,
-    class_weights: [f64; 2],
-) -> Result<Tensor> {
-    let b = image_tokens.dim(0)?;
-    let n = world.image_tokens.dim(0)?;
-    negatives.check(b, n)?;
-    let dev = image_tokens.device();
-    let img_neg = world
-        .image_tokens
-        .index_select(&index(&negatives.image_for_text, dev)?, 0)?;
-    let ti = index(&negatives.text_for_image, world.input_ids.device())?;
-    let ids_neg = world.input_ids.index_select(&ti, 0)?;
-    let mask_neg = world.attention_mask.index_select(&ti, 0)?;
-    let (txt_neg, _) = model.encode_text(&ids_neg, &mask_neg)?;
-    fgr_loss_given(
-        model,
-        image_tokens,
-        text_states,
-        text_mask,
-        (&img_neg, &txt_neg, &mask_neg),
-        class_weights,
-    )
 }
 
 /// The generator of FGR's sampler: [`StepCtx::rng`]`(`[`STREAM_FGR`]`)` for a single
@@ -666,9 +661,10 @@ impl FeatureQueue {
     /// A queue of `size` random normalised features (as ALBEF initialises it) with empty
     /// ids.
     pub fn new(size: usize, dim: usize, seed: u64, device: &Device) -> Result<Self> {
-        use rand_distr_free::normal;
-        let mut rng = super::rng::derive_rng(seed, &[super::rng::streams::INIT, 0x5155]);
-        let mut gen = |n: usize| -> Vec<f32> { (0..n).map(|_| normal(&mut rng)).collect() };
+        let mut rng =
+            crate::train::rng::derive_rng(seed, &[crate::train::rng::streams::INIT, 0x5155]);
+        let mut gen =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| standard_normal(&mut rng)).collect() };
         let image = Tensor::from_vec(gen(size * dim), (size, dim), device)?;
         let text = Tensor::from_vec(gen(size * dim), (size, dim), device)?;
         Ok(Self {
@@ -765,23 +761,21 @@ impl FeatureQueue {
     }
 }
 
-/// A tiny, dependency-free standard normal (Box–Muller) for queue initialisation.
-mod rand_distr_free {
-    use rand::Rng;
-
-    pub fn normal(rng: &mut impl Rng) -> f32 {
-        let u1: f64 = rng.random::<f64>().max(1e-300);
-        let u2: f64 = rng.random::<f64>();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
+/// The teacher features of every rank's pairs (no gradient) and their keys, for
+/// [`tgd_loss`]; for a single worker, the batch's own.
+pub struct TeacherWorld<'a> {
+    pub image: &'a Tensor,
+    pub text: &'a Tensor,
+    pub ids: &'a [i64],
 }
 
 /// TgD: distillation from an EMA teacher over in-batch and queued teacher features.
 ///
-/// `s_*`: the student's normalised features `[B, D]` (with gradient); `t_*`: the teacher's
-/// (no gradient); `ids`: the batch's image keys; `queue`: earlier teacher features; `temp`:
-/// the temperature (gradient flows through the student side only); `alpha`: weight of
-/// the teacher's soft targets.
+/// `s_*`: this rank's student features `[b, D]`, normalised (with gradient); `t_*`: the
+/// teacher's of the same pairs (no gradient); `ids`: their image keys; `world`: the teacher
+/// features of every rank's pairs (the in-batch keys); `queue`: earlier teacher features;
+/// `temp`: the temperature (gradient flows through the student side only); `alpha`: weight
+/// of the teacher's soft targets. The mean is over this rank's rows.
 #[allow(clippy::too_many_arguments)]
 pub fn tgd_loss(
     s_img: &Tensor,
@@ -789,50 +783,19 @@ pub fn tgd_loss(
     t_img: &Tensor,
     t_txt: &Tensor,
     ids: &[i64],
-    queue: Option<&FeatureQueue>,
-    temp: &Tensor,
-    alpha: f64,
-) -> Result<Tensor> {
-    tgd_loss_against(s_img, s_txt, t_img, t_txt, ids, None, queue, temp, alpha)
-}
-
-/// The teacher features of every rank's pairs (no gradient) and their keys, for
-/// [`tgd_loss_against`].
-pub struct TeacherWorld<'a> {
-    pub image: &'a Tensor,
-    pub text: &'a Tensor,
-    pub ids: &'a [i64],
-}
-
-/// [`tgd_loss`] of this rank's pairs (rows) against the in-batch teacher features of every
-/// rank (`world`; `None`: this rank's own) and the queue. The mean is over this rank's rows.
-#[allow(clippy::too_many_arguments)]
-pub fn tgd_loss_against(
-    s_img: &Tensor,
-    s_txt: &Tensor,
-    t_img: &Tensor,
-    t_txt: &Tensor,
-    ids: &[i64],
-    world: Option<TeacherWorld<'_>>,
+    world: TeacherWorld<'_>,
     queue: Option<&FeatureQueue>,
     temp: &Tensor,
     alpha: f64,
 ) -> Result<Tensor> {
     check_ids(s_img.dim(0)?, ids)?;
+    check_ids(world.image.dim(0)?, world.ids)?;
     let dtype = s_img.dtype();
     let t_img = t_img.detach().to_dtype(dtype)?;
     let t_txt = t_txt.detach().to_dtype(dtype)?;
-    let (w_img, w_txt, mut all_ids) = match world {
-        Some(w) => {
-            check_ids(w.image.dim(0)?, w.ids)?;
-            (
-                w.image.detach().to_dtype(dtype)?,
-                w.text.detach().to_dtype(dtype)?,
-                w.ids.to_vec(),
-            )
-        }
-        None => (t_img.clone(), t_txt.clone(), ids.to_vec()),
-    };
+    let w_img = world.image.detach().to_dtype(dtype)?;
+    let w_txt = world.text.detach().to_dtype(dtype)?;
+    let mut all_ids = world.ids.to_vec();
     let (img_keys, txt_keys) = match queue {
         Some(q) if !q.is_empty() => {
             all_ids.extend_from_slice(&q.ids);
@@ -937,63 +900,6 @@ pub fn sample_kept_tokens(
         .collect()
 }
 
-/// The ViT after its embeddings (`pre_layrnorm` and the encoder), sharing the model's
-/// weights, so that the FgD student can run on a subset of the patch tokens.
-#[derive(Debug, Clone)]
-pub struct VisionTrunk {
-    pre_layrnorm: LayerNorm,
-    encoder: PreNormEncoder,
-}
-
-impl VisionTrunk {
-    /// Built from the same var builder (and therefore the same vars) as the model.
-    pub fn new(model: &R2d2, vb: VarBuilder) -> Result<Self> {
-        let c = &model.config().vision_config;
-        let vb = vb.pp("visual_encoder");
-        let dims = LayerDims {
-            hidden: c.hidden_size,
-            heads: c.num_attention_heads,
-            intermediate: c.intermediate_size,
-            eps: c.layer_norm_eps,
-            act: c.hidden_act,
-        };
-        Ok(Self {
-            pre_layrnorm: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("pre_layrnorm"))?,
-            encoder: PreNormEncoder::new(&dims, c.num_hidden_layers, vb.pp("encoder"))?,
-        })
-    }
-
-    /// Image tokens and normalised embeddings of `pixel_values` keeping only the tokens
-    /// `keep[i]` of image `i` (all rows the same length); `None` keeps every token.
-    pub fn encode_image(
-        &self,
-        model: &R2d2,
-        pixel_values: &Tensor,
-        keep: Option<&[Vec<usize>]>,
-    ) -> Result<(Tensor, Tensor)> {
-        let mut x = model.visual_encoder.embeddings(pixel_values)?;
-        if let Some(keep) = keep {
-            if keep.len() != x.dim(0)? {
-                return Err(Error::InvalidArgument(format!(
-                    "{} kept-token lists for {} images",
-                    keep.len(),
-                    x.dim(0)?
-                )));
-            }
-            let rows = keep
-                .iter()
-                .enumerate()
-                .map(|(i, k)| Ok(x.i(i)?.index_select(&index(k, x.device())?, 0)?))
-                .collect::<Result<Vec<_>>>()?;
-            x = Tensor::stack(&rows, 0)?;
-        }
-        let x = self.pre_layrnorm.forward(&x)?;
-        let tokens = self.encoder.forward(&x, None)?;
-        let embeds = ops::l2_normalize(&model.vision_proj.forward(&tokens.i((.., 0))?)?)?;
-        Ok((tokens, embeds))
-    }
-}
-
 /// An EMA teacher: a copy of the student built from plain (non-tracking) tensors that
 /// share storage with the vars the EMA updates.
 struct Teacher {
@@ -1004,10 +910,7 @@ struct Teacher {
 
 impl Teacher {
     fn new(student: &R2d2, student_vars: &VarMap) -> Result<Self> {
-        let data = student_vars
-            .data()
-            .lock()
-            .map_err(|_| Error::Training("var map lock poisoned".into()))?;
+        let data = lock_vars(student_vars)?;
         let mut vars = BTreeMap::new();
         let mut plain = HashMap::new();
         let mut pairs = Vec::new();
@@ -1065,13 +968,14 @@ struct MutState {
     queue: Option<FeatureQueue>,
 }
 
-/// The R2D2 / PRD2 objectives over a student model: call [`R2d2Objective::loss`] from the
-/// [`crate::train::Fit`] loss closure, and pass [`R2d2Objective::extra_state`] to
-/// [`crate::train::Fit::extra_state`] so that the teacher and queue are checkpointed.
+/// The R2D2 / PRD2 objectives over a student model, as an [`Objective`]: call
+/// [`Objective::loss`] from the [`crate::train::Fit`] loss closure, and pass
+/// [`Objective::extra_state`] to [`crate::train::Fit::extra_state`] so that the teacher and
+/// queue are checkpointed.
 pub struct R2d2Objective {
     cfg: R2d2LossConfig,
+    student: R2d2,
     temp: Option<Var>,
-    trunk: Option<VisionTrunk>,
     comm: Option<Arc<dyn Collective>>,
     state: RefCell<MutState>,
 }
@@ -1085,22 +989,17 @@ impl std::fmt::Debug for R2d2Objective {
 }
 
 impl R2d2Objective {
-    /// Sets up the objectives for `student`, built with `vb` over the trainable `vars`
-    /// (e.g. from `Loader::trainable` or a [`VarMap`]): the EMA teacher (a copy of the
-    /// student) and the queue when TgD or FgD is on, and the patch-dropping ViT trunk.
-    pub fn new(cfg: R2d2LossConfig, student: &R2d2, vars: &VarMap, vb: VarBuilder) -> Result<Self> {
+    /// Sets up the objectives for `student`, built over the trainable `vars` (e.g. from
+    /// `Loader::trainable` or a [`VarMap`]): the EMA teacher (a copy of the student) and the
+    /// queue when TgD or FgD is on.
+    pub fn new(cfg: R2d2LossConfig, student: &R2d2, vars: &VarMap) -> Result<Self> {
         cfg.validate()?;
         if cfg.fgr_weight > 0.0 && !student.config().has_joint_layers() {
             return Err(Error::Config(
                 "FGR needs the cross encoders: PRD2 trains with GCPR and TgD (fgr_weight 0)".into(),
             ));
         }
-        let temp = vars
-            .data()
-            .lock()
-            .map_err(|_| Error::Training("var map lock poisoned".into()))?
-            .get("temp")
-            .cloned();
+        let temp = lock_vars(vars)?.get("temp").cloned();
         let teacher = if cfg.needs_teacher() {
             Some(Teacher::new(student, vars)?)
         } else {
@@ -1116,15 +1015,10 @@ impl R2d2Objective {
         } else {
             None
         };
-        let trunk = if cfg.fgd_weight > 0.0 && cfg.patch_drop_ratio > 0.0 {
-            Some(VisionTrunk::new(student, vb)?)
-        } else {
-            None
-        };
         Ok(Self {
             cfg,
+            student: student.clone(),
             temp,
-            trunk,
             comm: None,
             state: RefCell::new(MutState { teacher, queue }),
         })
@@ -1134,15 +1028,20 @@ impl R2d2Objective {
         &self.cfg
     }
 
-    /// Draws FGR's hard negatives from the batches of every rank of `comm` (a group of
-    /// one changes nothing). GCPR, TgD and FgD stay in-batch per rank.
+    /// The trained model.
+    pub fn student(&self) -> &R2d2 {
+        &self.student
+    }
+
+    /// Computes the losses against the batches of every rank of `comm` (a group of one
+    /// changes nothing): GCPR's columns, FGR's negatives and TgD's in-batch keys.
     pub fn with_collective(mut self, comm: Arc<dyn Collective>) -> Self {
         self.comm = Some(comm);
         self
     }
 
     /// Replaces the TgD queue (tests; a resumed run restores it through
-    /// [`R2d2Objective::extra_state`]).
+    /// [`Objective::extra_state`]).
     pub fn set_queue(&self, queue: Option<FeatureQueue>) {
         self.state.borrow_mut().queue = queue;
     }
@@ -1168,11 +1067,6 @@ impl R2d2Objective {
         Ok(Some((img.detach(), txt.detach())))
     }
 
-    /// The checkpointable state (teacher weights, queue) for [`crate::train::Fit`].
-    pub fn extra_state(&self) -> R2d2ExtraState<'_> {
-        R2d2ExtraState(self)
-    }
-
     /// Clamps `temp` into the configured range (no gradient), as the official code does
     /// before every forward pass.
     pub fn clamp_temp(&self) -> Result<()> {
@@ -1185,33 +1079,110 @@ impl R2d2Objective {
         Ok(())
     }
 
-    /// The student's image tokens and embeddings (the ViT without gradient when
-    /// `freeze_vision`).
+    /// Whether FgD's student drops image patches.
+    fn drops_patches(&self) -> bool {
+        self.cfg.fgd_weight > 0.0 && self.cfg.patch_drop_ratio > 0.0
+    }
+
+    /// The student's image tokens and embeddings over the tokens `keep` (all of them for
+    /// `None`); with `freeze_vision`, the ViT runs without gradient.
     fn student_image(
         &self,
-        model: &R2d2,
         pixels: &Tensor,
         keep: Option<&[Vec<usize>]>,
+        freeze: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let tokens = match (&self.trunk, keep) {
-            (Some(trunk), Some(_)) => trunk.encode_image(model, pixels, keep)?.0,
-            _ => model.visual_encoder.forward(pixels)?,
+        let model = &self.student;
+        let tokens = match keep {
+            Some(keep) => model.visual_encoder.forward_kept(pixels, keep)?,
+            None => model.visual_encoder.forward(pixels)?,
         };
-        let tokens = if self.cfg.freeze_vision {
-            tokens.detach()
-        } else {
-            tokens
-        };
+        let tokens = if freeze { tokens.detach() } else { tokens };
         let embeds = ops::l2_normalize(&model.vision_proj.forward(&tokens.i((.., 0))?)?)?;
         Ok((tokens, embeds))
     }
 
+    /// The pairs the loss terms compare against: every rank's, gathered once, or this
+    /// batch's.
+    fn world(
+        &self,
+        x: &R2d2Inputs,
+        (tokens, img): (&Tensor, &Tensor),
+        (states, txt): (&Tensor, &Tensor),
+    ) -> Result<World> {
+        let fgr = self.cfg.fgr_weight > 0.0;
+        match self.comm.as_ref().filter(|c| c.world_size() > 1) {
+            None => {
+                let world = World::local(img, txt, x.image_ids)?;
+                Ok(if fgr {
+                    world.with_local_fgr(tokens, states, x.attention_mask)
+                } else {
+                    world
+                })
+            }
+            Some(comm) => World::gather(
+                comm,
+                img,
+                txt,
+                x.image_ids,
+                fgr.then_some((tokens, x.input_ids, x.attention_mask)),
+            ),
+        }
+    }
+
+    /// The FgD loss with the masks given (for tests and analysis): the student sees
+    /// `masked_ids` and the image tokens `keep`, the teacher the full inputs.
+    pub fn fgd_with_masks(
+        &self,
+        x: &R2d2Inputs,
+        masked_ids: &Tensor,
+        keep: Option<&[Vec<usize>]>,
+    ) -> Result<Tensor> {
+        let (t_img, t_txt) = self
+            .teacher_features(x.pixel_values, x.input_ids, x.attention_mask)?
+            .ok_or_else(|| Error::Config("FgD needs the teacher (fgd_weight > 0)".into()))?;
+        if !self.drops_patches() {
+            return Err(Error::Config(
+                "patch dropping needs patch_drop_ratio > 0".into(),
+            ));
+        }
+        let (_, s_img) = self.student_image(x.pixel_values, keep, false)?;
+        let (_, s_txt) = self.student.encode_text(masked_ids, x.attention_mask)?;
+        fgd_loss(&s_img, &s_txt, &t_img, &t_txt, self.cfg.feature_loss)
+    }
+}
+
+impl LossTerms for R2d2Losses {
+    fn total(&self) -> &Tensor {
+        &self.total
+    }
+
+    fn terms(&self) -> Result<Vec<(&'static str, f64)>> {
+        Ok([
+            ("gcpr", self.gcpr),
+            ("fgr", self.fgr),
+            ("tgd", self.tgd),
+            ("fgd", self.fgd),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect())
+    }
+}
+
+impl Objective for R2d2Objective {
+    type Inputs<'a> = R2d2Inputs<'a>;
+    type Losses = R2d2Losses;
+
     /// The weighted loss of one micro-batch. On the first micro-batch of a step this
     /// clamps `temp` and moves the EMA teacher toward the student (before the teacher's
-    /// features are computed, as ALBEF). FGR negatives, text masks and dropped patches
-    /// come from `ctx.rng` ([`STREAM_FGR`], [`STREAM_TEXT_MASK`], [`STREAM_PATCH_DROP`]).
-    pub fn loss(&self, model: &R2d2, x: &R2d2Inputs, ctx: &StepCtx) -> Result<R2d2Losses> {
+    /// features are computed, as ALBEF). Under data parallelism every rank's features are
+    /// gathered once, at the top ([`World::gather`]). FGR negatives, text masks and dropped
+    /// patches come from `ctx.rng` ([`STREAM_FGR`], [`STREAM_TEXT_MASK`],
+    /// [`STREAM_PATCH_DROP`]).
+    fn loss(&self, x: &R2d2Inputs<'_>, ctx: &StepCtx) -> Result<R2d2Losses> {
         let c = &self.cfg;
+        let model = &self.student;
         let b = x.pixel_values.dim(0)?;
         check_ids(b, x.image_ids)?;
         if ctx.micro == 0 {
@@ -1221,129 +1192,82 @@ impl R2d2Objective {
             }
         }
         let temp = &model.temp;
-        let (tokens, img) = self.student_image(model, x.pixel_values, None)?;
+        let (tokens, img) = self.student_image(x.pixel_values, None, c.freeze_vision)?;
         let (states, txt) = model.encode_text(x.input_ids, x.attention_mask)?;
+        let comm = self.comm.as_ref().filter(|c| c.world_size() > 1);
+        // Gathered once: the students' pairs, FGR's share, and the teacher's features.
+        let world = self.world(x, (&tokens, &img), (&states, &txt))?;
+        let teacher = match self.teacher_features(x.pixel_values, x.input_ids, x.attention_mask)? {
+            None => None,
+            Some((t_img, t_txt)) => {
+                let (w_img, w_txt) = match comm {
+                    Some(comm) if c.tgd_weight > 0.0 => {
+                        (comm.all_gather(&t_img)?, comm.all_gather(&t_txt)?)
+                    }
+                    _ => (t_img.clone(), t_txt.clone()),
+                };
+                Some((t_img, t_txt, w_img, w_txt))
+            }
+        };
+
         let mut total: Option<Tensor> = None;
         let mut add = |l: &Tensor, w: f64| -> Result<f64> {
-            let v = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let lw = (l.to_dtype(DType::F32)? * w)?;
             total = Some(match total.take() {
                 None => lw,
                 Some(t) => (t + lw)?,
             });
-            Ok(v)
+            scalar(l)
         };
-        let mut out = (None, None, None, None);
-        let comm = self.comm.as_ref().filter(|c| c.world_size() > 1);
+        let (mut gcpr, mut fgr, mut tgd, mut fgd, mut fgr_negatives) =
+            (None, None, None, None, None);
         if c.gcpr_weight > 0.0 {
-            let l = match comm {
-                None => gcpr_loss(&img, &txt, temp, x.image_ids)?,
-                Some(comm) => {
-                    // Every rank's features as columns, with gradient.
-                    let world_ids = gather_ids(comm, x.image_ids, img.device())?;
-                    gcpr_loss_against(
-                        &img,
-                        &txt,
-                        &all_gather_with_grad(&img, comm)?,
-                        &all_gather_with_grad(&txt, comm)?,
-                        temp,
-                        x.image_ids,
-                        &world_ids,
-                    )?
-                }
-            };
-            out.0 = Some(add(&l, c.gcpr_weight)?);
+            let l = gcpr_loss(&img, &txt, x.image_ids, &world, temp)?;
+            gcpr = Some(add(&l, c.gcpr_weight)?);
         }
-        let mut fgr_negatives = None;
         if c.fgr_weight > 0.0 {
-            let l = match comm {
-                None => {
-                    let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, temp, x.image_ids)?;
-                    let negs = sample_hard_negatives(&w_i2t, &w_t2i, &mut ctx.rng(STREAM_FGR))?;
-                    let l = fgr_loss(
-                        model,
-                        &tokens,
-                        &states,
-                        x.attention_mask,
-                        &negs,
-                        c.fgr_class_weights,
-                    )?;
-                    fgr_negatives = Some(negs);
-                    l
-                }
-                Some(comm) => {
-                    let world = gather_fgr_world(
-                        comm,
-                        &tokens,
-                        &img,
-                        &txt,
-                        x.input_ids,
-                        x.attention_mask,
-                        x.image_ids,
-                    )?;
-                    let (w_i2t, w_t2i) = hard_negative_weights_against(
-                        &img,
-                        &txt,
-                        &world.image_feat,
-                        &world.text_feat,
-                        temp,
-                        x.image_ids,
-                        &world.ids,
-                    )?;
-                    let mut rng = fgr_rng(ctx, comm.rank(), comm.world_size());
-                    let negs = sample_hard_negatives_at(&w_i2t, &w_t2i, world.offset, &mut rng)?;
-                    let l = fgr_loss_world(
-                        model,
-                        &tokens,
-                        &states,
-                        x.attention_mask,
-                        &world,
-                        &negs,
-                        c.fgr_class_weights,
-                    )?;
-                    fgr_negatives = Some(negs);
-                    l
-                }
-            };
-            out.1 = Some(add(&l, c.fgr_weight)?);
+            let (w_i2t, w_t2i) = hard_negative_weights(&img, &txt, x.image_ids, &world, temp)?;
+            let (rank, size) = comm.map_or((0, 1), |c| (c.rank(), c.world_size()));
+            let mut rng = fgr_rng(ctx, rank, size);
+            let negs = sample_hard_negatives(&w_i2t, &w_t2i, world.offset, &mut rng)?;
+            let l = fgr_loss(
+                model,
+                &tokens,
+                &states,
+                x.attention_mask,
+                &world,
+                &negs,
+                c.fgr_class_weights,
+            )?;
+            fgr = Some(add(&l, c.fgr_weight)?);
+            fgr_negatives = Some(negs);
         }
-        if c.needs_teacher() {
-            let (t_img, t_txt) = self
-                .teacher_features(x.pixel_values, x.input_ids, x.attention_mask)?
-                .ok_or_else(|| Error::Training("the EMA teacher is missing".into()))?;
+        if let Some((t_img, t_txt, w_img, w_txt)) = &teacher {
             if c.tgd_weight > 0.0 {
-                // With several ranks, the in-batch keys and the queue's new entries are
-                // every rank's teacher features, so all ranks hold the same queue.
-                let world = match comm {
-                    None => None,
-                    Some(comm) => Some((
-                        comm.all_gather(&t_img.detach())?,
-                        comm.all_gather(&t_txt.detach())?,
-                        gather_ids(comm, x.image_ids, t_img.device())?,
-                    )),
+                // The in-batch keys and the queue's new entries are every rank's teacher
+                // features, so all ranks hold the same queue.
+                let keys = TeacherWorld {
+                    image: w_img,
+                    text: w_txt,
+                    ids: &world.ids,
                 };
                 let l = {
                     let st = self.state.borrow();
-                    tgd_loss_against(
+                    tgd_loss(
                         &img,
                         &txt,
-                        &t_img,
-                        &t_txt,
+                        t_img,
+                        t_txt,
                         x.image_ids,
-                        world
-                            .as_ref()
-                            .map(|(image, text, ids)| TeacherWorld { image, text, ids }),
+                        keys,
                         st.queue.as_ref(),
                         temp,
                         c.distill_alpha,
                     )?
                 };
-                out.2 = Some(add(&l, c.tgd_weight)?);
+                tgd = Some(add(&l, c.tgd_weight)?);
                 if let Some(q) = self.state.borrow_mut().queue.as_mut() {
-                    match &world {
-                        None => q.enqueue(&t_img, &t_txt, x.image_ids)?,
-                        Some((image, text, ids)) => q.enqueue(image, text, ids)?,
-                    }
+                    q.enqueue(w_img, w_txt, &world.ids)?;
                 }
             }
             if c.fgd_weight > 0.0 {
@@ -1354,58 +1278,47 @@ impl R2d2Objective {
                     c.mask_token_id,
                     &mut ctx.rng(STREAM_TEXT_MASK),
                 )?;
-                let keep = match &self.trunk {
-                    Some(_) => {
-                        let patches = model.config().vision_config.num_positions() - 1;
-                        Some(sample_kept_tokens(
-                            b,
-                            patches,
-                            c.patch_drop_ratio,
-                            &mut ctx.rng(STREAM_PATCH_DROP),
-                        ))
-                    }
-                    None => None,
+                let keep = if self.drops_patches() {
+                    let patches = model.config().vision_config.num_positions() - 1;
+                    Some(sample_kept_tokens(
+                        b,
+                        patches,
+                        c.patch_drop_ratio,
+                        &mut ctx.rng(STREAM_PATCH_DROP),
+                    ))
+                } else {
+                    None
                 };
-                let (_, s_img) = self.student_image(model, x.pixel_values, keep.as_deref())?;
+                let (_, s_img) =
+                    self.student_image(x.pixel_values, keep.as_deref(), c.freeze_vision)?;
                 let (_, s_txt) = model.encode_text(&masked, x.attention_mask)?;
-                let l = fgd_loss(&s_img, &s_txt, &t_img, &t_txt, c.feature_loss)?;
-                out.3 = Some(add(&l, c.fgd_weight)?);
+                let l = fgd_loss(&s_img, &s_txt, t_img, t_txt, c.feature_loss)?;
+                fgd = Some(add(&l, c.fgd_weight)?);
             }
         }
         let total = total.ok_or_else(|| Error::Config("no objective is enabled".into()))?;
         Ok(R2d2Losses {
             total,
-            gcpr: out.0,
-            fgr: out.1,
-            tgd: out.2,
-            fgd: out.3,
+            gcpr,
+            fgr,
+            tgd,
+            fgd,
             fgr_negatives,
         })
     }
 
-    /// The FgD loss with the masks given (for tests and analysis): the student sees
-    /// `masked_ids` and the image tokens `keep`, the teacher the full inputs.
-    pub fn fgd_with_masks(
-        &self,
-        model: &R2d2,
-        x: &R2d2Inputs,
-        masked_ids: &Tensor,
-        keep: Option<&[Vec<usize>]>,
-    ) -> Result<Tensor> {
-        let (t_img, t_txt) = self
-            .teacher_features(x.pixel_values, x.input_ids, x.attention_mask)?
-            .ok_or_else(|| Error::Config("FgD needs the teacher (fgd_weight > 0)".into()))?;
-        let trunk = match &self.trunk {
-            Some(t) => t.clone(),
-            None => {
-                return Err(Error::Config(
-                    "patch dropping needs patch_drop_ratio > 0".into(),
-                ))
-            }
-        };
-        let (_, s_img) = trunk.encode_image(model, x.pixel_values, keep)?;
-        let (_, s_txt) = model.encode_text(masked_ids, x.attention_mask)?;
-        fgd_loss(&s_img, &s_txt, &t_img, &t_txt, self.cfg.feature_loss)
+    fn extra_state(&self) -> Option<Box<dyn ExtraState + '_>> {
+        Some(Box::new(R2d2ExtraState(self)))
+    }
+
+    /// Everything trains, except the ViT with `freeze_vision` (the official fine-tuning).
+    fn param_groups(&self) -> ParamGroupConfig {
+        let groups = ParamGroupConfig::default();
+        if self.cfg.freeze_vision {
+            groups.with_frozen(["visual_encoder.*"])
+        } else {
+            groups
+        }
     }
 }
 
@@ -1442,7 +1355,7 @@ impl ExtraState for R2d2ExtraState<'_> {
             for (name, v) in &t.vars {
                 if let Some(x) = tensors.get(&format!("{TEACHER_PREFIX}{name}")) {
                     if x.dims() != v.dims() {
-                        return Err(Error::Training(format!(
+                        return Err(Error::StateMismatch(format!(
                             "teacher tensor `{name}` has shape {:?} in the checkpoint, {:?} here",
                             x.dims(),
                             v.dims()

@@ -22,9 +22,9 @@ use image::{Rgb, RgbImage};
 use rand::Rng;
 use serde_json::json;
 
-use super::data::{Manifest, Sample};
-use super::rng::derive_rng;
+use super::{Manifest, Sample};
 use crate::error::{Error, Result};
+use crate::train::rng::derive_rng;
 
 /// The colours: Chinese name and RGB.
 pub const COLOURS: &[(&str, [u8; 3])] = &[

@@ -32,7 +32,7 @@
 //! which is not needed here.
 //!
 //! The queues, pointers and key-encoder weights are checkpointed through
-//! [`BrivlMoco::extra_state`] (an [`ExtraState`]); [`BrivlMoco::export`] writes a checkpoint (query and `_mom` encoders,
+//! [`BrivlMoco::moco_state`] (an [`ExtraState`]); [`BrivlMoco::export`] writes a checkpoint (query and `_mom` encoders,
 //! `config.json`) that the inference API loads.
 
 use std::collections::{BTreeMap, HashMap};
@@ -44,25 +44,20 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::data::{Batch, ImagePipeline, ResizeKind, IMAGENET_MEAN, IMAGENET_STD};
-use super::dist::Collective;
-use super::fit::ExtraState;
-use super::pattern::Patterns;
-use super::rng::derive_rng;
-use super::trainer::{StepCtx, Trainer};
-use super::AugmentConfig;
+use super::{scalar, LossTerms, Objective};
 use crate::checkpoint::{self, is_buffer, LoadReport, Loader, TensorSource};
 use crate::error::{Error, Result};
 use crate::models::brivl::{pad_boxes, prepare_boxes, Brivl, BrivlConfig, IGNORED_KEYS};
 use crate::nn::ops;
 use crate::preprocess::{TextProcessor, TextStyle};
-
-/// A seeded standard normal sample (Box–Muller).
-fn standard_normal<R: Rng>(rng: &mut R) -> f32 {
-    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
-    let u2: f64 = rng.random_range(0.0..1.0);
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-}
+use crate::train::data::{Batch, ImagePipeline, ResizeKind, IMAGENET_MEAN, IMAGENET_STD};
+use crate::train::dist::Collective;
+use crate::train::fit::ExtraState;
+use crate::train::optim::ParamGroupConfig;
+use crate::train::pattern::Patterns;
+use crate::train::rng::{derive_rng, standard_normal};
+use crate::train::trainer::{lock_vars, StepCtx, Trainer};
+use crate::train::AugmentConfig;
 
 /// Key prefixes of the momentum encoders in a BriVL checkpoint.
 const MOM: [(&str, &str); 2] = [
@@ -421,7 +416,7 @@ pub struct BrivlInputs {
     pub text_mask: Tensor,
 }
 
-impl super::trainer::BatchInfo for BrivlInputs {
+impl crate::train::trainer::BatchInfo for BrivlInputs {
     fn num_samples(&self) -> usize {
         self.pixel_values.dims().first().copied().unwrap_or(0)
     }
@@ -504,9 +499,7 @@ impl std::fmt::Debug for BrivlMoco {
 }
 
 fn lock(state: &Mutex<MocoState>) -> Result<MutexGuard<'_, MocoState>> {
-    state
-        .lock()
-        .map_err(|_| Error::Training("MoCo state lock poisoned".into()))
+    state.lock().map_err(|_| Error::LockPoisoned("MoCo state"))
 }
 
 fn mom_name(name: &str) -> String {
@@ -692,7 +685,7 @@ impl BrivlMoco {
     }
 
     /// Every query tensor (trained or not) as a var; give it to [`Trainer::from_varmap`]
-    /// with [`BrivlMoco::param_groups`].
+    /// with [`Objective::param_groups`].
     pub fn vars(&self) -> &VarMap {
         &self.vars
     }
@@ -700,11 +693,6 @@ impl BrivlMoco {
     /// Keys the checkpoint had that the model did not read.
     pub fn load_report(&self) -> &LoadReport {
         &self.report
-    }
-
-    /// The optimiser's groups: the trainable patterns, with the default no-decay rules.
-    pub fn param_groups(&self) -> super::ParamGroupConfig {
-        super::ParamGroupConfig::default().with_trainable(self.moco.trainable.iter().cloned())
     }
 
     /// Whether a query tensor trains.
@@ -801,64 +789,19 @@ impl BrivlMoco {
         Ok((img.detach(), txt.detach()))
     }
 
-    /// The loss of one micro-batch inside a [`Trainer`] step. The first micro-batch of a
-    /// step runs the momentum update; keys wait until the step succeeds (see
-    /// [`BrivlMoco::attach`]), so a skipped step enqueues nothing.
-    pub fn loss(&self, x: &BrivlInputs, ctx: &StepCtx) -> Result<MocoLoss> {
-        let b = x.pixel_values.dims4()?.0;
-        let world = lock(&self.state)?
-            .comm
-            .as_ref()
-            .map_or(1, |c| c.world_size());
-        let global = b * ctx.n_micro * world;
-        if !self.moco.queue_size.is_multiple_of(global) {
-            return Err(Error::Config(format!(
-                "the MoCo queue size {} must be a multiple of the global batch (batch {b} × \
-                 {} micro-batches × {world} workers = {global})",
-                self.moco.queue_size, ctx.n_micro
-            )));
-        }
-        if ctx.micro == 0 {
-            {
-                let mut st = lock(&self.state)?;
-                st.pending.clear();
-            }
-            self.momentum_update()?;
-        }
-        let (q_img, q_txt) = self.query_embeds(x)?;
-        let (k_img, k_txt) = self.key_embeds(x)?;
-        let mut st = lock(&self.state)?;
-        let positives = if self.moco.multi_positive {
-            Some(topk_positives(&k_img, &k_txt, &st.queues, self.moco.topk)?)
-        } else {
-            None
-        };
-        let out = moco_loss(
-            &q_img,
-            &q_txt,
-            &k_img,
-            &k_txt,
-            &st.queues,
-            self.moco.temperature,
-            positives.as_ref(),
-        )?;
-        st.pending.push((k_img, k_txt));
-        Ok(out)
-    }
-
     /// Recall@1/5/10 both ways (in percent, the original's names `txt_r1` … `r_mean`) of
     /// the query encoders on a held-out manifest, pairing each image with its first
     /// caption; images are prepared as in training without augmentation.
     pub fn evaluate_retrieval(
         &self,
-        manifest: &super::Manifest,
+        manifest: &crate::train::Manifest,
         batch_size: usize,
     ) -> Result<BTreeMap<String, f64>> {
-        let mut cfg = super::DataConfig::new(batch_size.max(1), self.cfg.img_size);
+        let mut cfg = crate::train::DataConfig::new(batch_size.max(1), self.cfg.img_size);
         cfg.shuffle = false;
         cfg.drop_last = false;
         cfg.pipeline = self.image_pipeline(None);
-        let mut loader = super::DataLoader::new(manifest.clone(), cfg)?;
+        let mut loader = crate::train::DataLoader::new(manifest.clone(), cfg)?;
         let (mut imgs, mut txts) = (Vec::new(), Vec::new());
         // Inference mode: running BatchNorm statistics, whatever the training mode.
         let training = self.model.batch_norm_training();
@@ -968,8 +911,10 @@ impl BrivlMoco {
             box_grid: self.box_grid,
             ..self.cfg.clone()
         };
-        let json = serde_json::to_vec_pretty(&cfg)
-            .map_err(|e| Error::Training(format!("serialising the BriVL config: {e}")))?;
+        let json = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Serialize {
+            what: "the BriVL config".into(),
+            reason: e.to_string(),
+        })?;
         checkpoint::write_atomic(&dir.join("config.json"), &json)?;
         if let Some(t) = tokenizer {
             let bytes =
@@ -1027,10 +972,7 @@ fn commit(state: &Mutex<MocoState>) -> Result<()> {
 }
 
 fn var_tensors(vars: &VarMap) -> Result<BTreeMap<String, Tensor>> {
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| Error::Training("var map lock poisoned".into()))?;
+    let data = lock_vars(vars)?;
     Ok(data
         .iter()
         .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
@@ -1038,8 +980,8 @@ fn var_tensors(vars: &VarMap) -> Result<BTreeMap<String, Tensor>> {
 }
 
 /// The MoCo state a training checkpoint keeps (queues, pointers, the moving key-encoder
-/// tensors), as an [`ExtraState`] for [`super::Fit::extra_state`]; from
-/// [`BrivlMoco::extra_state`]. It shares the state with the objective, so the objective
+/// tensors), as an [`ExtraState`] for [`crate::train::Fit::extra_state`]; from
+/// [`BrivlMoco::moco_state`]. It shares the state with the objective, so the objective
 /// can keep computing losses while the loop holds this.
 pub struct MocoExtraState {
     state: Arc<Mutex<MocoState>>,
@@ -1050,8 +992,9 @@ pub struct MocoExtraState {
 }
 
 impl BrivlMoco {
-    /// The checkpointable MoCo state (see [`MocoExtraState`]).
-    pub fn extra_state(&self) -> MocoExtraState {
+    /// The checkpointable MoCo state (see [`MocoExtraState`]); also what
+    /// [`Objective::extra_state`] returns.
+    pub fn moco_state(&self) -> MocoExtraState {
         MocoExtraState {
             state: self.state.clone(),
             cfg: self.cfg.clone(),
@@ -1059,6 +1002,78 @@ impl BrivlMoco {
             device: self.device.clone(),
             dtype: self.dtype,
         }
+    }
+}
+
+impl LossTerms for MocoLoss {
+    fn total(&self) -> &Tensor {
+        &self.loss
+    }
+
+    fn terms(&self) -> Result<Vec<(&'static str, f64)>> {
+        Ok(vec![
+            ("i2t", scalar(&self.i2t)?),
+            ("t2i", scalar(&self.t2i)?),
+        ])
+    }
+}
+
+impl Objective for BrivlMoco {
+    type Inputs<'a> = BrivlInputs;
+    type Losses = MocoLoss;
+
+    /// The loss of one micro-batch inside a [`Trainer`] step. The first micro-batch of a
+    /// step runs the momentum update; keys wait until the step succeeds (see
+    /// [`BrivlMoco::attach`]), so a skipped step enqueues nothing.
+    fn loss(&self, x: &BrivlInputs, ctx: &StepCtx) -> Result<MocoLoss> {
+        let b = x.pixel_values.dims4()?.0;
+        let world = lock(&self.state)?
+            .comm
+            .as_ref()
+            .map_or(1, |c| c.world_size());
+        let global = b * ctx.n_micro * world;
+        if !self.moco.queue_size.is_multiple_of(global) {
+            return Err(Error::Config(format!(
+                "the MoCo queue size {} must be a multiple of the global batch (batch {b} × \
+                 {} micro-batches × {world} workers = {global})",
+                self.moco.queue_size, ctx.n_micro
+            )));
+        }
+        if ctx.micro == 0 {
+            {
+                let mut st = lock(&self.state)?;
+                st.pending.clear();
+            }
+            self.momentum_update()?;
+        }
+        let (q_img, q_txt) = self.query_embeds(x)?;
+        let (k_img, k_txt) = self.key_embeds(x)?;
+        let mut st = lock(&self.state)?;
+        let positives = if self.moco.multi_positive {
+            Some(topk_positives(&k_img, &k_txt, &st.queues, self.moco.topk)?)
+        } else {
+            None
+        };
+        let out = moco_loss(
+            &q_img,
+            &q_txt,
+            &k_img,
+            &k_txt,
+            &st.queues,
+            self.moco.temperature,
+            positives.as_ref(),
+        )?;
+        st.pending.push((k_img, k_txt));
+        Ok(out)
+    }
+
+    fn extra_state(&self) -> Option<Box<dyn ExtraState + '_>> {
+        Some(Box::new(self.moco_state()))
+    }
+
+    /// The optimiser's groups: the trainable patterns, with the default no-decay rules.
+    fn param_groups(&self) -> ParamGroupConfig {
+        ParamGroupConfig::default().with_trainable(self.moco.trainable.iter().cloned())
     }
 }
 

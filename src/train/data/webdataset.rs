@@ -1,6 +1,6 @@
 //! Streaming WebDataset tar shards: a writer in the img2dataset layout and a
 //! deterministic, resumable, rank-aware loader producing the same [`Batch`] as the
-//! manifest [`DataLoader`](super::data::DataLoader).
+//! manifest [`DataLoader`](super::DataLoader).
 //!
 //! **Layout.** A shard is a plain tar file. Each sample is a run of consecutive members
 //! sharing a *key*, the member name up to the first dot of its file name (directories
@@ -29,7 +29,7 @@
 //! …`), each reading ahead into a bounded queue; the consumer drains the shards in order,
 //! so the sample stream, and every batch, does not depend on the number of threads.
 //! Images are decoded, augmented and normalised in parallel with rayon through the same
-//! [`ImagePipeline`](super::data::ImagePipeline) as the manifest loader (pixels are
+//! [`ImagePipeline`](super::ImagePipeline) as the manifest loader (pixels are
 //! identical for the same image bytes). Ranks may see slightly different numbers of samples per epoch; each moves on to
 //! its next epoch by itself, so a run of a fixed number of steps never waits for a rank.
 //!
@@ -73,13 +73,13 @@ use rand::Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::data::{
-    parse_boxes, Batch, DataConfig, DataPosition, Decoded as Loaded, Sample, SkippedSample,
-};
-pub use super::data::{BatchSource, ShardCursor};
-use super::rng::{derive_rng, streams};
+pub use super::loader::{BatchSource, ShardCursor};
+use super::loader::{Decoded as Loaded, SkippedSample};
+use super::manifest::parse_boxes;
+use super::{Batch, DataConfig, DataPosition, Sample};
 use crate::error::{Error, Result};
 use crate::preprocess::ImageInput;
+use crate::train::rng::{derive_rng, streams};
 
 /// Random stream of the per-epoch shard order.
 const SHARD_ORDER_STREAM: u64 = 60;
@@ -532,7 +532,7 @@ impl Drop for ShardWriter {
 
 /// Writes a whole manifest as shards `{prefix}-{:05}.tar` in `dir`.
 pub fn write_manifest(
-    manifest: &super::data::Manifest,
+    manifest: &super::Manifest,
     dir: impl Into<PathBuf>,
     prefix: &str,
     samples_per_shard: usize,
@@ -878,7 +878,7 @@ impl WebDatasetLoader {
         if let Some(a) = &config.pipeline.augment {
             a.validate()?;
         }
-        if let super::data::ResizeKind::R2d2Train(a) = &config.pipeline.resize {
+        if let super::ResizeKind::R2d2Train(a) = &config.pipeline.resize {
             a.validate()?;
         }
         if wds.world_size == 0 || wds.rank >= wds.world_size {
