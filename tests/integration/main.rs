@@ -1,6 +1,7 @@
 //! Integration tests: parity with the reference implementations, preprocessing, loading,
 //! bad inputs. One test binary keeps link time low.
 
+mod architecture;
 mod brivl;
 mod brivl_train;
 mod common;
