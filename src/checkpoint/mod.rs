@@ -11,6 +11,7 @@
 //!   interrupted save never damages the previous file.
 
 pub mod convert;
+pub mod pattern;
 #[cfg(feature = "hub")]
 pub mod hub;
 
@@ -24,6 +25,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::error::{Error, Result};
+pub use self::pattern::Patterns;
 use crate::nn::linear::{inference_layout, is_weight_hint};
 
 /// Where tensors come from.
@@ -206,7 +208,7 @@ struct Checked {
     problem: Arc<Mutex<Option<Error>>>,
     vars: Option<VarMap>,
     /// With `vars`: only names matching these track gradients (all when `None`).
-    tracked: Option<crate::train::Patterns>,
+    tracked: Option<Patterns>,
 }
 
 /// Whether `name` is a normalisation buffer (running statistics), which never trains.
@@ -383,7 +385,7 @@ impl Loader {
     /// inference kernels (fused ops, folded BatchNorm) stay available for them.
     pub fn trainable_matching(
         mut self,
-        patterns: crate::train::Patterns,
+        patterns: Patterns,
     ) -> Result<(Self, VarMap)> {
         let vars = VarMap::new();
         match Arc::get_mut(&mut self.inner) {
