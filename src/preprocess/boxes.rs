@@ -74,7 +74,6 @@ pub fn inputs_with_box_files(paths: &[PathBuf], box_files: &[PathBuf]) -> Result
         .collect()
 }
 
-
 /// Validates, clips and scales one image's boxes to model pixels and appends the whole
 /// image; without boxes, a `grid × grid` grid (none for 0) plus the whole image.
 ///

@@ -223,13 +223,20 @@ pub fn to_tensor_normalized(
     device: &Device,
 ) -> Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut data = vec![0f32; 3 * h * w];
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            data[c * h * w + i] = (p.0[c] as f32 / 255.0 - mean[c]) / std[c];
+    let mut data = to_planes(img);
+    normalize_planes(&mut data, mean, std);
+    Ok(Tensor::from_vec(data, (3, h, w), device)?)
+}
+
+/// Normalises planar `[3 · n]` floats in place: `(x − mean) / std` per channel.
+pub fn normalize_planes(planes: &mut [f32], mean: [f32; 3], std: [f32; 3]) {
+    let n = planes.len() / 3;
+    for c in 0..3 {
+        let (m, sd) = (mean[c], std[c]);
+        for x in &mut planes[c * n..(c + 1) * n] {
+            *x = (*x - m) / sd;
         }
     }
-    Ok(Tensor::from_vec(data, (3, h, w), device)?)
 }
 
 /// An RGB image as planar `[3 · h · w]` floats `x / 255` in `[0, 1]` (torchvision's

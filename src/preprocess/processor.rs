@@ -17,8 +17,8 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::image::{
-    bilinear_no_antialias_planes, resize_bilinear_antialias, resize_pil, to_planes, ImageInput,
-    Resample,
+    bilinear_no_antialias_planes, normalize_planes, resize_bilinear_antialias, resize_pil,
+    to_planes, ImageInput, Resample,
 };
 use crate::error::{Error, Result};
 
@@ -138,13 +138,7 @@ impl ImageProcessor {
 
     /// Normalises planar `[3 · n]` floats in place: `(x − mean) / std` per channel.
     pub fn normalize_planes(&self, planes: &mut [f32]) {
-        let n = planes.len() / 3;
-        for c in 0..3 {
-            let (m, sd) = (self.mean[c], self.std[c]);
-            for x in &mut planes[c * n..(c + 1) * n] {
-                *x = (*x - m) / sd;
-            }
-        }
+        normalize_planes(planes, self.mean, self.std);
     }
 
     /// One decoded image to normalised planar `[3 · height · width]` floats.
