@@ -143,7 +143,8 @@ pub fn download_preset(p: &Preset) -> Result<PathBuf> {
             hub::fetch_optional(&p.repo, "preprocessor_config.json", false)?;
             if hub::fetch_optional(&p.repo, "model.safetensors", true)?.is_none() {
                 let index = hub::fetch(&p.repo, "model.safetensors.index.json", false)?;
-                for shard in discover::safetensors_files(index.parent().unwrap_or(Path::new(".")))? {
+                for shard in discover::safetensors_files(index.parent().unwrap_or(Path::new(".")))?
+                {
                     let name = shard
                         .file_name()
                         .map(|n| n.to_string_lossy().to_string())

@@ -66,7 +66,8 @@ pub fn is_safetensors(path: &Path) -> bool {
 /// `text_encoder.*` and `vision_proj.*`, with `text_joint_layer.*` for R2D2) or BriVL
 /// (`imgencoder.backbone.*` / `textencoder.backbone.*`); `None` for anything else.
 pub fn family_of_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<Family> {
-    let (mut vision, mut text, mut proj, mut joint, mut brivl) = (false, false, false, false, false);
+    let (mut vision, mut text, mut proj, mut joint, mut brivl) =
+        (false, false, false, false, false);
     for k in keys {
         vision |= k.starts_with("visual_encoder.embeddings.");
         text |= k.starts_with("text_encoder.embeddings.");
@@ -157,7 +158,10 @@ pub fn open_checkpoint(path: &Path, layout: &Layout) -> Result<(TensorSource, Fa
         }
     };
     if is_safetensors(path) {
-        return accept(open_safetensors(&[path.to_path_buf()])?, "a safetensors file");
+        return accept(
+            open_safetensors(&[path.to_path_buf()])?,
+            "a safetensors file",
+        );
     }
     let key = layout.pth_key;
     match open_pth(path, Some(key)) {

@@ -15,9 +15,9 @@
 
 pub mod convert;
 pub mod discover;
-pub mod pattern;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod pattern;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -396,10 +396,7 @@ impl Loader {
     /// [`VarMap`] (so checkpoints hold the whole model and restoring reaches them) but the
     /// model sees them as constants: backward passes never compute their gradients, and
     /// inference kernels (fused ops, folded BatchNorm) stay available for them.
-    pub fn trainable_matching(
-        mut self,
-        patterns: Patterns,
-    ) -> Result<(Self, VarMap)> {
+    pub fn trainable_matching(mut self, patterns: Patterns) -> Result<(Self, VarMap)> {
         let vars = VarMap::new();
         match Arc::get_mut(&mut self.inner) {
             Some(c) => {

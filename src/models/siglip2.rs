@@ -29,8 +29,8 @@ use crate::nn::ops::{self, key_padding_bias, Activation, LayerNorm};
 use crate::nn::{LayerDims, Mlp, MultiHeadAttention, PreNormEncoder};
 use crate::preprocess::image::aa_bilinear_weights;
 use crate::preprocess::{
-    read_max_num_patches, ImageInput, ImageProcessor, NaFlexBatch, NaFlexProcessor,
-    TextProcessor, TextStyle,
+    read_max_num_patches, ImageInput, ImageProcessor, NaFlexBatch, NaFlexProcessor, TextProcessor,
+    TextStyle,
 };
 
 pub use crate::checkpoint::discover::safetensors_files;

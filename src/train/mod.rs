@@ -70,6 +70,7 @@ pub mod synthetic;
 pub mod trainer;
 pub mod webdataset;
 
+pub use crate::checkpoint::pattern::{self, Patterns};
 pub use augment::AugmentConfig;
 pub use data::{Batch, DataConfig, DataLoader, DataPosition, ImagePipeline, Manifest, Sample};
 pub use dist::{all_gather_with_grad, Collective, LocalGroup};
@@ -77,7 +78,6 @@ pub use eval::{EvalFn, EvalHook};
 pub use fit::{ExtraState, Fit, FitSummary};
 pub use log::{MetricsLog, Progress};
 pub use optim::{AdamW, AdamWConfig, Grads, GroupRule, ParamGroupConfig};
-pub use crate::checkpoint::pattern::{self, Patterns};
 pub use r2d2::{R2d2LossConfig, R2d2Objective};
 pub use schedule::Schedule;
 pub use state::{CheckpointManager, CheckpointMeta, TrainCheckpoint};

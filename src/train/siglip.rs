@@ -36,14 +36,13 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use super::dist::{all_gather_with_grad, Collective};
+use crate::checkpoint::discover::safetensors_files;
 use crate::checkpoint::{LoadReport, Loader};
 use crate::error::{Error, Result};
-use crate::checkpoint::discover::safetensors_files;
 use crate::models::siglip2::{Siglip, SiglipConfig, SiglipImageProcessor};
 use crate::nn::ops;
 use crate::preprocess::{
-    read_max_num_patches, ImageProcessor, NaFlexBatch, NaFlexProcessor, TextProcessor,
-    TextStyle,
+    read_max_num_patches, ImageProcessor, NaFlexBatch, NaFlexProcessor, TextProcessor, TextStyle,
 };
 
 /// `[m, n]` logits `exp(scale) · text · imagesᵀ + bias`, in f32.

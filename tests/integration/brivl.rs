@@ -9,9 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use tuwen::checkpoint::convert::{convert_pth, ConvertOptions, TargetDtype};
 use tuwen::checkpoint::{Loader, TensorSource};
-use tuwen::models::brivl::{
-    self, prepare_boxes, Brivl, BrivlConfig, BrivlEncoder, IGNORED_KEYS,
-};
+use tuwen::models::brivl::{self, prepare_boxes, Brivl, BrivlConfig, BrivlEncoder, IGNORED_KEYS};
 use tuwen::nn::efficientnet::{EfficientNet, EfficientNetConfig};
 use tuwen::nn::grid_sample::{affine_grid, grid_sample};
 use tuwen::nn::ops;
@@ -730,10 +728,10 @@ fn brivl_rejects_bad_boxes() {
     assert!(m.contains("too many"));
     // Slightly outside is clipped, not rejected.
     let clipped = enc
-        .preprocess_images(
-            &[ImageInput::path(fixture("data/images/baike_14361859_0.jpg"))
-                .with_boxes(vec![[-3.0, 0.0, 455.0, 100.0]])],
-        )
+        .preprocess_images(&[
+            ImageInput::path(fixture("data/images/baike_14361859_0.jpg"))
+                .with_boxes(vec![[-3.0, 0.0, 455.0, 100.0]]),
+        ])
         .unwrap()
         .1;
     let first: Vec<f32> = clipped.get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
@@ -842,12 +840,7 @@ fn brivl_missing_and_misshaped_tensors_are_named() {
 fn brivl_rejects_other_checkpoints() {
     let cfg = tiny_config();
     let opts = test_opts();
-    match BrivlEncoder::from_checkpoint(
-        &cfg,
-        &fixture("original/r2d2_tiny.pth"),
-        None,
-        &opts,
-    ) {
+    match BrivlEncoder::from_checkpoint(&cfg, &fixture("original/r2d2_tiny.pth"), None, &opts) {
         Err(Error::WrongFamily { found, .. }) => {
             println!("r2d2_tiny.pth as BriVL: {found}");
             assert!(found.contains("'model'"), "{found}");
@@ -862,9 +855,7 @@ fn brivl_rejects_other_checkpoints() {
         Err(Error::WrongFamily { found, .. }) => assert!(found.contains("SigLIP"), "{found}"),
         other => panic!("expected WrongFamily, got {other:?}"),
     }
-    assert!(!brivl::is_brivl_path(&fixture(
-        "original/r2d2_tiny.pth"
-    )));
+    assert!(!brivl::is_brivl_path(&fixture("original/r2d2_tiny.pth")));
     assert!(brivl::is_brivl_path(&fixture(TINY_PTH)));
 
     // A truncated download.

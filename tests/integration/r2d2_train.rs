@@ -76,8 +76,7 @@ fn tiny_config() -> R2d2Config {
 
 /// The tiny fixture model with every weight a trainable var.
 fn tiny_trainable() -> (R2d2, VarMap, VarBuilder<'static>) {
-    let src =
-        TensorSource::open(&fixture("original/r2d2_tiny.pth"), Some("model")).unwrap();
+    let src = TensorSource::open(&fixture("original/r2d2_tiny.pth"), Some("model")).unwrap();
     let (loader, vars) = Loader::new(src, "r2d2_tiny.pth").trainable().unwrap();
     let vb = loader.var_builder(DType::F32, &test_device());
     let net = R2d2::new(&tiny_config(), vb.clone())
