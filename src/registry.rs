@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::checkpoint::discover;
 use crate::error::{Error, Result};
 use crate::models::brivl::{self, BrivlEncoder};
-use crate::models::r2d2;
+use crate::models::r2d2::{self, R2d2Encoder};
 use crate::models::siglip2::{self, SiglipEncoder};
 use crate::models::{DualEncoder, Family, LoadOptions};
 
@@ -72,10 +73,11 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
     Ok(model)
 }
 
-/// Applies [`crate::tune_allocator`] when `opts` ask for it and the model is on the CPU.
+/// Applies [`crate::allocator::tune_allocator`] when `opts` ask for it and the model is
+/// on the CPU.
 fn after_load(opts: &LoadOptions) {
     if opts.tune_allocator && opts.device.is_cpu() {
-        crate::tune_allocator();
+        crate::allocator::tune_allocator();
     }
 }
 
@@ -99,7 +101,8 @@ fn load_untuned(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> 
 /// Opens a model from a local directory, or a checkpoint file of a family that can be
 /// recognised by its tensor names (BriVL: a `.pth` with `learnable`, or a `.safetensors`
 /// with `imgencoder.*` tensors; R2D2 / PRD2: `.pth` with `model`, or `.safetensors` with
-/// `visual_encoder.*` tensors, or a directory holding one).
+/// `visual_encoder.*` tensors, or a directory holding one); see
+/// [`discover::identify`].
 pub fn load_path(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
     let model = load_path_untuned(path, opts)?;
     after_load(opts);
@@ -107,38 +110,19 @@ pub fn load_path(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>
 }
 
 fn load_path_untuned(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> {
-    if brivl::is_brivl_path(path) {
-        return Ok(Box::new(BrivlEncoder::from_path(path, opts)?));
-    }
-    if let Some(model) = r2d2::try_load_path(path, opts)? {
-        return Ok(Box::new(model));
-    }
-    if path.is_dir() && path.join("config.json").exists() {
-        let model_type = read_model_type(&path.join("config.json"))?;
-        if model_type == "siglip" || model_type == "siglip2" {
-            return Ok(Box::new(SiglipEncoder::from_dir(path, opts)?));
+    Ok(match discover::identify(path)? {
+        Some(Family::Brivl) => Box::new(BrivlEncoder::from_path(path, opts)?),
+        Some(Family::R2d2 | Family::Prd2) => Box::new(R2d2Encoder::from_path(path, opts)?),
+        Some(Family::Siglip | Family::Siglip2Naflex) => {
+            Box::new(SiglipEncoder::from_dir(path, opts)?)
         }
-        return Err(Error::WrongFamily {
-            path: path.join("config.json"),
-            expected: "a supported model_type (siglip, siglip2)".into(),
-            found: format!("model_type `{model_type}`"),
-        });
-    }
-    Err(Error::Config(format!(
-        "{} is neither a preset name nor a model directory with a config.json",
-        path.display()
-    )))
-}
-
-fn read_model_type(path: &Path) -> Result<String> {
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&s).map_err(|e| Error::parse(path.display().to_string(), e))?;
-    Ok(v.get("model_type")
-        .and_then(|m| m.as_str())
-        .unwrap_or("")
-        .to_string())
+        None => {
+            return Err(Error::Config(format!(
+                "{} is neither a preset name nor a model directory with a config.json",
+                path.display()
+            )))
+        }
+    })
 }
 
 /// Downloads (or finds in the cache) the files of a preset and returns the directory
@@ -159,7 +143,8 @@ pub fn download_preset(p: &Preset) -> Result<PathBuf> {
             hub::fetch_optional(&p.repo, "preprocessor_config.json", false)?;
             if hub::fetch_optional(&p.repo, "model.safetensors", true)?.is_none() {
                 let index = hub::fetch(&p.repo, "model.safetensors.index.json", false)?;
-                for shard in siglip2::safetensors_files(index.parent().unwrap_or(Path::new(".")))? {
+                for shard in discover::safetensors_files(index.parent().unwrap_or(Path::new(".")))?
+                {
                     let name = shard
                         .file_name()
                         .map(|n| n.to_string_lossy().to_string())

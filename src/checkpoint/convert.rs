@@ -59,13 +59,8 @@ pub struct ConvertReport {
 
 /// The nested key [`convert_pth`] would read when none is given.
 pub fn detect_key(input: &Path) -> Result<Option<String>> {
-    let keys = pth_top_level_keys(input)?;
-    for preferred in ["model", "learnable", "state_dict", "module"] {
-        if keys.iter().any(|k| k == preferred) {
-            return Ok(Some(preferred.to_string()));
-        }
-    }
-    Ok(None)
+    // The keys come in the order of preference.
+    Ok(pth_top_level_keys(input)?.into_iter().next())
 }
 
 /// The tensors `(name, shape, dtype)` of a `.pth` under `key` (or the detected key).

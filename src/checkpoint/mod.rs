@@ -9,10 +9,15 @@
 //!   model did not use.
 //! * [`save_safetensors`] writes atomically (temporary file, fsync, rename), so an
 //!   interrupted save never damages the previous file.
+//! * [`discover`] finds out which model family a file or directory holds and where its
+//!   weights and configuration are; [`pattern`] matches parameter names (freezing,
+//!   parameter groups, which tensors a [`Loader`] makes trainable).
 
 pub mod convert;
+pub mod discover;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod pattern;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -25,6 +30,9 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::error::{Error, Result};
 use crate::nn::linear::{inference_layout, is_weight_hint};
+
+pub use self::discover::Family;
+pub use self::pattern::Patterns;
 
 /// Where tensors come from.
 pub enum TensorSource {
@@ -81,12 +89,17 @@ pub fn open_pth(path: &Path, key: Option<&str>) -> Result<TensorSource> {
     Ok(TensorSource::Pth(pth))
 }
 
-/// Lists the top-level keys of a PyTorch zip checkpoint whose value is a dict of tensors
-/// (`"model"`, `"learnable"`, ...). An empty result means the top level is a state dict.
+/// The keys under which PyTorch checkpoints nest their state dict, in the order they are
+/// looked for.
+pub const NESTED_STATE_DICT_KEYS: &[&str] = &["model", "learnable", "state_dict", "module"];
+
+/// Lists the top-level keys of a PyTorch zip checkpoint whose value is a dict of tensors,
+/// among [`NESTED_STATE_DICT_KEYS`] and in their order. An empty result means the top level
+/// is a state dict.
 pub fn pth_top_level_keys(path: &Path) -> Result<Vec<String>> {
     check_file(path)?;
     let mut found = Vec::new();
-    for key in ["model", "learnable", "state_dict", "module"] {
+    for &key in NESTED_STATE_DICT_KEYS {
         if let Ok(p) = candle_core::pickle::PthTensors::new(path, Some(key)) {
             // Without the key the loader would see the outer dict, whose values are dicts,
             // not tensors, so a non-empty result really is a nested state dict.
@@ -119,13 +132,15 @@ fn check_file(path: &Path) -> Result<()> {
 impl TensorSource {
     /// Opens a checkpoint by its extension: `.safetensors`, or `.pth`/`.pt`/`.bin` (zip).
     pub fn open(path: &Path, pth_key: Option<&str>) -> Result<Self> {
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("safetensors") => open_safetensors(&[path.to_path_buf()]),
-            Some("pth") | Some("pt") | Some("bin") | Some("ckpt") => open_pth(path, pth_key),
-            _ => Err(Error::Checkpoint {
+        if discover::is_safetensors(path) {
+            open_safetensors(&[path.to_path_buf()])
+        } else if discover::is_pth(path) {
+            open_pth(path, pth_key)
+        } else {
+            Err(Error::Checkpoint {
                 path: path.to_path_buf(),
                 reason: "unknown checkpoint extension (expected .safetensors or .pth)".into(),
-            }),
+            })
         }
     }
 
@@ -206,7 +221,7 @@ struct Checked {
     problem: Arc<Mutex<Option<Error>>>,
     vars: Option<VarMap>,
     /// With `vars`: only names matching these track gradients (all when `None`).
-    tracked: Option<crate::train::Patterns>,
+    tracked: Option<Patterns>,
 }
 
 /// Whether `name` is a normalisation buffer (running statistics), which never trains.
@@ -381,10 +396,7 @@ impl Loader {
     /// [`VarMap`] (so checkpoints hold the whole model and restoring reaches them) but the
     /// model sees them as constants: backward passes never compute their gradients, and
     /// inference kernels (fused ops, folded BatchNorm) stay available for them.
-    pub fn trainable_matching(
-        mut self,
-        patterns: crate::train::Patterns,
-    ) -> Result<(Self, VarMap)> {
+    pub fn trainable_matching(mut self, patterns: Patterns) -> Result<(Self, VarMap)> {
         let vars = VarMap::new();
         match Arc::get_mut(&mut self.inner) {
             Some(c) => {
@@ -452,6 +464,20 @@ impl Loader {
             }
         }
         report
+    }
+
+    /// Builds an inference model with `build` from a [`Loader::var_builder`] in `dtype` on
+    /// `device`: the typed error of a missing or misshapen tensor, or the model with the
+    /// report of [`Loader::finish`] for `ignore`.
+    pub fn build_model<M>(
+        &self,
+        dtype: DType,
+        device: &Device,
+        ignore: &[&str],
+        build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+    ) -> Result<(M, LoadReport)> {
+        let model = build(self.var_builder(dtype, device)).map_err(|e| self.error(e))?;
+        Ok((model, self.finish(ignore)))
     }
 }
 

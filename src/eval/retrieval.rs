@@ -303,13 +303,9 @@ pub fn encode_images_batched(
     if images.is_empty() {
         return Err(Error::InvalidArgument("no images to encode".into()));
     }
-    let bar = Progress::new(images.len(), "images", progress);
-    let mut parts = Vec::new();
-    for chunk in images.chunks(batch_size.max(1)) {
-        parts.push(model.encode_images(chunk, keep_states)?);
-        bar.inc(chunk.len());
-    }
-    Encoded::cat(&parts)
+    encode_in_batches(images, "images", batch_size, progress, |chunk| {
+        model.encode_images(chunk, keep_states)
+    })
 }
 
 /// Embeds texts `batch_size` at a time, with an optional progress bar.
@@ -323,10 +319,23 @@ pub fn encode_texts_batched(
     if texts.is_empty() {
         return Err(Error::Text("empty list of texts".into()));
     }
-    let bar = Progress::new(texts.len(), "texts", progress);
+    encode_in_batches(texts, "texts", batch_size, progress, |chunk| {
+        model.encode_texts(chunk, keep_states)
+    })
+}
+
+/// Encodes `items` `batch_size` at a time with `encode`, counting them on a progress bar.
+fn encode_in_batches<T>(
+    items: &[T],
+    what: &str,
+    batch_size: usize,
+    progress: bool,
+    mut encode: impl FnMut(&[T]) -> Result<Encoded>,
+) -> Result<Encoded> {
+    let bar = Progress::new(items.len(), what, progress);
     let mut parts = Vec::new();
-    for chunk in texts.chunks(batch_size.max(1)) {
-        parts.push(model.encode_texts(chunk, keep_states)?);
+    for chunk in items.chunks(batch_size.max(1)) {
+        parts.push(encode(chunk)?);
         bar.inc(chunk.len());
     }
     Encoded::cat(&parts)

@@ -1,4 +1,10 @@
 //! The model families and the [`DualEncoder`] trait they share.
+//!
+//! Each family's file holds its configuration (serde, with presets), its network and its
+//! encoder (the [`DualEncoder`] implementation and loading). What is shared lives below:
+//! finding and recognising checkpoints in [`crate::checkpoint`] (the [`Family`] tag
+//! included), image and box preprocessing in [`crate::preprocess`], the blocks in
+//! [`crate::nn`].
 
 pub mod brivl;
 pub mod r2d2;
@@ -10,33 +16,7 @@ use crate::error::{Error, Result};
 use crate::nn::ops;
 use crate::preprocess::ImageInput;
 
-/// The supported model families.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// SigLIP / SigLIP 2 at a fixed resolution (HF `SiglipModel`).
-    Siglip,
-    /// SigLIP 2 NaFlex (HF `Siglip2Model`).
-    Siglip2Naflex,
-    /// BriVL (WenLan 1.0).
-    Brivl,
-    /// R2D2 (dual encoder plus cross-encoder re-ranking).
-    R2d2,
-    /// PRD2 (R2D2's dual encoder without joint layers).
-    Prd2,
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Family::Siglip => "SigLIP (fixed resolution)",
-            Family::Siglip2Naflex => "SigLIP 2 NaFlex",
-            Family::Brivl => "BriVL",
-            Family::R2d2 => "R2D2",
-            Family::Prd2 => "PRD2",
-        })
-    }
-}
+pub use crate::checkpoint::Family;
 
 /// How similarity logits become probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +79,12 @@ pub trait DualEncoder: Send + Sync {
     }
 }
 
+/// The `[n_images, n_texts]` dot products of normalised embeddings (their cosines), in
+/// the images' dtype.
+pub fn cosine_matrix(image_embeds: &Tensor, text_embeds: &Tensor) -> candle_core::Result<Tensor> {
+    image_embeds.matmul(&text_embeds.to_dtype(image_embeds.dtype())?.t()?)
+}
+
 /// Replaces `{}` in `template` with `label` (or appends the label if there is no `{}`).
 pub fn fill_template(template: &str, label: &str) -> String {
     if template.contains("{}") {
@@ -117,7 +103,7 @@ pub struct LoadOptions {
     /// of boxes plus the whole image (the Nature Communications model used 6). `None`
     /// uses the model's own default.
     pub box_grid: Option<usize>,
-    /// On the CPU, apply [`crate::tune_allocator`] once the model is loaded (default true).
+    /// On the CPU, apply [`crate::allocator::tune_allocator`] once the model is loaded (default true).
     pub tune_allocator: bool,
 }
 

@@ -55,13 +55,16 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::discover;
 use crate::checkpoint::{LoadReport, Loader, TensorSource};
 use crate::error::{Error, Result};
-use crate::models::{DualEncoder, Family, LoadOptions, Scoring};
+use crate::models::{cosine_matrix, DualEncoder, Family, LoadOptions, Scoring};
 use crate::nn::linear::{linear, Linear};
 use crate::nn::ops::{self, Activation};
 use crate::nn::{Bert, BertConfig, ClipVisionConfig, ClipVisionTransformer};
-use crate::preprocess::{FixedProcessor, ImageInput, TextProcessor, TextStyle};
+use crate::preprocess::{ImageInput, ImageProcessor, TextProcessor, TextStyle};
+
+pub use crate::checkpoint::discover::weights_dir;
 
 /// Additive value for masked cross-attention keys (HF `invert_attention_mask` in fp32).
 pub const CROSS_MASK_VALUE: f64 = -1e9;
@@ -479,23 +482,17 @@ pub const PRESETS: &[R2d2Preset] = &[
     },
 ];
 
-/// The directory searched for manually downloaded preset files: `$TUWEN_WEIGHTS_DIR`, else
-/// `$XDG_CACHE_HOME/tuwen`, else `~/.cache/tuwen`.
-pub fn weights_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("TUWEN_WEIGHTS_DIR") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("tuwen"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("tuwen"))
+/// Finds the local file of a preset in [`weights_dir`]: `<name>.safetensors`,
+/// `<name>.pth`, or the authors' file name. The files cannot be downloaded automatically
+/// (they are on Google Drive), so a missing file is an [`Error::Download`] that says where
+/// to get it.
+pub fn locate_preset(name: &str) -> Result<PathBuf> {
+    let p = find_preset(name)?;
+    discover::locate_in_weights_dir(name, p.original_file, p.description, p.url)
 }
 
-/// Finds the local file of a preset: `<weights_dir>/<name>.safetensors`, `<name>.pth`, or
-/// the authors' file name. The files cannot be downloaded automatically (they are on Google
-/// Drive), so a missing file is an [`Error::Download`] that says where to get it.
-pub fn locate_preset(name: &str) -> Result<PathBuf> {
-    let p = PRESETS
+fn find_preset(name: &str) -> Result<&'static R2d2Preset> {
+    PRESETS
         .iter()
         .find(|p| p.name == name)
         .ok_or_else(|| Error::UnknownPreset {
@@ -505,131 +502,32 @@ pub fn locate_preset(name: &str) -> Result<PathBuf> {
                 .map(|p| p.name)
                 .collect::<Vec<_>>()
                 .join(", "),
-        })?;
-    let dir = weights_dir();
-    if let Some(dir) = &dir {
-        let mut names = vec![format!("{name}.safetensors"), format!("{name}.pth")];
-        if let Some(f) = p.original_file {
-            names.push(f.to_string());
-        }
-        for n in names {
-            let f = dir.join(n);
-            if f.is_file() {
-                return Ok(f);
-            }
-        }
-    }
-    let target = dir
-        .map(|d| d.join(format!("{name}.pth")).display().to_string())
-        .unwrap_or_else(|| format!("$TUWEN_WEIGHTS_DIR/{name}.pth"));
-    Err(Error::Download {
-        repo: p.url.into(),
-        file: format!("{name}.pth"),
-        reason: format!(
-            "{} is published on Google Drive only and cannot be downloaded automatically: \
-             fetch it manually from {} and either pass the file's path instead of the preset \
-             name, or save it as {target}",
-            p.description, p.url
-        ),
-    })
+        })
 }
 
-/// R2D2 or PRD2 from checkpoint key names, `None` for anything else.
+/// R2D2 or PRD2 from checkpoint key names ([`discover::family_of_keys`]), `None` for
+/// anything else.
 pub fn family_of_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<Family> {
-    let (mut vision, mut text, mut proj, mut joint) = (false, false, false, false);
-    for k in keys {
-        vision |= k.starts_with("visual_encoder.embeddings.");
-        text |= k.starts_with("text_encoder.embeddings.");
-        proj |= k.starts_with("vision_proj.");
-        joint |= k.starts_with("text_joint_layer.encoder.");
-    }
-    match (vision && text && proj, joint) {
-        (true, true) => Some(Family::R2d2),
-        (true, false) => Some(Family::Prd2),
-        _ => None,
-    }
-}
-
-/// Describes a foreign state dict for [`Error::WrongFamily`].
-fn describe_keys(shapes: &BTreeMap<String, Vec<usize>>) -> String {
-    let has = |p: &str| shapes.keys().any(|k| k.starts_with(p));
-    let what = if has("imgencoder.") || has("textencoder.") {
-        "a BriVL state dict (imgencoder.*, textencoder.*)".to_string()
-    } else if has("vision_model.") && has("text_model.") {
-        "a CLIP/SigLIP-style state dict (vision_model.*, text_model.*)".to_string()
-    } else {
-        "an unknown state dict".to_string()
-    };
-    let sample: Vec<&str> = shapes.keys().take(3).map(String::as_str).collect();
-    format!(
-        "{what} with {} tensors such as {}",
-        shapes.len(),
-        sample
-            .iter()
-            .map(|k| format!("`{k}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
-fn wrong_family(path: &Path, found: String) -> Error {
-    Error::WrongFamily {
-        path: path.to_path_buf(),
-        expected: "R2D2 or PRD2 (a 'model' state dict with visual_encoder.*, text_encoder.*, \
-                   vision_proj.*)"
-            .into(),
-        found,
-    }
-}
-
-fn is_pth(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("pth" | "pt" | "bin" | "ckpt")
-    )
+    discover::family_of_keys(keys).filter(|f| matches!(f, Family::R2d2 | Family::Prd2))
 }
 
 /// Opens an R2D2 / PRD2 checkpoint (`.pth` with the state dict under `'model'`, or at the
 /// top level; or `.safetensors`) and checks it is one: anything else is
 /// [`Error::WrongFamily`] saying what was found.
 pub fn open_checkpoint(path: &Path) -> Result<(TensorSource, Family)> {
-    let source = if is_pth(path) {
-        match TensorSource::open(path, Some("model")) {
-            Ok(s) => s,
-            Err(first @ Error::Checkpoint { .. }) => {
-                // Not under 'model': another family's layout, or a bare state dict.
-                let nested = crate::checkpoint::pth_top_level_keys(path)?;
-                if let Some(k) = nested.first() {
-                    let inner = TensorSource::open(path, Some(k))?;
-                    let layout = if k == "learnable" {
-                        " (the BriVL layout)"
-                    } else {
-                        ""
-                    };
-                    return Err(wrong_family(
-                        path,
-                        format!(
-                            "a checkpoint whose state dict is under '{k}'{layout}: {}",
-                            describe_keys(&inner.shapes())
-                        ),
-                    ));
-                }
-                match TensorSource::open(path, None) {
-                    Ok(s) => s,
-                    // Not a readable checkpoint at all: the first error says why.
-                    Err(_) => return Err(first),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    } else {
-        TensorSource::open(path, None)?
-    };
-    let shapes = source.shapes();
-    match family_of_keys(shapes.keys().map(String::as_str)) {
-        Some(f) => Ok((source, f)),
-        None => Err(wrong_family(path, describe_keys(&shapes))),
-    }
+    discover::open_checkpoint(path, &discover::R2D2)
+}
+
+/// The family of a checkpoint file, if it is R2D2 or PRD2; `Ok(None)` for other
+/// checkpoints and files that are not checkpoints.
+pub fn sniff(path: &Path) -> Result<Option<Family>> {
+    discover::sniff(path, &discover::R2D2)
+}
+
+/// The checkpoint file of a model directory: `model.safetensors`, else the only
+/// `.safetensors` or `.pth` file.
+pub fn checkpoint_in_dir(dir: &Path) -> Result<Option<PathBuf>> {
+    discover::only_checkpoint(dir, discover::R2D2.extensions)
 }
 
 /// Converts an R2D2 / PRD2 `.pth` checkpoint to a safetensors file holding the same
@@ -749,9 +647,8 @@ impl R2d2 {
         image_embeds: &Tensor,
         text_embeds: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let dtype = image_embeds.dtype();
-        let cos = image_embeds.matmul(&text_embeds.to_dtype(dtype)?.t()?)?;
-        cos.broadcast_div(&self.temp.to_dtype(dtype)?)
+        let cos = cosine_matrix(image_embeds, text_embeds)?;
+        cos.broadcast_div(&self.temp.to_dtype(image_embeds.dtype())?)
     }
 
     fn joint(&self) -> candle_core::Result<&JointLayers> {
@@ -836,7 +733,7 @@ pub struct TextFeatures {
 /// A complete R2D2 / PRD2 model: network, image processor and tokenizer.
 pub struct R2d2Encoder {
     pub model: R2d2,
-    pub image_processor: FixedProcessor,
+    pub image_processor: ImageProcessor,
     pub text_processor: Option<TextProcessor>,
     /// Image–text pairs per cross-encoder forward pass in [`Self::itm_scores_from_tensors`].
     pub itm_batch_size: usize,
@@ -864,17 +761,7 @@ impl R2d2Encoder {
         if path.exists() {
             return Self::from_path(path, opts);
         }
-        if PRESETS.iter().any(|p| p.name == spec) {
-            return Self::from_path(&locate_preset(spec)?, opts);
-        }
-        Err(Error::UnknownPreset {
-            name: spec.into(),
-            known: PRESETS
-                .iter()
-                .map(|p| p.name)
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+        Self::from_path(&locate_preset(spec)?, opts)
     }
 
     /// Opens a checkpoint file or a model directory.
@@ -975,22 +862,20 @@ impl R2d2Encoder {
         opts: &LoadOptions,
     ) -> Result<Self> {
         cfg.validate()?;
-        let loader = Loader::new(source, source_name);
-        let vb = loader.var_builder(opts.dtype, &opts.device);
-        let model = R2d2::new(cfg, vb).map_err(|e| loader.error(e))?;
-        let report = loader.finish(IGNORED_KEYS);
-        let text_processor = match tokenizer {
-            Some(t) => Some(TextProcessor::from_file(
-                t,
-                TextStyle::Bert,
-                cfg.max_text_len,
-            )?),
-            None => None,
-        };
+        let (model, report) = Loader::new(source, source_name).build_model(
+            opts.dtype,
+            &opts.device,
+            IGNORED_KEYS,
+            |vb| R2d2::new(cfg, vb),
+        )?;
         Ok(Self {
             model,
-            image_processor: FixedProcessor::clip(cfg.vision_config.image_size),
-            text_processor,
+            image_processor: ImageProcessor::clip(cfg.vision_config.image_size),
+            text_processor: TextProcessor::from_optional_file(
+                tokenizer,
+                TextStyle::Bert,
+                cfg.max_text_len,
+            )?,
             itm_batch_size: 64,
             tokenizer_problem: None,
             device: opts.device.clone(),
@@ -1206,81 +1091,6 @@ impl DualEncoder for R2d2Encoder {
             &txt.states,
             &txt.mask,
         )?))
-    }
-}
-
-/// The checkpoint file of a model directory: `model.safetensors`, else the only
-/// `.safetensors` or `.pth` file.
-pub fn checkpoint_in_dir(dir: &Path) -> Result<Option<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(Some(single));
-    }
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("safetensors" | "pth")
-                )
-        })
-        .collect();
-    found.sort();
-    match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.pop()),
-        _ => Err(Error::Checkpoint {
-            path: dir.to_path_buf(),
-            reason: format!(
-                "several checkpoint files ({}); keep one or name it model.safetensors",
-                found
-                    .iter()
-                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }),
-    }
-}
-
-/// For the registry: loads `path` if it is an R2D2 / PRD2 checkpoint file, or a directory
-/// holding one (with a `config.json` of model_type r2d2/prd2, or none). `Ok(None)` means
-/// the path is something else, for another family to try.
-pub fn try_load_path(path: &Path, opts: &LoadOptions) -> Result<Option<R2d2Encoder>> {
-    if path.is_dir() {
-        let cfg = path.join("config.json");
-        if cfg.exists() {
-            let s = std::fs::read_to_string(&cfg)
-                .map_err(|e| Error::io(format!("reading {}", cfg.display()), e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&s).map_err(|e| Error::parse(cfg.display().to_string(), e))?;
-            let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-            if mt != "r2d2" && mt != "prd2" {
-                return Ok(None);
-            }
-            return R2d2Encoder::from_dir(path, opts).map(Some);
-        }
-        return match checkpoint_in_dir(path) {
-            Ok(Some(f)) if sniff(&f)?.is_some() => R2d2Encoder::from_dir(path, opts).map(Some),
-            _ => Ok(None),
-        };
-    }
-    if path.is_file() && sniff(path)?.is_some() {
-        return R2d2Encoder::from_checkpoint(path, None, None, opts).map(Some);
-    }
-    Ok(None)
-}
-
-/// The family of a checkpoint file, if it is R2D2 or PRD2; `Ok(None)` for other
-/// checkpoints and files that are not checkpoints.
-pub fn sniff(path: &Path) -> Result<Option<Family>> {
-    match open_checkpoint(path) {
-        Ok((_, f)) => Ok(Some(f)),
-        Err(Error::WrongFamily { .. }) | Err(Error::Checkpoint { .. }) => Ok(None),
-        Err(e) => Err(e),
     }
 }
 

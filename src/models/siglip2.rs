@@ -10,6 +10,10 @@
 //! * text: token plus position embeddings, a pre-LN encoder, `final_layer_norm`, the state
 //!   at the **last** position, and a linear `head`;
 //! * logits: `exp(logit_scale) · cos + logit_bias`.
+//!
+//! Images are preprocessed by [`ImageProcessor::siglip2`] (fixed resolution) or
+//! [`NaFlexProcessor`]; the weight files of a directory are found by
+//! [`crate::checkpoint::discover::safetensors_files`] (re-exported here).
 
 use std::path::{Path, PathBuf};
 
@@ -19,13 +23,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{LoadReport, Loader, TensorSource};
 use crate::error::{Error, Result};
-use crate::models::{DualEncoder, Family, LoadOptions, Scoring};
+use crate::models::{cosine_matrix, DualEncoder, Family, LoadOptions, Scoring};
 use crate::nn::linear::{linear, Linear};
 use crate::nn::ops::{self, key_padding_bias, Activation, LayerNorm};
 use crate::nn::{LayerDims, Mlp, MultiHeadAttention, PreNormEncoder};
+use crate::preprocess::image::aa_bilinear_weights;
 use crate::preprocess::{
-    FixedProcessor, ImageInput, NaFlexBatch, NaFlexProcessor, TextProcessor, TextStyle,
+    read_max_num_patches, ImageInput, ImageProcessor, NaFlexBatch, NaFlexProcessor, TextProcessor,
+    TextStyle,
 };
+
+pub use crate::checkpoint::discover::safetensors_files;
 
 /// Additive mask value for padded keys (HF uses the dtype's minimum; any value this
 /// negative gives exactly zero attention weight).
@@ -475,38 +483,6 @@ impl VisionTransformer {
     }
 }
 
-/// Weights `[out, inp]` of PyTorch's antialiased bilinear interpolation
-/// (`align_corners=False`): a triangle filter stretched by the downscale factor,
-/// renormalised over the taps inside the input.
-pub fn aa_bilinear_weights(inp: usize, out: usize) -> Vec<f32> {
-    let scale = inp as f64 / out as f64;
-    let support = if scale >= 1.0 { scale } else { 1.0 };
-    let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
-    let mut w = vec![0f32; out * inp];
-    for i in 0..out {
-        let center = scale * (i as f64 + 0.5);
-        // The int64 casts in PyTorch truncate toward zero.
-        let xmin = ((center - support + 0.5).trunc() as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5).trunc() as i64).min(inp as i64) as usize;
-        let mut taps = Vec::with_capacity(xmax.saturating_sub(xmin));
-        let mut total = 0.0f64;
-        for j in xmin..xmax {
-            let t = ((j as f64 - center + 0.5) * invscale).abs();
-            let v = if t < 1.0 { 1.0 - t } else { 0.0 };
-            total += v;
-            taps.push((j, v));
-        }
-        for (j, v) in taps {
-            w[i * inp + j] = if total != 0.0 {
-                (v / total) as f32
-            } else {
-                0.0
-            };
-        }
-    }
-    w
-}
-
 /// The text tower.
 #[derive(Debug, Clone)]
 pub struct TextTransformer {
@@ -671,7 +647,7 @@ impl Siglip {
         text_embeds: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let dtype = image_embeds.dtype();
-        let cos = image_embeds.matmul(&text_embeds.to_dtype(dtype)?.t()?)?;
+        let cos = cosine_matrix(image_embeds, text_embeds)?;
         let scale = self.logit_scale.to_dtype(dtype)?.exp()?;
         cos.broadcast_mul(&scale)?
             .broadcast_add(&self.logit_bias.to_dtype(dtype)?)
@@ -686,7 +662,7 @@ impl Siglip {
 /// The image preprocessing of a SigLIP model.
 #[derive(Debug, Clone)]
 pub enum SiglipImageProcessor {
-    Fixed(FixedProcessor),
+    Fixed(ImageProcessor),
     NaFlex(NaFlexProcessor),
 }
 
@@ -711,7 +687,7 @@ impl SiglipEncoder {
         let weights = safetensors_files(dir)?;
         let tokenizer = dir.join("tokenizer.json");
         let tokenizer = tokenizer.exists().then_some(tokenizer);
-        let max_patches = read_max_num_patches(&dir.join("preprocessor_config.json"));
+        let max_patches = read_max_num_patches(dir);
         Self::from_files(&cfg, &weights, tokenizer.as_deref(), max_patches, opts)
     }
 
@@ -740,10 +716,12 @@ impl SiglipEncoder {
         max_num_patches: Option<usize>,
         opts: &LoadOptions,
     ) -> Result<Self> {
-        let loader = Loader::new(source, source_name);
-        let vb = loader.var_builder(opts.dtype, &opts.device);
-        let model = Siglip::new(cfg, vb).map_err(|e| loader.error(e))?;
-        let report = loader.finish(IGNORED_KEYS);
+        let (model, report) = Loader::new(source, source_name).build_model(
+            opts.dtype,
+            &opts.device,
+            IGNORED_KEYS,
+            |vb| Siglip::new(cfg, vb),
+        )?;
         let v = &cfg.vision_config;
         let image_processor = if cfg.is_naflex() {
             SiglipImageProcessor::NaFlex(NaFlexProcessor::new(
@@ -751,20 +729,16 @@ impl SiglipEncoder {
                 max_num_patches.unwrap_or(v.num_patches),
             ))
         } else {
-            SiglipImageProcessor::Fixed(FixedProcessor::siglip2(v.image_size))
-        };
-        let text_processor = match tokenizer {
-            Some(t) => Some(TextProcessor::from_file(
-                t,
-                TextStyle::Gemma,
-                cfg.text_config.max_position_embeddings,
-            )?),
-            None => None,
+            SiglipImageProcessor::Fixed(ImageProcessor::siglip2(v.image_size))
         };
         Ok(Self {
             model,
             image_processor,
-            text_processor,
+            text_processor: TextProcessor::from_optional_file(
+                tokenizer,
+                TextStyle::Gemma,
+                cfg.text_config.max_position_embeddings,
+            )?,
             device: opts.device.clone(),
             dtype: opts.dtype,
             report,
@@ -858,60 +832,9 @@ impl DualEncoder for SiglipEncoder {
     }
 }
 
-/// The safetensors weight files of a model directory.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let s = std::fs::read_to_string(&index)
-            .map_err(|e| Error::io(format!("reading {}", index.display()), e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&s).map_err(|e| Error::parse(index.display().to_string(), e))?;
-        let mut files: Vec<String> = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::parse(index.display().to_string(), "no weight_map"))?
-            .values()
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
-    }
-    Err(Error::Checkpoint {
-        path: dir.to_path_buf(),
-        reason: "no model.safetensors or model.safetensors.index.json in the directory".into(),
-    })
-}
-
-fn read_max_num_patches(path: &Path) -> Option<usize> {
-    let s = std::fs::read_to_string(path).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&s).ok()?;
-    v.get("max_num_patches")?.as_u64().map(|n| n as usize)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn aa_weights_rows_sum_to_one() {
-        for (inp, out) in [(16, 5), (16, 16), (16, 40), (4, 3), (4, 9)] {
-            let w = aa_bilinear_weights(inp, out);
-            for r in 0..out {
-                let s: f32 = w[r * inp..(r + 1) * inp].iter().sum();
-                assert!((s - 1.0).abs() < 1e-6, "{inp}->{out} row {r} sums to {s}");
-            }
-        }
-        // Identity when sizes match.
-        let w = aa_bilinear_weights(4, 4);
-        for i in 0..4 {
-            assert_eq!(w[i * 4 + i], 1.0);
-        }
-    }
 
     #[test]
     fn presets_parse() {

@@ -1,5 +1,8 @@
-//! Image inputs and preprocessing: decoding with limits, PIL-parity resampling,
-//! normalisation, and the SigLIP 2 NaFlex processor.
+//! Image inputs and resampling: decoding with limits, PIL-parity resizing, torch-parity
+//! bilinear resizing of float images (with and without antialias), and normalisation.
+//!
+//! The processors that combine them are in [`super::processor`], region boxes in
+//! [`super::boxes`]; both are re-exported here under their former paths.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,9 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::{DynamicImage, RgbImage};
 
 use crate::error::{Error, Result};
+
+pub use super::boxes::{boxes_from_json, inputs_with_box_files};
+pub use super::processor::{FixedProcessor, NaFlexBatch, NaFlexProcessor};
 
 /// The largest image, in pixels, that is decoded (about 16k × 16k). Larger files are
 /// rejected with a clear error instead of exhausting memory.
@@ -147,72 +153,6 @@ fn decode_bytes(bytes: &[u8], origin: &str) -> Result<DynamicImage> {
     })
 }
 
-/// Reads region boxes for one image from a JSON file: either a list of `[x1, y1, x2, y2]`
-/// or an object with a `bbox` list (the format of BriVL's example `jsonl` lines).
-pub fn boxes_from_json(path: &Path) -> Result<Vec<[f32; 4]>> {
-    let origin = path.display().to_string();
-    let s = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {origin}"), e))?;
-    let v: serde_json::Value = serde_json::from_str(&s).map_err(|e| Error::parse(&origin, e))?;
-    let list = match &v {
-        serde_json::Value::Array(_) => &v,
-        serde_json::Value::Object(o) => o
-            .get("bbox")
-            .ok_or_else(|| Error::parse(&origin, "object has no `bbox` field"))?,
-        _ => {
-            return Err(Error::parse(
-                &origin,
-                "expected a list of boxes or an object with `bbox`",
-            ))
-        }
-    };
-    let rows = list
-        .as_array()
-        .ok_or_else(|| Error::parse(&origin, "`bbox` is not a list"))?;
-    rows.iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let nums: Vec<f32> = r
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_f64().map(|f| f as f32))
-                        .collect()
-                })
-                .unwrap_or_default();
-            match nums.as_slice() {
-                [a, b, c, d] => Ok([*a, *b, *c, *d]),
-                _ => Err(Error::parse(
-                    &origin,
-                    format!("box {i} is not four numbers: {r}"),
-                )),
-            }
-        })
-        .collect()
-}
-
-/// Image inputs from paths, each with the boxes of the JSON file at the same position in
-/// `box_files` (see [`boxes_from_json`]); `box_files` is either empty or one per image.
-pub fn inputs_with_box_files(paths: &[PathBuf], box_files: &[PathBuf]) -> Result<Vec<ImageInput>> {
-    if !box_files.is_empty() && box_files.len() != paths.len() {
-        return Err(Error::InvalidArgument(format!(
-            "{} box files for {} images: give one per image",
-            box_files.len(),
-            paths.len()
-        )));
-    }
-    paths
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let input = ImageInput::path(p);
-            match box_files.get(i) {
-                Some(b) => Ok(input.with_boxes(boxes_from_json(b)?)),
-                None => Ok(input),
-            }
-        })
-        .collect()
-}
-
 /// Resampling filters, named as in PIL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -283,13 +223,33 @@ pub fn to_tensor_normalized(
     device: &Device,
 ) -> Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut data = vec![0f32; 3 * h * w];
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            data[c * h * w + i] = (p.0[c] as f32 / 255.0 - mean[c]) / std[c];
+    let mut data = to_planes(img);
+    normalize_planes(&mut data, mean, std);
+    Ok(Tensor::from_vec(data, (3, h, w), device)?)
+}
+
+/// Normalises planar `[3 · n]` floats in place: `(x − mean) / std` per channel.
+pub fn normalize_planes(planes: &mut [f32], mean: [f32; 3], std: [f32; 3]) {
+    let n = planes.len() / 3;
+    for c in 0..3 {
+        let (m, sd) = (mean[c], std[c]);
+        for x in &mut planes[c * n..(c + 1) * n] {
+            *x = (*x - m) / sd;
         }
     }
-    Ok(Tensor::from_vec(data, (3, h, w), device)?)
+}
+
+/// An RGB image as planar `[3 · h · w]` floats `x / 255` in `[0, 1]` (torchvision's
+/// `ToTensor`).
+pub fn to_planes(img: &RgbImage) -> Vec<f32> {
+    let n = (img.width() * img.height()) as usize;
+    let mut out = vec![0f32; 3 * n];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * n + i] = p.0[c] as f32 / 255.0;
+        }
+    }
+    out
 }
 
 /// Bilinear resize of a `[c, h, w]` f32 tensor with `align_corners=False` and **no**
@@ -301,6 +261,23 @@ pub fn resize_bilinear_no_antialias(x: &Tensor, out_h: usize, out_w: usize) -> R
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    let out = bilinear_no_antialias_planes(&src, (c, h, w), out_h, out_w)?;
+    Ok(Tensor::from_vec(out, (c, out_h, out_w), x.device())?)
+}
+
+/// [`resize_bilinear_no_antialias`] on planar floats `src` of shape `(c, h, w)`.
+pub fn bilinear_no_antialias_planes(
+    src: &[f32],
+    (c, h, w): (usize, usize, usize),
+    out_h: usize,
+    out_w: usize,
+) -> Result<Vec<f32>> {
+    if src.len() != c * h * w || h == 0 || w == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{} values are not a non-empty {c}x{h}x{w} image",
+            src.len()
+        )));
+    }
     let coords = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
         let scale = inp as f64 / out as f64;
         (0..out)
@@ -325,169 +302,71 @@ pub fn resize_bilinear_no_antialias(x: &Tensor, out_h: usize, out_w: usize) -> R
             }
         }
     }
-    Ok(Tensor::from_vec(out, (c, out_h, out_w), x.device())?)
+    Ok(out)
 }
 
-/// Fixed-size preprocessing: resize to `size × size` (no crop), rescale, normalise.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct FixedProcessor {
-    pub size: usize,
-    pub resample: Resample,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
+/// Bilinear resize of a `[c, h, w]` f32 tensor with `align_corners=False` **and**
+/// antialias (torch `interpolate(..., antialias=True)`, torchvision >= 0.17's tensor
+/// `Resize`): the rows, then the columns, multiplied by [`aa_bilinear_weights`].
+pub fn resize_bilinear_antialias(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (_, h, w) = x.dims3()?;
+    let dev = x.device();
+    let wy = Tensor::from_vec(aa_bilinear_weights(h, out_h), (out_h, h), dev)?;
+    let wx = Tensor::from_vec(aa_bilinear_weights(w, out_w), (out_w, w), dev)?;
+    let rows = x.broadcast_matmul(&wx.t()?)?; // [c, h, out_w]
+    Ok(wy.broadcast_matmul(&rows)?) // [c, out_h, out_w]
 }
 
-impl FixedProcessor {
-    /// SigLIP 2 fixed resolution: bilinear, mean = std = 0.5.
-    pub fn siglip2(size: usize) -> Self {
-        Self {
-            size,
-            resample: Resample::Bilinear,
-            mean: [0.5; 3],
-            std: [0.5; 3],
+/// Weights `[out, inp]` of PyTorch's antialiased bilinear interpolation
+/// (`align_corners=False`): a triangle filter stretched by the downscale factor,
+/// renormalised over the taps inside the input. They resize BriVL's images
+/// ([`resize_bilinear_antialias`]) and the NaFlex position table.
+pub fn aa_bilinear_weights(inp: usize, out: usize) -> Vec<f32> {
+    let scale = inp as f64 / out as f64;
+    let support = if scale >= 1.0 { scale } else { 1.0 };
+    let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+    let mut w = vec![0f32; out * inp];
+    for i in 0..out {
+        let center = scale * (i as f64 + 0.5);
+        // The int64 casts in PyTorch truncate toward zero.
+        let xmin = ((center - support + 0.5).trunc() as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5).trunc() as i64).min(inp as i64) as usize;
+        let mut taps = Vec::with_capacity(xmax.saturating_sub(xmin));
+        let mut total = 0.0f64;
+        for j in xmin..xmax {
+            let t = ((j as f64 - center + 0.5) * invscale).abs();
+            let v = if t < 1.0 { 1.0 - t } else { 0.0 };
+            total += v;
+            taps.push((j, v));
         }
-    }
-
-    /// CLIP-style (R2D2): bicubic, CLIP mean and std.
-    pub fn clip(size: usize) -> Self {
-        Self {
-            size,
-            resample: Resample::Bicubic,
-            // OpenAI CLIP's constants, as written in every processor config (f32-rounded).
-            mean: [0.481_454_67, 0.457_827_5, 0.408_210_72],
-            std: [0.268_629_55, 0.261_302_6, 0.275_777_1],
-        }
-    }
-
-    /// One image to `[3, size, size]`.
-    pub fn process(&self, img: &RgbImage, device: &Device) -> Result<Tensor> {
-        let s = self.size as u32;
-        let resized = resize_pil(img, s, s, self.resample)?;
-        to_tensor_normalized(&resized, self.mean, self.std, device)
-    }
-
-    /// A batch to `[n, 3, size, size]`, decoding and resizing in parallel.
-    pub fn process_batch(&self, images: &[ImageInput], device: &Device) -> Result<Tensor> {
-        use rayon::prelude::*;
-        if images.is_empty() {
-            return Err(Error::InvalidArgument("empty image batch".into()));
-        }
-        let ts = images
-            .par_iter()
-            .map(|i| self.process(&i.decode_rgb()?, &Device::Cpu))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&ts, 0)?.to_device(device)?)
-    }
-}
-
-/// The SigLIP 2 NaFlex processor: aspect-preserving resize to at most `max_num_patches`
-/// patches, rescale to [−1, 1], patchify in (row, col, channel) order and zero-pad.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct NaFlexProcessor {
-    pub patch_size: usize,
-    pub max_num_patches: usize,
-    pub resample: Resample,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-}
-
-/// A padded NaFlex batch.
-#[derive(Debug, Clone)]
-pub struct NaFlexBatch {
-    /// `[n, max_num_patches, 3·p·p]`.
-    pub pixel_values: Tensor,
-    /// `[n, max_num_patches]`, 1 for real patches.
-    pub pixel_attention_mask: Tensor,
-    /// `(rows, cols)` of patches per image.
-    pub spatial_shapes: Vec<(usize, usize)>,
-}
-
-impl NaFlexProcessor {
-    pub fn new(patch_size: usize, max_num_patches: usize) -> Self {
-        Self {
-            patch_size,
-            max_num_patches,
-            resample: Resample::Bilinear,
-            mean: [0.5; 3],
-            std: [0.5; 3],
-        }
-    }
-
-    /// The largest aspect-preserving `(height, width)` in pixels, multiples of the patch
-    /// size, with at most `max_num_patches` patches (HF's binary search over the scale).
-    pub fn target_size(&self, height: usize, width: usize) -> (usize, usize) {
-        let p = self.patch_size as f64;
-        let scaled = |scale: f64, size: usize| -> usize {
-            let s = size as f64 * scale;
-            let s = (s / p).ceil() * p;
-            s.max(p) as usize
-        };
-        let eps = 1e-5;
-        let (mut lo, mut hi) = (eps / 10.0, 100.0f64);
-        while hi - lo >= eps {
-            let scale = (lo + hi) / 2.0;
-            let th = scaled(scale, height);
-            let tw = scaled(scale, width);
-            let n = (th / self.patch_size) * (tw / self.patch_size);
-            if n <= self.max_num_patches {
-                lo = scale;
+        for (j, v) in taps {
+            w[i * inp + j] = if total != 0.0 {
+                (v / total) as f32
             } else {
-                hi = scale;
+                0.0
+            };
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aa_weights_rows_sum_to_one() {
+        for (inp, out) in [(16, 5), (16, 16), (16, 40), (4, 3), (4, 9)] {
+            let w = aa_bilinear_weights(inp, out);
+            for r in 0..out {
+                let s: f32 = w[r * inp..(r + 1) * inp].iter().sum();
+                assert!((s - 1.0).abs() < 1e-6, "{inp}->{out} row {r} sums to {s}");
             }
         }
-        (scaled(lo, height), scaled(lo, width))
-    }
-
-    /// One image to its patches `[rows·cols, 3·p·p]` and `(rows, cols)`.
-    pub fn patchify(&self, img: &RgbImage) -> Result<(Vec<f32>, (usize, usize))> {
-        let (th, tw) = self.target_size(img.height() as usize, img.width() as usize);
-        let resized = resize_pil(img, tw as u32, th as u32, self.resample)?;
-        let p = self.patch_size;
-        let (rows, cols) = (th / p, tw / p);
-        let dim = 3 * p * p;
-        let mut out = vec![0f32; rows * cols * dim];
-        for r in 0..rows {
-            for c in 0..cols {
-                let base = (r * cols + c) * dim;
-                for dy in 0..p {
-                    for dx in 0..p {
-                        let px = resized.get_pixel((c * p + dx) as u32, (r * p + dy) as u32);
-                        for ch in 0..3 {
-                            let v = (px.0[ch] as f32 / 255.0 - self.mean[ch]) / self.std[ch];
-                            out[base + (dy * p + dx) * 3 + ch] = v;
-                        }
-                    }
-                }
-            }
+        // Identity when sizes match.
+        let w = aa_bilinear_weights(4, 4);
+        for i in 0..4 {
+            assert_eq!(w[i * 4 + i], 1.0);
         }
-        Ok((out, (rows, cols)))
-    }
-
-    /// A batch of images of any aspect ratios, padded to `max_num_patches`.
-    pub fn process_batch(&self, images: &[ImageInput], device: &Device) -> Result<NaFlexBatch> {
-        use rayon::prelude::*;
-        if images.is_empty() {
-            return Err(Error::InvalidArgument("empty image batch".into()));
-        }
-        let parts = images
-            .par_iter()
-            .map(|i| self.patchify(&i.decode_rgb()?))
-            .collect::<Result<Vec<_>>>()?;
-        let n = parts.len();
-        let (m, dim) = (self.max_num_patches, 3 * self.patch_size * self.patch_size);
-        let mut pixels = vec![0f32; n * m * dim];
-        let mut mask = vec![0u32; n * m];
-        let mut shapes = Vec::with_capacity(n);
-        for (i, (patches, (rows, cols))) in parts.into_iter().enumerate() {
-            let np = rows * cols;
-            pixels[i * m * dim..i * m * dim + np * dim].copy_from_slice(&patches);
-            mask[i * m..i * m + np].iter_mut().for_each(|v| *v = 1);
-            shapes.push((rows, cols));
-        }
-        Ok(NaFlexBatch {
-            pixel_values: Tensor::from_vec(pixels, (n, m, dim), device)?,
-            pixel_attention_mask: Tensor::from_vec(mask, (n, m), device)?,
-            spatial_shapes: shapes,
-        })
     }
 }

@@ -60,6 +60,15 @@ impl TextProcessor {
         Self::new(tok, style, max_len, path.display().to_string())
     }
 
+    /// Loads a `tokenizer.json` when there is one: `Ok(None)` for `None`.
+    pub fn from_optional_file(
+        path: Option<&Path>,
+        style: TextStyle,
+        max_len: usize,
+    ) -> Result<Option<Self>> {
+        path.map(|p| Self::from_file(p, style, max_len)).transpose()
+    }
+
     /// Wraps an already-built tokenizer.
     pub fn new(
         mut tokenizer: tokenizers::Tokenizer,

@@ -79,13 +79,21 @@ fn no_module_imports_a_higher_layer() {
             for m in named_modules(code) {
                 if let Some(l) = layer(&m) {
                     if l > own {
-                        bad.push(format!("src/{}:{}: {top} names crate::{m}", rel.display(), n + 1));
+                        bad.push(format!(
+                            "src/{}:{}: {top} names crate::{m}",
+                            rel.display(),
+                            n + 1
+                        ));
                     }
                 }
             }
         }
     }
-    assert!(bad.is_empty(), "imports of a higher layer:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "imports of a higher layer:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]

@@ -9,12 +9,11 @@ use candle_core::{DType, Device, Tensor, D};
 
 use tuwen::checkpoint::convert::{convert_pth, ConvertOptions, TargetDtype};
 use tuwen::checkpoint::{Loader, TensorSource};
-use tuwen::models::brivl::{
-    self, prepare_boxes, Brivl, BrivlConfig, BrivlEncoder, BrivlResize, IGNORED_KEYS,
-};
+use tuwen::models::brivl::{self, prepare_boxes, Brivl, BrivlConfig, BrivlEncoder, IGNORED_KEYS};
 use tuwen::nn::efficientnet::{EfficientNet, EfficientNetConfig};
 use tuwen::nn::grid_sample::{affine_grid, grid_sample};
 use tuwen::nn::ops;
+use tuwen::preprocess::ResizeKind;
 use tuwen::{DualEncoder, Error, Family, ImageInput, LoadOptions};
 
 use crate::common::{assert_close, fixture, get, load_st, max_abs_diff};
@@ -325,7 +324,7 @@ fn brivl_raw_inputs_through_public_api() {
     assert!(mean_noaa < 4e-3, "{mean_noaa}");
 
     // The fixture resized with antialias (torchvision 0.29): the same path here.
-    enc.image_processor.resize = BrivlResize::BilinearAntialias;
+    enc.image_processor.resize = ResizeKind::BilinearAntialias;
     let (pixels, _, _) = enc.preprocess_images(&inputs).unwrap();
     let d_aa = max_abs_diff(&pixels, get(&io, "pixel_values"));
     let mean_aa = mean_abs_diff(&pixels, get(&io, "pixel_values"));

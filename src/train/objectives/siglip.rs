@@ -36,11 +36,14 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use super::{scalar, LossTerms, Objective};
+use crate::checkpoint::discover::safetensors_files;
 use crate::checkpoint::{LoadReport, Loader};
 use crate::error::{Error, Result};
-use crate::models::siglip2::{safetensors_files, Siglip, SiglipConfig, SiglipImageProcessor};
+use crate::models::siglip2::{Siglip, SiglipConfig, SiglipImageProcessor};
 use crate::nn::ops;
-use crate::preprocess::{FixedProcessor, NaFlexBatch, NaFlexProcessor, TextProcessor, TextStyle};
+use crate::preprocess::{
+    read_max_num_patches, ImageProcessor, NaFlexBatch, NaFlexProcessor, TextProcessor, TextStyle,
+};
 use crate::train::dist::{all_gather_with_grad, Collective};
 use crate::train::trainer::StepCtx;
 
@@ -420,12 +423,6 @@ impl std::fmt::Debug for TrainableSiglip {
     }
 }
 
-fn read_max_num_patches(dir: &Path) -> Option<usize> {
-    let s = std::fs::read_to_string(dir.join("preprocessor_config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&s).ok()?;
-    v.get("max_num_patches")?.as_u64().map(|n| n as usize)
-}
-
 /// Loads a SigLIP / SigLIP 2 model directory (`config.json`, safetensors weights, an
 /// optional `tokenizer.json` and `preprocessor_config.json`) with trainable weights.
 pub fn load_trainable(dir: &Path, dtype: DType, device: &Device) -> Result<TrainableSiglip> {
@@ -447,7 +444,7 @@ pub fn load_trainable(dir: &Path, dtype: DType, device: &Device) -> Result<Train
             read_max_num_patches(dir).unwrap_or(v.num_patches),
         ))
     } else {
-        SiglipImageProcessor::Fixed(FixedProcessor::siglip2(v.image_size))
+        SiglipImageProcessor::Fixed(ImageProcessor::siglip2(v.image_size))
     };
     let tok = dir.join("tokenizer.json");
     let text_processor = if tok.exists() {
