@@ -28,7 +28,9 @@ impl Patterns {
             if p.is_empty() {
                 return Err(Error::Config("empty parameter-name pattern".into()));
             }
-            expanded.extend(expand_braces(p)?);
+            expanded.extend(
+                expand_braces(p).map_err(|e| Error::Config(format!("pattern `{p}`: {e}")))?,
+            );
             sources.push(p.to_string());
         }
         Ok(Self { sources, expanded })
@@ -95,15 +97,25 @@ fn glob_match(p: &[u8], s: &[u8]) -> bool {
     pi == p.len()
 }
 
-/// Expands `{a..b}` integer ranges and `{x,y}` alternatives (nested groups allowed).
-pub fn expand_braces(p: &str) -> Result<Vec<String>> {
+/// The most strings one brace pattern may expand to.
+pub const MAX_EXPANSION: usize = 10_000_000;
+
+/// Expands brace groups, as shells and WebDataset do: `{a..b}` integer ranges (zero padding
+/// kept when either end has a leading zero: `{000..002}`), and `{x,y,...}` alternatives,
+/// which may hold groups of their own (`a{1,{2..3}}b`). A group must be a range or hold a
+/// top-level comma (`{abc}` is an error), and a pattern expands to at most
+/// [`MAX_EXPANSION`] strings. The error says what is wrong, without the pattern.
+pub fn expand_braces(p: &str) -> std::result::Result<Vec<String>, String> {
     let Some(open) = p.find('{') else {
         if p.contains('}') {
-            return Err(Error::Config(format!("unbalanced `}}` in pattern `{p}`")));
+            return Err("`}` without `{`".into());
         }
         return Ok(vec![p.to_string()]);
     };
-    // Find the matching close brace.
+    if p[..open].contains('}') {
+        return Err("`}` without `{`".into());
+    }
+    // The matching close brace.
     let mut depth = 0usize;
     let mut close = None;
     for (i, c) in p[open..].char_indices() {
@@ -119,32 +131,54 @@ pub fn expand_braces(p: &str) -> Result<Vec<String>> {
             _ => {}
         }
     }
-    let close = close.ok_or_else(|| Error::Config(format!("unbalanced `{{` in pattern `{p}`")))?;
+    let close = close.ok_or("unclosed `{`")?;
     let (head, body, tail) = (&p[..open], &p[open + 1..close], &p[close + 1..]);
-    let is_range = !body.contains(',') && !body.contains('{');
-    let alternatives: Vec<String> = if let Some((a, b)) = body.split_once("..").filter(|_| is_range)
-    {
-        let range = a
-            .trim()
-            .parse::<i64>()
-            .ok()
-            .zip(b.trim().parse::<i64>().ok())
-            .ok_or_else(|| Error::Config(format!("bad range `{{{body}}}` in pattern `{p}`")))?;
-        if range.0 > range.1 {
-            return Err(Error::Config(format!(
-                "empty range `{{{body}}}` in pattern `{p}`"
-            )));
+    let alternatives: Vec<String> = match body.split_once("..") {
+        Some((a, b)) if !body.contains(',') && !body.contains('{') => {
+            let parse = |s: &str| -> std::result::Result<u64, String> {
+                if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+                    return Err(format!("range bound `{s}` is not a number"));
+                }
+                s.parse::<u64>()
+                    .map_err(|e| format!("range bound `{s}`: {e}"))
+            };
+            let (lo, hi) = (parse(a)?, parse(b)?);
+            if lo > hi {
+                return Err(format!("range {{{body}}} runs backwards"));
+            }
+            if hi - lo >= MAX_EXPANSION as u64 {
+                return Err(format!("range {{{body}}} is too large"));
+            }
+            let padded = (a.len() > 1 && a.starts_with('0')) || (b.len() > 1 && b.starts_with('0'));
+            let width = if padded { a.len().max(b.len()) } else { 0 };
+            (lo..=hi).map(|i| format!("{i:0width$}")).collect()
         }
-        (range.0..=range.1).map(|i| i.to_string()).collect()
-    } else {
-        split_top_level(body)
+        _ => {
+            let parts = split_top_level(body);
+            if parts.len() < 2 {
+                return Err(format!(
+                    "`{{{body}}}` is neither a range `{{a..b}}` nor a list `{{a,b}}`"
+                ));
+            }
+            let mut out = Vec::new();
+            for part in parts {
+                out.extend(expand_braces(&part)?);
+                if out.len() > MAX_EXPANSION {
+                    return Err("the pattern expands to too many strings".into());
+                }
+            }
+            out
+        }
     };
-    if alternatives.is_empty() || (alternatives.len() == 1 && alternatives[0].is_empty()) {
-        return Err(Error::Config(format!("empty brace group in pattern `{p}`")));
+    let rest = expand_braces(tail)?;
+    if alternatives.len().saturating_mul(rest.len()) > MAX_EXPANSION {
+        return Err("the pattern expands to too many strings".into());
     }
-    let mut out = Vec::new();
-    for alt in alternatives {
-        out.extend(expand_braces(&format!("{head}{alt}{tail}"))?);
+    let mut out = Vec::with_capacity(alternatives.len() * rest.len());
+    for a in &alternatives {
+        for r in &rest {
+            out.push(format!("{head}{a}{r}"));
+        }
     }
     Ok(out)
 }

@@ -1028,7 +1028,7 @@ fn train_data_augmentation_is_deterministic_per_seed() {
     assert!(picks.contains(&m.samples[0].captions[0]) && picks.contains(&m.samples[0].captions[1]));
     // The tensor-style resize is selectable.
     let mut cfg = DataConfig::new(2, 6);
-    cfg.pipeline.resize = ResizeKind::BilinearNoAntialias;
+    cfg.pipeline.processor.resize = ResizeKind::BilinearNoAntialias;
     let t = DataLoader::new(m.clone(), cfg).unwrap();
     assert_eq!(t.load_sample(1, 0).unwrap().0.len(), 3 * 36);
 }
@@ -1716,7 +1716,7 @@ fn train_r2d2_augment_is_deterministic_per_sample() {
     assert_ne!(x0, c.load_sample(1, 0).unwrap().0, "another seed");
     // Invalid settings are refused when the loader is built.
     let mut cfg = DataConfig::new(2, 8);
-    cfg.pipeline.resize = ResizeKind::R2d2Train(R2d2Augment {
+    cfg.pipeline.r2d2 = Some(R2d2Augment {
         scale: [1.0, 0.5],
         ..R2d2Augment::default()
     });

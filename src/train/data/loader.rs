@@ -226,17 +226,12 @@ impl DataLoader {
                 "the manifest has no samples",
             ));
         }
-        if config.batch_size == 0 || config.pipeline.size == 0 {
+        if config.batch_size == 0 || config.pipeline.size() == 0 {
             return Err(Error::Config(
                 "batch size and image size must be positive".into(),
             ));
         }
-        if let Some(a) = &config.pipeline.augment {
-            a.validate()?;
-        }
-        if let super::ResizeKind::R2d2Train(a) = &config.pipeline.resize {
-            a.validate()?;
-        }
+        config.pipeline.check()?;
         Ok(Self {
             manifest: Arc::new(manifest),
             config,
@@ -392,7 +387,7 @@ impl DataLoader {
             .collect();
         Ok(Some(Batch::assemble(
             items,
-            self.config.pipeline.size,
+            self.config.pipeline.size(),
             epoch,
             self.pos,
             skipped,

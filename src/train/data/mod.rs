@@ -15,8 +15,9 @@ pub mod pipeline;
 pub mod synthetic;
 pub mod webdataset;
 
+pub use crate::preprocess::ResizeKind;
 pub use loader::{
     Batch, BatchSource, DataConfig, DataLoader, DataPosition, ShardCursor, SkippedSample,
 };
 pub use manifest::{Manifest, Sample};
-pub use pipeline::{ImagePipeline, ResizeKind, IMAGENET_MEAN, IMAGENET_STD};
+pub use pipeline::{ImagePipeline, IMAGENET_MEAN, IMAGENET_STD};

@@ -77,6 +77,7 @@ pub use super::loader::{BatchSource, ShardCursor};
 use super::loader::{Decoded as Loaded, SkippedSample};
 use super::manifest::parse_boxes;
 use super::{Batch, DataConfig, DataPosition, Sample};
+pub use crate::checkpoint::pattern::expand_braces;
 use crate::error::{Error, Result};
 use crate::preprocess::ImageInput;
 use crate::train::rng::{derive_rng, streams};
@@ -88,8 +89,6 @@ const SHARD_BUFFER_STREAM: u64 = 61;
 /// The default largest tar member read into memory
 /// ([`WebDatasetConfig::max_member_bytes`]).
 pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
-/// The most shards a brace pattern may expand to.
-const MAX_EXPANSION: usize = 10_000_000;
 
 /// Image suffixes recognised in a shard (lower case).
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
@@ -198,68 +197,6 @@ impl From<Vec<PathBuf>> for ShardSpec {
     fn from(v: Vec<PathBuf>) -> Self {
         ShardSpec::Paths(v)
     }
-}
-
-/// Expands webdataset-style braces: `{00..10}` ranges (zero padding kept when either end
-/// has a leading zero) and `{a,b,c}` alternatives, several per pattern.
-pub fn expand_braces(pattern: &str) -> std::result::Result<Vec<String>, String> {
-    let Some(open) = pattern.find('{') else {
-        if pattern.contains('}') {
-            return Err("`}` without `{`".into());
-        }
-        return Ok(vec![pattern.to_string()]);
-    };
-    let close = pattern[open..]
-        .find('}')
-        .map(|c| open + c)
-        .ok_or("unclosed `{`")?;
-    let (head, body, tail) = (
-        &pattern[..open],
-        &pattern[open + 1..close],
-        &pattern[close + 1..],
-    );
-    if head.contains('}') {
-        return Err("`}` without `{`".into());
-    }
-    if body.contains('{') {
-        return Err("nested braces are not supported".into());
-    }
-    let alternatives: Vec<String> = if let Some((a, b)) = body.split_once("..") {
-        let parse = |s: &str| -> std::result::Result<u64, String> {
-            if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
-                return Err(format!("range bound `{s}` is not a number"));
-            }
-            s.parse::<u64>()
-                .map_err(|e| format!("range bound `{s}`: {e}"))
-        };
-        let (lo, hi) = (parse(a)?, parse(b)?);
-        if lo > hi {
-            return Err(format!("range {{{body}}} runs backwards"));
-        }
-        if hi - lo >= MAX_EXPANSION as u64 {
-            return Err(format!("range {{{body}}} is too large"));
-        }
-        let padded = (a.len() > 1 && a.starts_with('0')) || (b.len() > 1 && b.starts_with('0'));
-        let width = if padded { a.len().max(b.len()) } else { 0 };
-        (lo..=hi).map(|i| format!("{i:0width$}")).collect()
-    } else if body.contains(',') {
-        body.split(',').map(str::to_string).collect()
-    } else {
-        return Err(format!(
-            "`{{{body}}}` is neither a range `{{a..b}}` nor a list `{{a,b}}`"
-        ));
-    };
-    let rest = expand_braces(tail)?;
-    if alternatives.len().saturating_mul(rest.len()) > MAX_EXPANSION {
-        return Err("the pattern expands to too many shards".into());
-    }
-    let mut out = Vec::with_capacity(alternatives.len() * rest.len());
-    for a in &alternatives {
-        for r in &rest {
-            out.push(format!("{head}{a}{r}"));
-        }
-    }
-    Ok(out)
 }
 
 // ---------------------------------------------------------------- writer
@@ -870,17 +807,12 @@ impl WebDatasetLoader {
     ) -> Result<Self> {
         let spec = spec.into();
         let paths = spec.resolve()?;
-        if config.batch_size == 0 || config.pipeline.size == 0 {
+        if config.batch_size == 0 || config.pipeline.size() == 0 {
             return Err(Error::Config(
                 "batch size and image size must be positive".into(),
             ));
         }
-        if let Some(a) = &config.pipeline.augment {
-            a.validate()?;
-        }
-        if let super::ResizeKind::R2d2Train(a) = &config.pipeline.resize {
-            a.validate()?;
-        }
+        config.pipeline.check()?;
         if wds.world_size == 0 || wds.rank >= wds.world_size {
             return Err(Error::Config(format!(
                 "rank {} is not in 0..{} (world size)",
@@ -1176,7 +1108,7 @@ impl WebDatasetLoader {
         }
         Ok(Some(Batch::assemble(
             got,
-            self.config.pipeline.size,
+            self.config.pipeline.size(),
             epoch,
             self.pos,
             skipped,

@@ -49,8 +49,8 @@ use crate::checkpoint::{self, is_buffer, LoadReport, Loader, TensorSource};
 use crate::error::{Error, Result};
 use crate::models::brivl::{pad_boxes, prepare_boxes, Brivl, BrivlConfig, IGNORED_KEYS};
 use crate::nn::ops;
-use crate::preprocess::{TextProcessor, TextStyle};
-use crate::train::data::{Batch, ImagePipeline, ResizeKind, IMAGENET_MEAN, IMAGENET_STD};
+use crate::preprocess::{ImageProcessor, TextProcessor, TextStyle};
+use crate::train::data::{Batch, ImagePipeline};
 use crate::train::dist::Collective;
 use crate::train::fit::ExtraState;
 use crate::train::optim::ParamGroupConfig;
@@ -704,11 +704,8 @@ impl BrivlMoco {
     /// (torchvision 0.9.1), ImageNet normalisation, and colour jitter + grayscale.
     pub fn image_pipeline(&self, augment: Option<AugmentConfig>) -> ImagePipeline {
         ImagePipeline {
-            size: self.cfg.img_size,
-            resize: ResizeKind::BilinearNoAntialias,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
             augment,
+            ..ImagePipeline::from_processor(ImageProcessor::brivl(self.cfg.img_size))
         }
     }
 
