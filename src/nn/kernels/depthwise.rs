@@ -6,6 +6,8 @@
 //! Padding is explicit, `[top, bottom, left, right]` zeros: the layers compute TF "same"
 //! padding themselves.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::epilogue::bias_act_plane;
@@ -564,6 +566,57 @@ fn valid_outputs(n: usize, s: usize, off: isize, len: usize) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
+/// Visits every tap of `g` with the output rows and columns that read inside the plane
+/// through it: `f(tap, rows, columns, (dy − pt, dx − pl))`, output `(oy, ox)` reading input
+/// `(oy·s + dy − pt, ox·s + dx − pl)`.
+fn for_each_tap(g: DwGeom, mut f: impl FnMut(usize, Range<usize>, Range<usize>, (isize, isize))) {
+    for dy in 0..g.k {
+        let offy = dy as isize - g.pt as isize;
+        let (oy0, oy1) = valid_outputs(g.ho, g.s, offy, g.h);
+        for dx in 0..g.k {
+            let offx = dx as isize - g.pl as isize;
+            let (ox0, ox1) = valid_outputs(g.wo, g.s, offx, g.w);
+            f(dy * g.k + dx, oy0..oy1, ox0..ox1, (offy, offx));
+        }
+    }
+}
+
+/// The portable input gradient of one plane: `gx[oy·s + dy − pt, ox·s + dx − pl] +=
+/// taps[dy, dx] · gy[oy, ox]`.
+fn dw_grad_input_plane(g: DwGeom, gy: &[f32], taps: &[f32], gx: &mut [f32]) {
+    let DwGeom { w, wo, s, .. } = g;
+    for_each_tap(g, |tap, rows, cols, (offy, offx)| {
+        let t = taps[tap];
+        for oy in rows {
+            let iy = ((oy * s) as isize + offy) as usize;
+            let grow = &gy[oy * wo..(oy + 1) * wo];
+            let xrow = &mut gx[iy * w..(iy + 1) * w];
+            for (ox, gv) in grow.iter().enumerate().take(cols.end).skip(cols.start) {
+                let ix = (ox * s) as isize + offx;
+                xrow[ix as usize] += t * gv;
+            }
+        }
+    });
+}
+
+/// The portable weight gradient of one plane, added to `gw` (`k²` taps): `Σ gy[oy, ox] ·
+/// x[oy·s + dy − pt, ox·s + dx − pl]` for each tap.
+fn dw_grad_weight_plane(g: DwGeom, x: &[f32], gy: &[f32], gw: &mut [f32]) {
+    let DwGeom { w, wo, s, .. } = g;
+    for_each_tap(g, |tap, rows, cols, (offy, offx)| {
+        let mut acc = 0f32;
+        for oy in rows {
+            let iy = ((oy * s) as isize + offy) as usize;
+            let grow = &gy[oy * wo..(oy + 1) * wo];
+            let xrow = &x[iy * w..(iy + 1) * w];
+            for ox in cols.clone() {
+                acc += grow[ox] * xrow[((ox * s) as isize + offx) as usize];
+            }
+        }
+        gw[tap] += acc;
+    });
+}
+
 /// The input gradient of [`DepthwiseTrain`]: `(grad [b, c, ho, wo], weight)` to `[b, c, h, w]`.
 struct DepthwiseGradInput {
     g: DwGeom,
@@ -584,50 +637,24 @@ impl CustomOp2 for DepthwiseGradInput {
         use rayon::prelude::*;
         let [gy, wt] = contiguous_f32s(self.name(), [(s1, l1), (s2, l2)])?;
         let (b, c, _, _) = l1.shape().dims4()?;
-        let DwGeom {
-            h,
-            w,
-            ho,
-            wo,
-            k,
-            s,
-            pt,
-            pl,
-        } = self.g;
-        let mut out = vec![0f32; b * c * h * w];
+        let g = self.g;
+        let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
+        let mut out = vec![0f32; b * c * hw];
         #[cfg(target_arch = "x86_64")]
-        let fast = avx2_fma() && k <= 8 && pt < k && pl < k;
-        out.par_chunks_mut(h * w)
-            .enumerate()
-            .for_each(|(plane, gx)| {
-                let ch = plane % c;
-                let g = &gy[plane * ho * wo..(plane + 1) * ho * wo];
-                let taps = &wt[ch * k * k..(ch + 1) * k * k];
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-                    unsafe { dw_grad_input_avx2(self.g, g, taps, gx) };
-                    return;
-                }
-                for dy in 0..k {
-                    let (oy0, oy1) = valid_outputs(ho, s, dy as isize - pt as isize, h);
-                    for dx in 0..k {
-                        let t = taps[dy * k + dx];
-                        let off = dx as isize - pl as isize;
-                        let (ox0, ox1) = valid_outputs(wo, s, off, w);
-                        for oy in oy0..oy1 {
-                            let iy = oy * s + dy - pt;
-                            let grow = &g[oy * wo..(oy + 1) * wo];
-                            let xrow = &mut gx[iy * w..(iy + 1) * w];
-                            for (ox, gv) in grow.iter().enumerate().take(ox1).skip(ox0) {
-                                let ix = (ox * s) as isize + off;
-                                xrow[ix as usize] += t * gv;
-                            }
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((b, c, h, w))))
+        let fast = avx2_fma() && g.k <= 8 && g.pt < g.k && g.pl < g.k;
+        out.par_chunks_mut(hw).enumerate().for_each(|(plane, gx)| {
+            let ch = plane % c;
+            let gy = &gy[plane * howo..(plane + 1) * howo];
+            let taps = &wt[ch * kk..(ch + 1) * kk];
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                unsafe { dw_grad_input_avx2(g, gy, taps, gx) };
+                return;
+            }
+            dw_grad_input_plane(g, gy, taps, gx);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, c, g.h, g.w))))
     }
 }
 
@@ -652,50 +679,26 @@ impl CustomOp2 for DepthwiseGradWeight {
         use rayon::prelude::*;
         let [x, gy] = contiguous_f32s(self.name(), [(s1, l1), (s2, l2)])?;
         let (b, c, _, _) = l1.shape().dims4()?;
-        let DwGeom {
-            h,
-            w,
-            ho,
-            wo,
-            k,
-            s,
-            pt,
-            pl,
-        } = self.g;
-        let mut out = vec![0f32; c * k * k];
+        let g = self.g;
+        let (hw, howo, kk) = (g.h * g.w, g.ho * g.wo, g.k * g.k);
+        let mut out = vec![0f32; c * kk];
         #[cfg(target_arch = "x86_64")]
         let fast = avx2_fma();
-        out.par_chunks_mut(k * k).enumerate().for_each(|(ch, gw)| {
+        out.par_chunks_mut(kk).enumerate().for_each(|(ch, gw)| {
             for bi in 0..b {
                 let plane = bi * c + ch;
-                let xs = &x[plane * h * w..(plane + 1) * h * w];
-                let g = &gy[plane * ho * wo..(plane + 1) * ho * wo];
+                let xs = &x[plane * hw..(plane + 1) * hw];
+                let gy = &gy[plane * howo..(plane + 1) * howo];
                 #[cfg(target_arch = "x86_64")]
                 if fast {
                     // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-                    unsafe { dw_grad_weight_avx2(self.g, xs, g, gw) };
+                    unsafe { dw_grad_weight_avx2(g, xs, gy, gw) };
                     continue;
                 }
-                for dy in 0..k {
-                    let (oy0, oy1) = valid_outputs(ho, s, dy as isize - pt as isize, h);
-                    for dx in 0..k {
-                        let off = dx as isize - pl as isize;
-                        let (ox0, ox1) = valid_outputs(wo, s, off, w);
-                        let mut acc = 0f32;
-                        for oy in oy0..oy1 {
-                            let iy = oy * s + dy - pt;
-                            let grow = &g[oy * wo..(oy + 1) * wo];
-                            let xrow = &xs[iy * w..(iy + 1) * w];
-                            for ox in ox0..ox1 {
-                                acc += grow[ox] * xrow[((ox * s) as isize + off) as usize];
-                            }
-                        }
-                        gw[dy * k + dx] += acc;
-                    }
-                }
+                dw_grad_weight_plane(g, xs, gy, gw);
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((c, k * k))))
+        Ok((CpuStorage::F32(out), Shape::from((c, kk))))
     }
 }
 
@@ -813,5 +816,58 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The portable plane kernels (taken where the CPU lacks AVX2) against the AVX2 ones,
+    /// forward and both gradients, so that both are checked on an AVX2 machine.
+    #[test]
+    fn portable_plane_kernels_match_avx2() {
+        use crate::nn::test_util::randn;
+        if !avx2_fma() {
+            return;
+        }
+        let vec = |n: usize, seed: u64| -> Vec<f32> {
+            randn(&[n.max(1)], seed).to_vec1::<f32>().unwrap()[..n].to_vec()
+        };
+        for &(k, s, h, w) in DW_SHAPES {
+            let (t, b) = same_padding(h, k, s);
+            let (l, r) = same_padding(w, k, s);
+            let g = DwGeom::new((h, w), (k, s), [t, b, l, r]).unwrap();
+            let (x, taps, gy) = (vec(h * w, 1), vec(k * k, 2), vec(g.ho * g.wo, 3));
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                let d = a
+                    .iter()
+                    .zip(b)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-5, "{what} k{k} s{s} {h}x{w}: {d}");
+            };
+            for act in [false, true] {
+                let (mut o1, mut o2) = (vec![0f32; g.ho * g.wo], vec![0f32; g.ho * g.wo]);
+                dw_plane(g, &x, &taps, &mut o1, 0.3, act);
+                // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    dw_plane_avx2(g, &x, &taps, &mut o2, 0.3, act)
+                };
+                close(&o1, &o2, "forward");
+            }
+            let (mut gx1, mut gx2) = (vec![0f32; h * w], vec![0f32; h * w]);
+            dw_grad_input_plane(g, &gy, &taps, &mut gx1);
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                dw_grad_input_avx2(g, &gy, &taps, &mut gx2)
+            };
+            close(&gx1, &gx2, "input gradient");
+            let (mut gw1, mut gw2) = (vec![0f32; k * k], vec![0f32; k * k]);
+            dw_grad_weight_plane(g, &x, &gy, &mut gw1);
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                dw_grad_weight_avx2(g, &x, &gy, &mut gw2)
+            };
+            close(&gw1, &gw2, "weight gradient");
+        }
     }
 }
