@@ -330,4 +330,15 @@ mod tests {
             .unwrap();
         assert!(d < 1e-5, "gelu gradients differ by {d}");
     }
+
+    /// ReLU's derivative (no op takes it today): PyTorch's, zero at zero.
+    #[test]
+    fn relu_backward_is_the_step() {
+        let x = [-2f32, -0.0, 0.0, 0.5, 3.0];
+        let g = [1f32, 1.0, 1.0, 2.0, -3.0];
+        assert_eq!(
+            super::act_backward(super::FusedAct::Relu, &x, &g),
+            [0.0, 0.0, 0.0, 2.0, -3.0]
+        );
+    }
 }
