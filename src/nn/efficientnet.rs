@@ -607,7 +607,32 @@ pub fn depthwise_conv2d(
     }
 }
 
-/// The differentiable depthwise convolution: `Σ_taps view(x) · weight[:, tap]`.
+/// A depthwise convolution with TF "same" padding and a backward pass: `x` `[b, c, h, w]`,
+/// `weight` `[c, k·k]`. On the CPU in `f32` it runs direct kernels in both directions
+/// (forward, input gradient, weight gradient); elsewhere the composed, differentiable form.
+pub fn depthwise_conv2d_same(
+    x: &Tensor,
+    weight: &Tensor,
+    kernel: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    if !cpu_f32(&[x, weight]) {
+        return depthwise_conv2d_composed(&pad_same(x, kernel, stride)?, weight, kernel, stride);
+    }
+    let (_, c, h, w) = x.dims4()?;
+    let (wc, kk) = weight.dims2()?;
+    if wc != c || kk != kernel * kernel || stride == 0 {
+        candle_core::bail!(
+            "depthwise weight {:?} does not fit {c} channels and kernel {kernel}",
+            weight.dims()
+        )
+    }
+    let pad = same_pads(h, w, kernel, stride);
+    depthwise::conv2d_train(x, weight, (kernel, stride), pad)
+}
+
+/// The differentiable depthwise convolution, `Σ_taps view(x) · weight[:, tap]` on the
+/// unpadded `x`: any device and dtype, and the reference of the kernels' tests.
 pub fn depthwise_conv2d_composed(
     x: &Tensor,
     weight: &Tensor,
@@ -658,29 +683,6 @@ pub fn depthwise_conv2d_composed(
         }
     }
     acc.ok_or_else(|| candle_core::Error::Msg("depthwise kernel of size 0".into()))
-}
-/// A depthwise convolution with TF "same" padding and a backward pass: `x` `[b, c, h, w]`,
-/// `weight` `[c, k·k]`. On the CPU in `f32` it runs direct kernels in both directions
-/// (forward, input gradient, weight gradient); elsewhere the composed, differentiable form.
-pub fn depthwise_conv2d_same(
-    x: &Tensor,
-    weight: &Tensor,
-    kernel: usize,
-    stride: usize,
-) -> Result<Tensor> {
-    if !cpu_f32(&[x, weight]) {
-        return depthwise_conv2d_composed(&pad_same(x, kernel, stride)?, weight, kernel, stride);
-    }
-    let (_, c, h, w) = x.dims4()?;
-    let (wc, kk) = weight.dims2()?;
-    if wc != c || kk != kernel * kernel || stride == 0 {
-        candle_core::bail!(
-            "depthwise weight {:?} does not fit {c} channels and kernel {kernel}",
-            weight.dims()
-        )
-    }
-    let pad = same_pads(h, w, kernel, stride);
-    depthwise::conv2d_train(x, weight, (kernel, stride), pad)
 }
 
 /// Squeeze-excitation's gate `sigmoid(expand(silu(reduce(mean_hw(x)))))`, `[b, c]`; the
