@@ -13,9 +13,11 @@
 //!   ([`cpu_f32_no_grad`]); the in-place ones also need a contiguous buffer that nothing
 //!   else refers to (a matmul or convolution output).
 //! * **Training kernels** are candle custom ops with a backward pass of their own, itself
-//!   one or a few kernels (`dx`, `dweight`, `dbias` …). The face takes them on the CPU in
-//!   `f32` whether or not the inputs track gradients (for most of them, only when they do),
-//!   so gradients are exact and never stop at a fused op.
+//!   one or a few kernels (`dx`, `dweight`, `dbias` …), so gradients are exact and never
+//!   stop at a fused op. The face takes them on the CPU in `f32` where the inference kernel
+//!   does not apply (an input tracks gradients); a few run whenever the tensors are `f32` on
+//!   the CPU (the tanh GELU, BatchNorm with batch statistics, EfficientNet's convolutions in
+//!   train mode).
 //!
 //! Other devices and dtypes take candle's ops and differentiable compositions, in the face.
 //!
