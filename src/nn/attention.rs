@@ -3,7 +3,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::gemm::{attention_cpu_f32, cpu_f32, AttentionTrain};
+use super::kernels::attention::{attention_cpu_f32, AttentionTrain};
+use super::kernels::cpu_f32;
 use super::linear::{batch_broadcast, linear, Linear, WEIGHT_HINT};
 
 use super::ops::{scaled_softmax_into, softmax_last_dim, tracks_grad};
@@ -205,9 +206,7 @@ impl MultiHeadAttention {
             if let Some(y) = attention_cpu_f32(&q, &k, &v, self.num_heads, bias, self.scale)? {
                 return self.project_out(&y, residual);
             }
-        } else if [&q, &k, &v].iter().all(|t| cpu_f32(t))
-            && bias.is_none_or(|b| cpu_f32(b) && !b.track_op())
-        {
+        } else if cpu_f32(&[&q, &k, &v]) && bias.is_none_or(|b| cpu_f32(&[b]) && !b.track_op()) {
             // Training on the CPU: one op with its own backward pass.
             let (lq, lk) = (q.dim(1)?, k.dim(1)?);
             let bias = match bias {

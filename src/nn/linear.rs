@@ -2,7 +2,7 @@
 //!
 //! `candle_nn::Linear` multiplies a `[b, n, d]` input batch by batch; here the leading
 //! dimensions are flattened into one `[b·n, d]` product. On the CPU in `f32` that product is
-//! the crate's own (`super::gemm`): at inference with the bias, activation and residual
+//! the crate's own (`nn::kernels::gemm`): at inference with the bias, activation and residual
 //! applied in the same pass, in training as one op with its own backward pass. Elsewhere
 //! (CUDA, Metal, other dtypes) it is candle's matmul and differentiable ops.
 
@@ -10,8 +10,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder};
 
-use super::gemm::{cpu_f32, linear_cpu_f32, LinearTrain};
-use super::ops::{bias_act_into, tracks_grad, Activation};
+use super::kernels::cpu_f32;
+use super::kernels::gemm::{linear_cpu_f32, LinearTrain};
+use super::ops::{bias_act_into, fused_act, tracks_grad, Activation};
 
 /// Whether `x` has rank ≥ 2 and a leading dimension > 1 with stride 0 (a broadcast copy of
 /// one row, shared storage).
@@ -77,7 +78,7 @@ pub(crate) fn is_weight_hint(hint: &Init) -> bool {
 /// backends apply this only when they build a model for inference. Other devices, dtypes
 /// and ranks are returned unchanged.
 pub fn inference_layout(w: Tensor) -> Result<Tensor> {
-    if cpu_f32(&w) && w.rank() == 2 && w.is_contiguous() && !w.is_variable() {
+    if cpu_f32(&[&w]) && w.rank() == 2 && w.is_contiguous() && !w.is_variable() {
         w.t()?.contiguous()?.t()
     } else {
         Ok(w)
@@ -153,21 +154,23 @@ impl Linear {
             *last = self.weight.dim(0)?;
         }
         let bias_tracks = self.bias.as_ref().is_some_and(|b| b.track_op());
-        if !tracks_grad(&[x, &self.weight]) && !bias_tracks {
+        let kernel_act = fused_act(act);
+        if let Some(ka) = kernel_act.filter(|_| !tracks_grad(&[x, &self.weight]) && !bias_tracks) {
             let res2 = match residual {
                 Some(r) => Some(r.reshape((rows, self.weight.dim(0)?))?),
                 None => None,
             };
             if let Some(y) =
-                linear_cpu_f32(&x2, &self.weight, self.bias.as_ref(), act, res2.as_ref())?
+                linear_cpu_f32(&x2, &self.weight, self.bias.as_ref(), ka, res2.as_ref())?
             {
                 return y.reshape(out_shape);
             }
         }
-        let y = if cpu_f32(&x2) && cpu_f32(&self.weight) && self.bias.as_ref().is_none_or(cpu_f32) {
+        let y = if cpu_f32(&[&x2, &self.weight]) && self.bias.as_ref().is_none_or(|b| cpu_f32(&[b]))
+        {
             // Training on the CPU: one op with its own backward pass, the activation
             // included where it has a backward kernel.
-            let fused = act.filter(|a| LinearTrain::fuses(*a));
+            let fused = kernel_act.flatten().filter(|a| LinearTrain::fuses(*a));
             let op = LinearTrain::new(fused);
             let y = match &self.bias {
                 Some(b) => x2.apply_op3(&self.weight, b, op)?,

@@ -1,13 +1,15 @@
 //! Building blocks shared by every model, written once.
 //!
 //! Every op here is differentiable where it can take part in training: see [`ops`] for how
-//! the fused inference kernels are combined with composed, differentiable versions.
+//! the fused inference kernels are combined with composed, differentiable versions. The CPU
+//! kernels themselves (`f32` fast paths, with their backward passes) live in `kernels`,
+//! which is internal to the crate.
 
 pub mod attention;
 pub mod bert;
 pub mod efficientnet;
-mod gemm;
 pub mod grid_sample;
+pub(crate) mod kernels;
 pub mod linear;
 pub mod ops;
 pub mod transformer;

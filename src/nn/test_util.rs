@@ -40,3 +40,8 @@ pub(crate) fn probe_grads(
     let grads = |t: &Tensor| (t * &probe).unwrap().sum_all().unwrap().backward().unwrap();
     (grads(a), grads(b))
 }
+
+/// The gradients of `Σ y ⊙ g`.
+pub(crate) fn grads_of(y: &Tensor, g: &Tensor) -> candle_core::backprop::GradStore {
+    (y * g).unwrap().sum_all().unwrap().backward().unwrap()
+}

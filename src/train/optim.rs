@@ -746,7 +746,7 @@ impl candle_core::InplaceOp2 for Moment {
         gs: &candle_core::CpuStorage,
         gl: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use crate::nn::ops::{contiguous_f32, contiguous_f32_mut};
+        use crate::nn::kernels::{contiguous_f32, contiguous_f32_mut};
         use rayon::prelude::*;
         let state = contiguous_f32_mut(s, l, "adamw-moment")?;
         let g = contiguous_f32(gs, gl, "adamw-moment")?;
@@ -800,7 +800,7 @@ impl candle_core::InplaceOp3 for ParamUpdate {
         vs: &candle_core::CpuStorage,
         vl: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use crate::nn::ops::{contiguous_f32, contiguous_f32_mut};
+        use crate::nn::kernels::{contiguous_f32, contiguous_f32_mut};
         use rayon::prelude::*;
         let theta = contiguous_f32_mut(s, l, "adamw-update")?;
         let m = contiguous_f32(ms, ml, "adamw-update")?;

@@ -1,6 +1,9 @@
-//! The CPU `f32` inference path of [`super::Linear`]: `act(x Wᵀ + b)` as one matrix
-//! product split into output blocks across the rayon pool, each block a single-threaded
-//! `gemm` call followed, while the block is still in cache, by the bias and activation.
+//! Matrix products on the CPU in `f32`: the linear layers of [`crate::nn::Linear`] and
+//! EfficientNet's 1×1 convolutions, at inference and as ops with their own backward passes.
+//!
+//! At inference a linear layer is `act(x Wᵀ + b)` as one matrix product split into output
+//! blocks across the rayon pool, each block a single-threaded `gemm` call followed, while
+//! the block is still in cache, by the bias and activation.
 //!
 //! Against candle's matmul (one `gemm` call that splits its own work across threads, into a
 //! zero-filled output, then separate passes for the bias and activation) this skips the
@@ -12,7 +15,8 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
-use super::ops::{act_backward, bias_act_chunk, contiguous_f32, softmax_row_fast, Activation};
+use super::act::{act_backward, bias_act_chunk, FusedAct};
+use super::{contiguous_f32, cpu_f32};
 
 /// Products below this many multiply-adds run on one thread.
 const SPLIT_MIN_MACS: usize = 1 << 18;
@@ -21,17 +25,12 @@ const SPLIT_MIN_MACS: usize = 1 << 18;
 /// blocks that are multiples of this width; narrower outputs are split by rows.
 const COL_ALIGN: usize = 16;
 
-/// Whether `t` is an `f32` CPU tensor (the tensors these kernels take).
-pub(crate) fn cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
-}
-
 /// A strided `f32` matrix view: element `(i, j)` at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(super) struct View<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 impl View<'_> {
@@ -70,19 +69,19 @@ fn view<'a>(s: &'a Storage, l: &Layout) -> Option<View<'a>> {
 
 /// A raw output pointer shared by the tasks, each of which writes a disjoint block.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: the tasks write disjoint blocks of the output, which outlives them.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
 /// An uninitialised `f32` buffer of `len` elements, for outputs that are written whole.
-fn uninit_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
+pub(super) fn uninit_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
     let mut out = Vec::with_capacity(len);
     // SAFETY: `MaybeUninit` needs no initialisation.
     unsafe { out.set_len(len) };
@@ -93,7 +92,7 @@ fn uninit_buffer(len: usize) -> Vec<MaybeUninit<f32>> {
 ///
 /// # Safety
 /// Every element must have been written.
-unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+pub(super) unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     let mut out = std::mem::ManuallyDrop::new(out);
     let (ptr, len, cap) = (out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity());
     // SAFETY: `MaybeUninit<f32>` and `f32` have the same size and alignment, the allocation
@@ -101,8 +100,66 @@ unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
     unsafe { Vec::from_raw_parts(ptr, len, cap) }
 }
 
-/// `dst = lhs · rhs` (`acc` false) or `dst += lhs · rhs` (`acc` true) for `lhs` `[m, k]` and
-/// `rhs` `[k, n]`, on the calling thread; `dst` is row-major with row stride `drs`.
+/// One single-threaded `gemm` call: `dst = lhs · rhs` (`acc` false) or `dst += lhs · rhs`
+/// (`acc` true) for `dst` `[m, n]`, `lhs` `[m, k]` and `rhs` `[k, n]`, each with explicit
+/// row and column strides (`(rs, cs)` pairs).
+///
+/// # Safety
+/// Every pointer must address its matrix within its allocation for the given strides, and
+/// `dst` must be valid for reads and writes and not accessed concurrently.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (drs, dcs): (usize, usize),
+    lhs: *const f32,
+    (lrs, lcs): (usize, usize),
+    rhs: *const f32,
+    (rrs, rcs): (usize, usize),
+    acc: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                for j in 0..n {
+                    // SAFETY: `dst` addresses an `m × n` matrix (the caller's guarantee).
+                    unsafe { *dst.add(i * drs + j * dcs) = 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    // SAFETY: forwarded from the caller. `gemm` computes `dst = α·dst + β·lhs·rhs`, reading
+    // `dst` only when asked to.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dcs as isize,
+            drs as isize,
+            acc,
+            lhs,
+            lcs as isize,
+            lrs as isize,
+            rhs,
+            rcs as isize,
+            rrs as isize,
+            if acc { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// [`gemm_strided`] on views, into a row-major `dst` with row stride `drs`.
 ///
 /// # Safety
 /// `dst` must be valid for reads and writes of `m` rows of `n` elements at row stride `drs`,
@@ -110,46 +167,23 @@ unsafe fn assume_init(out: Vec<MaybeUninit<f32>>) -> Vec<f32> {
 unsafe fn gemm_into(
     dst: *mut f32,
     drs: usize,
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     lhs: View,
     rhs: View,
     acc: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
     // SAFETY: as promised by the caller.
     unsafe {
-        if k == 0 {
-            if !acc {
-                for r in 0..m {
-                    std::ptr::write_bytes(dst.add(r * drs), 0, n);
-                }
-            }
-            return;
-        }
-        // `gemm` computes `dst = α·dst + β·lhs·rhs`, reading `dst` only when asked to.
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_strided(
+            dims,
             dst,
-            1,
-            drs as isize,
-            acc,
+            (drs, 1),
             lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
+            (lhs.rs, lhs.cs),
             rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            if acc { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+            (rhs.rs, rhs.cs),
+            acc,
+        )
     }
 }
 
@@ -223,7 +257,7 @@ fn linear_blocks(
     w: View,
     (m, n, k): (usize, usize, usize),
     bias: &[f32],
-    act: Option<Activation>,
+    act: Option<FusedAct>,
     residual: Option<View>,
 ) -> Vec<f32> {
     matmul_blocks(m, n, k, x, w.t(), |r, c0, row| {
@@ -245,19 +279,15 @@ fn linear_blocks(
 }
 
 /// `act(x Wᵀ + b) + residual` for a 2-D `x` `[m, k]`, `w` `[n, k]` and `residual` `[m, n]`
-/// on the CPU in `f32`; `None` when this path does not apply (another device or dtype, or an
-/// activation without a fused kernel), for the caller to take the general one. Nothing here
-/// records gradients.
+/// on the CPU in `f32`; `None` when this path does not apply (another device or dtype), for
+/// the caller to take the general one. Nothing here records gradients.
 pub(crate) fn linear_cpu_f32(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    act: Option<Activation>,
+    act: Option<FusedAct>,
     residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    if act == Some(Activation::Silu) {
-        return Ok(None);
-    }
     let (m, k) = x.dims2()?;
     let (n, k2) = w.dims2()?;
     if k != k2 {
@@ -307,21 +337,21 @@ pub(crate) fn linear_cpu_f32(
 
 /// `act(x Wᵀ + b)` on the CPU in `f32` as one op with its own backward pass (`dz = dy·f'(z)`
 /// for the pre-activation `z`, then `dx = dz W`, `dW = dzᵀ x`, `db = Σ_rows dz`, each one
-/// split product): the training path of [`super::Linear`]. Applied as a `CustomOp3` with a
+/// split product): the training path of [`crate::nn::Linear`]. Applied as a `CustomOp3` with a
 /// bias and a `CustomOp2` without.
 ///
 /// The activation is applied to each output block while it is in cache, and `z` is kept for
 /// the backward pass; against a separate activation op this saves one graph node per MLP,
 /// with its pass over the activations each way and its gradient buffer.
 pub(crate) struct LinearTrain {
-    act: Option<Activation>,
+    act: Option<FusedAct>,
     /// With `act`: `z = x Wᵀ + b` from the forward pass.
     pre: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl LinearTrain {
     /// The op for `act`, which must be `None` or [`LinearTrain::fuses`] it.
-    pub(crate) fn new(act: Option<Activation>) -> Self {
+    pub(crate) fn new(act: Option<FusedAct>) -> Self {
         Self {
             act,
             pre: std::sync::OnceLock::new(),
@@ -329,10 +359,10 @@ impl LinearTrain {
     }
 
     /// Whether the op applies `act` itself (the activations with a backward kernel).
-    pub(crate) fn fuses(act: Activation) -> bool {
+    pub(crate) fn fuses(act: FusedAct) -> bool {
         matches!(
             act,
-            Activation::Gelu | Activation::GeluPytorchTanh | Activation::QuickGelu
+            FusedAct::Gelu | FusedAct::GeluTanh | FusedAct::QuickGelu
         )
     }
 
@@ -634,7 +664,7 @@ fn sum_outer_batched(
 /// `broadcast_matmul` would give `dW` per image and reduce them with a strided sum.
 /// Other devices and dtypes take `broadcast_matmul`.
 pub(crate) fn conv1x1(w: &Tensor, x: &Tensor) -> Result<Tensor> {
-    if cpu_f32(w) && cpu_f32(x) && w.rank() == 2 && x.rank() == 3 {
+    if cpu_f32(&[w, x]) && w.rank() == 2 && x.rank() == 3 {
         w.apply_op2(&x.contiguous()?, Conv1x1)
     } else {
         w.broadcast_matmul(x)
@@ -711,418 +741,13 @@ impl candle_core::CustomOp2 for Conv1x1 {
     }
 }
 
-/// A `[batch, len, dim]` `f32` view with unit stride along `dim` (heads side by side).
-#[derive(Clone, Copy)]
-struct Seq<'a> {
-    data: &'a [f32],
-    /// Batch stride.
-    bs: usize,
-    /// Row (position) stride.
-    rs: usize,
-}
-
-impl Seq<'_> {
-    /// The first element of head `h` (width `hd`) of batch row `b`.
-    fn head(&self, b: usize, h: usize, hd: usize) -> *const f32 {
-        self.data[b * self.bs + h * hd..].as_ptr()
-    }
-}
-
-/// The `[batch, len, dim]` view of a CPU storage, or `None` for other storages and layouts.
-fn seq_cpu<'a>(s: &'a CpuStorage, l: &Layout) -> Option<Seq<'a>> {
-    let CpuStorage::F32(data) = s else {
-        return None;
-    };
-    match *l.stride() {
-        [bs, rs, 1] => Some(Seq {
-            data: &data[l.start_offset()..],
-            bs,
-            rs,
-        }),
-        _ => None,
-    }
-}
-
-/// [`seq_cpu`] for a storage of any device.
-fn seq<'a>(s: &'a Storage, l: &Layout) -> Option<Seq<'a>> {
-    match s {
-        Storage::Cpu(c) => seq_cpu(c, l),
-        _ => None,
-    }
-}
-
-/// An additive attention bias broadcast to `[b, h, lq, lk]`: its data, start and strides.
-struct BiasRows<'a> {
-    data: &'a [f32],
-    start: usize,
-    strides: [usize; 4],
-}
-
-impl BiasRows<'_> {
-    /// Row `(b, h, i)` of length `lk`, gathered into `tmp` when its stride is not 1.
-    fn row<'t>(
-        &'t self,
-        (b, h, i): (usize, usize, usize),
-        lk: usize,
-        tmp: &'t mut Vec<f32>,
-    ) -> &'t [f32] {
-        let st = self.strides;
-        let off = self.start + b * st[0] + h * st[1] + i * st[2];
-        if st[3] == 1 {
-            &self.data[off..off + lk]
-        } else {
-            tmp.clear();
-            tmp.extend((0..lk).map(|j| self.data[off + j * st[3]]));
-            tmp
-        }
-    }
-}
-
-/// Shapes of one attention call: batch, heads, query and key lengths, head width.
-#[derive(Clone, Copy)]
-struct AttnDims {
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    hd: usize,
-}
-
-/// One single-threaded `gemm` call, `dst [m, n] = lhs [m, k] · rhs [k, n]` with explicit
-/// row and column strides (`(rs, cs)` pairs).
-///
-/// # Safety
-/// Every pointer must address its matrix within its allocation for the given strides, and
-/// `dst` must be writable and not read concurrently.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm1(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (drs, dcs): (usize, usize),
-    lhs: *const f32,
-    (lrs, lcs): (usize, usize),
-    rhs: *const f32,
-    (rrs, rcs): (usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for i in 0..m {
-            for j in 0..n {
-                // SAFETY: `dst` addresses an `m × n` matrix (the caller's guarantee).
-                unsafe { *dst.add(i * drs + j * dcs) = 0.0 };
-            }
-        }
-        return;
-    }
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            dcs as isize,
-            drs as isize,
-            false,
-            lhs,
-            lcs as isize,
-            lrs as isize,
-            rhs,
-            rcs as isize,
-            rrs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
-/// `P = softmax(scale · Q_h K_hᵀ + bias)` for batch row `bi`, head `hi`, into `p` `[lq, lk]`.
-fn attention_probs(
-    (q, k): (Seq, Seq),
-    (bi, hi): (usize, usize),
-    d: AttnDims,
-    bias: Option<&BiasRows>,
-    scale: f32,
-    p: &mut [f32],
-) {
-    // SAFETY: the heads are read within the views; `p` holds `lq × lk`.
-    unsafe {
-        gemm1(
-            (d.lq, d.lk, d.hd),
-            p.as_mut_ptr(),
-            (d.lk, 1),
-            q.head(bi, hi, d.hd),
-            (q.rs, 1),
-            k.head(bi, hi, d.hd),
-            (1, k.rs),
-        );
-    }
-    let mut tmp = Vec::new();
-    for (i, row) in p.chunks_mut(d.lk.max(1)).enumerate().take(d.lq) {
-        let brow = bias.map(|b| b.row((bi, hi, i), d.lk, &mut tmp));
-        softmax_row_fast(row, brow, scale);
-    }
-}
-
-/// `softmax(q kᵀ · scale + bias) v` as `[b, lq, h·hd]`: one task per (batch row, head), two
-/// single-threaded `gemm` calls that read the heads in place and write the output block in
-/// place, with the softmax between them in a task-local buffer.
-fn attention_forward(
-    (q, k, v): (Seq, Seq, Seq),
-    d: AttnDims,
-    bias: Option<&BiasRows>,
-    scale: f32,
-) -> Vec<f32> {
-    use rayon::prelude::*;
-    let width = d.h * d.hd;
-    let mut out = uninit_buffer(d.b * d.lq * width);
-    let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
-    (0..d.b * d.h).into_par_iter().for_each(|t| {
-        let (bi, hi) = (t / d.h, t % d.h);
-        let mut p = vec![0f32; d.lq * d.lk];
-        attention_probs((q, k), (bi, hi), d, bias, scale, &mut p);
-        // SAFETY: this task's `[lq, hd]` block of the output is its alone.
-        unsafe {
-            gemm1(
-                (d.lq, d.hd, d.lk),
-                dst.get().add(bi * d.lq * width + hi * d.hd),
-                (width, 1),
-                p.as_ptr(),
-                (d.lk, 1),
-                v.head(bi, hi, d.hd),
-                (v.rs, 1),
-            );
-        }
-    });
-    // SAFETY: each task writes its `[lq, hd]` block whole, and the blocks tile the output.
-    unsafe { assume_init(out) }
-}
-
-/// Checks `q` `[b, lq, d]`, `k` and `v` `[b, lk, d]` against `heads`.
-fn attn_dims(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<AttnDims> {
-    match (q, k) {
-        (&[_, lq, _], &[_, lk, _]) if lq == 0 || lk == 0 => {
-            candle_core::bail!("attention over an empty sequence: q {q:?}, k {k:?}")
-        }
-        (&[b, lq, d], &[bk, lk, dk])
-            if v == k && bk == b && dk == d && heads > 0 && d.is_multiple_of(heads) =>
-        {
-            Ok(AttnDims {
-                b,
-                h: heads,
-                lq,
-                lk,
-                hd: d / heads,
-            })
-        }
-        _ => candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?} with {heads} heads"),
-    }
-}
-
-/// The `f32` CPU bias rows of `bias` broadcast to `d`, or `None` when it is elsewhere.
-fn bias_rows<'a>(bias: Option<(&'a Storage, &'a Layout)>) -> Option<Option<BiasRows<'a>>> {
-    match bias {
-        None => Some(None),
-        Some((s, l)) => match (s, l.stride()) {
-            (Storage::Cpu(CpuStorage::F32(data)), &[s0, s1, s2, s3]) => Some(Some(BiasRows {
-                data,
-                start: l.start_offset(),
-                strides: [s0, s1, s2, s3],
-            })),
-            _ => None,
-        },
-    }
-}
-
-/// Multi-head attention at inference on the CPU in `f32`: `q` `[b, lq, h·hd]`, `k` and `v`
-/// `[b, lk, h·hd]` (projection outputs, heads side by side) to `softmax(q kᵀ · scale + bias) v`
-/// `[b, lq, h·hd]`; `bias` broadcastable to `[b, h, lq, lk]`. No head is copied out and no
-/// score tensor is built. `None` when this path does not apply.
-pub(crate) fn attention_cpu_f32(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    bias: Option<&Tensor>,
-    scale: f64,
-) -> Result<Option<Tensor>> {
-    let d = attn_dims(q.dims(), k.dims(), v.dims(), heads)?;
-    let bias = match bias {
-        Some(t) => Some(t.broadcast_as((d.b, d.h, d.lq, d.lk))?),
-        None => None,
-    };
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Some(qv), Some(kv), Some(vv)) = (seq(&qs, ql), seq(&ks, kl), seq(&vs, vl)) else {
-        return Ok(None);
-    };
-    let bias_guard = bias.as_ref().map(|t| t.storage_and_layout());
-    let Some(bv) = bias_rows(bias_guard.as_ref().map(|(s, l)| (&**s, *l))) else {
-        return Ok(None);
-    };
-    let out = attention_forward((qv, kv, vv), d, bv.as_ref(), scale as f32);
-    drop((qs, ks, vs));
-    Tensor::from_vec(out, (d.b, d.lq, d.h * d.hd), q.device()).map(Some)
-}
-
-/// Multi-head attention on `q`, `k`, `v` (as [`attention_cpu_f32`]) as one op with its own
-/// backward pass, for training on the CPU in `f32`. The backward pass recomputes each
-/// head's probabilities `P` and takes `dV = Pᵀ dO`, `dS = scale · P ⊙ (dO Vᵀ − rowsum)`,
-/// `dQ = dS K`, `dK = dSᵀ Q`, one task per (batch row, head). The bias (a mask) gets no
-/// gradient.
-pub(crate) struct AttentionTrain {
-    pub heads: usize,
-    pub scale: f32,
-    /// Broadcast to `[b, heads, lq, lk]`.
-    pub bias: Option<Tensor>,
-}
-
-impl candle_core::CustomOp3 for AttentionTrain {
-    fn name(&self) -> &'static str {
-        "attention-train"
-    }
-
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, candle_core::Shape)> {
-        let d = attn_dims(ql.dims(), kl.dims(), vl.dims(), self.heads)?;
-        let (Some(qv), Some(kv), Some(vv)) = (seq_cpu(qs, ql), seq_cpu(ks, kl), seq_cpu(vs, vl))
-        else {
-            candle_core::bail!("attention-train: expected f32 inputs with unit inner stride")
-        };
-        let guard = self.bias.as_ref().map(|t| t.storage_and_layout());
-        let Some(bv) = bias_rows(guard.as_ref().map(|(s, l)| (&**s, *l))) else {
-            candle_core::bail!("attention-train: expected an f32 CPU bias")
-        };
-        let out = attention_forward((qv, kv, vv), d, bv.as_ref(), self.scale);
-        Ok((CpuStorage::F32(out), (d.b, d.lq, d.h * d.hd).into()))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use rayon::prelude::*;
-        let d = attn_dims(q.dims(), k.dims(), v.dims(), self.heads)?;
-        let grad = grad.contiguous()?;
-        let (gs, gl) = grad.storage_and_layout();
-        let (qs, ql) = q.storage_and_layout();
-        let (ks, kl) = k.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let (Some(gv), Some(qv), Some(kv), Some(vv)) =
-            (seq(&gs, gl), seq(&qs, ql), seq(&ks, kl), seq(&vs, vl))
-        else {
-            candle_core::bail!("attention-train: expected f32 CPU tensors in the backward pass")
-        };
-        let guard = self.bias.as_ref().map(|t| t.storage_and_layout());
-        let Some(bv) = bias_rows(guard.as_ref().map(|(s, l)| (&**s, *l))) else {
-            candle_core::bail!("attention-train: expected an f32 CPU bias")
-        };
-        let width = d.h * d.hd;
-        let mut dq = uninit_buffer(d.b * d.lq * width);
-        let mut dk = uninit_buffer(d.b * d.lk * width);
-        let mut dv = uninit_buffer(d.b * d.lk * width);
-        let (dqp, dkp, dvp) = (
-            OutPtr(dq.as_mut_ptr().cast::<f32>()),
-            OutPtr(dk.as_mut_ptr().cast::<f32>()),
-            OutPtr(dv.as_mut_ptr().cast::<f32>()),
-        );
-        let scale = self.scale;
-        (0..d.b * d.h).into_par_iter().for_each(|t| {
-            let (bi, hi) = (t / d.h, t % d.h);
-            let mut p = vec![0f32; d.lq * d.lk];
-            let mut dp = vec![0f32; d.lq * d.lk];
-            attention_probs((qv, kv), (bi, hi), d, bv.as_ref(), scale, &mut p);
-            let (q_off, k_off) = (bi * d.lq * width + hi * d.hd, bi * d.lk * width + hi * d.hd);
-            // SAFETY: the inputs are read within their views; each output block (head `hi` of
-            // row `bi` in dQ, dK, dV) is this task's alone.
-            unsafe {
-                // dV = Pᵀ dO
-                gemm1(
-                    (d.lk, d.hd, d.lq),
-                    dvp.get().add(k_off),
-                    (width, 1),
-                    p.as_ptr(),
-                    (1, d.lk),
-                    gv.head(bi, hi, d.hd),
-                    (gv.rs, 1),
-                );
-                // dP = dO Vᵀ
-                gemm1(
-                    (d.lq, d.lk, d.hd),
-                    dp.as_mut_ptr(),
-                    (d.lk, 1),
-                    gv.head(bi, hi, d.hd),
-                    (gv.rs, 1),
-                    vv.head(bi, hi, d.hd),
-                    (1, vv.rs),
-                );
-            }
-            // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place in dP.
-            for (dpr, pr) in dp.chunks_mut(d.lk.max(1)).zip(p.chunks(d.lk.max(1))) {
-                let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                for (g, &pv) in dpr.iter_mut().zip(pr) {
-                    *g = scale * pv * (*g - dot);
-                }
-            }
-            // SAFETY: as above.
-            unsafe {
-                // dQ = dS K
-                gemm1(
-                    (d.lq, d.hd, d.lk),
-                    dqp.get().add(q_off),
-                    (width, 1),
-                    dp.as_ptr(),
-                    (d.lk, 1),
-                    kv.head(bi, hi, d.hd),
-                    (kv.rs, 1),
-                );
-                // dK = dSᵀ Q
-                gemm1(
-                    (d.lk, d.hd, d.lq),
-                    dkp.get().add(k_off),
-                    (width, 1),
-                    dp.as_ptr(),
-                    (1, d.lk),
-                    qv.head(bi, hi, d.hd),
-                    (qv.rs, 1),
-                );
-            }
-        });
-        drop((gs, qs, ks, vs, guard));
-        // SAFETY: each task writes its head blocks whole, and they tile the three outputs.
-        let (dq, dk, dv) = unsafe { (assume_init(dq), assume_init(dk), assume_init(dv)) };
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, (d.b, d.lq, width), dev)?),
-            Some(Tensor::from_vec(dk, (d.b, d.lk, width), dev)?),
-            Some(Tensor::from_vec(dv, (d.b, d.lk, width), dev)?),
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_util::{max_diff, randn};
-    use candle_core::{DType, Device, Var, D};
+    use crate::nn::kernels::act::FusedAct;
+    use crate::nn::test_util::{grads_of, max_diff, randn};
+    use crate::nn::Activation;
+    use candle_core::Var;
 
     /// The 1×1 convolution op against `broadcast_matmul` with candle's autograd, on shapes
     /// below and above the threshold for splitting across threads, with the input tracking
@@ -1173,47 +798,6 @@ mod tests {
         assert!(bad.unwrap_err().to_string().contains("does not fit"));
     }
 
-    /// The gradients of `Σ y ⊙ g`.
-    fn grads_of(y: &Tensor, g: &Tensor) -> candle_core::backprop::GradStore {
-        (y * g).unwrap().sum_all().unwrap().backward().unwrap()
-    }
-
-    /// Candle's composed `softmax(q kᵀ · scale + bias) v` on `[b, lq, h·hd]` inputs.
-    fn reference_attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        h: usize,
-        bias: Option<&Tensor>,
-        scale: f64,
-    ) -> Tensor {
-        let split = |t: &Tensor| {
-            let (b, l, d) = t.dims3().unwrap();
-            t.reshape((b, l, h, d / h))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-        };
-        let (q4, k4, v4) = (split(q), split(k), split(v));
-        let s = (q4.matmul(&k4.t().unwrap()).unwrap() * scale).unwrap();
-        let s = match bias {
-            Some(b) => s.broadcast_add(b).unwrap(),
-            None => s,
-        };
-        let m = s.max_keepdim(D::Minus1).unwrap();
-        let e = s.broadcast_sub(&m).unwrap().exp().unwrap();
-        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-        let (b, lq, d) = q.dims3().unwrap();
-        p.matmul(&v4)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((b, lq, d))
-            .unwrap()
-    }
-
     #[test]
     fn linear_matches_matmul_on_split_and_strided_shapes() {
         // (m, k, n): one block, a column split and a row split (2 threads or more).
@@ -1233,7 +817,7 @@ mod tests {
                 .relu()
                 .unwrap();
             let want_res = (&want + &r).unwrap();
-            let got = linear_cpu_f32(&x, &w, Some(&b), Some(Activation::Relu), Some(&r))
+            let got = linear_cpu_f32(&x, &w, Some(&b), Some(FusedAct::Relu), Some(&r))
                 .unwrap()
                 .unwrap();
             assert!(max_diff(&got, &want_res) < 1e-4, "{m}x{k}x{n}");
@@ -1283,16 +867,12 @@ mod tests {
         let b = Var::from_tensor(&randn(&[n], 13)).unwrap();
         let g = randn(&[m, n], 14);
         // Candle's own ops and their backward passes as the reference.
-        let reference = |act: Activation, z: &Tensor| match act {
-            Activation::Gelu => z.gelu_erf().unwrap(),
-            Activation::GeluPytorchTanh => z.gelu().unwrap(),
+        let reference = |act: FusedAct, z: &Tensor| match act {
+            FusedAct::Gelu => z.gelu_erf().unwrap(),
+            FusedAct::GeluTanh => z.gelu().unwrap(),
             _ => (z * candle_nn::ops::sigmoid(&(z * 1.702).unwrap()).unwrap()).unwrap(),
         };
-        for act in [
-            Activation::Gelu,
-            Activation::GeluPytorchTanh,
-            Activation::QuickGelu,
-        ] {
+        for act in [FusedAct::Gelu, FusedAct::GeluTanh, FusedAct::QuickGelu] {
             assert!(LinearTrain::fuses(act));
             let fused = x.apply_op3(&w, &b, LinearTrain::new(Some(act))).unwrap();
             let z = x
@@ -1310,68 +890,16 @@ mod tests {
         }
         // Without a bias.
         let fused = x
-            .apply_op2(&w, LinearTrain::new(Some(Activation::Gelu)))
+            .apply_op2(&w, LinearTrain::new(Some(FusedAct::Gelu)))
             .unwrap();
-        let composed = reference(Activation::Gelu, &x.matmul(&w.t().unwrap()).unwrap());
+        let composed = reference(FusedAct::Gelu, &x.matmul(&w.t().unwrap()).unwrap());
         let (gf, gc) = (grads_of(&fused, &g), grads_of(&composed, &g));
         assert!(max_diff(gf.get(&w).unwrap(), gc.get(&w).unwrap()) < 1e-4);
-        // An activation without a backward kernel is refused, not run without one.
-        assert!(!LinearTrain::fuses(Activation::Silu));
-        let e = x.apply_op3(&w, &b, LinearTrain::new(Some(Activation::Silu)));
+        // An activation without a backward kernel is refused, not run without one (SiLU
+        // has no fused kernel at all).
+        assert!(Activation::Silu.fused().is_none());
+        assert!(!LinearTrain::fuses(FusedAct::Relu));
+        let e = x.apply_op3(&w, &b, LinearTrain::new(Some(FusedAct::Relu)));
         assert!(e.is_err());
-    }
-
-    #[test]
-    fn attention_matches_composed_ops_with_and_without_bias() {
-        let (b, lq, lk, h, hd) = (3, 5, 9, 2, 8);
-        let q = randn(&[b, lq, h * hd], 1);
-        let k = randn(&[b, lk, h * hd], 2);
-        let v = randn(&[b, lk, h * hd], 3);
-        // A key-padding bias [b, 1, 1, lk]: the last keys of row 1 masked.
-        let mut mask = vec![0f32; b * lk];
-        for j in 6..lk {
-            mask[lk + j] = -1e4;
-        }
-        let bias = Tensor::from_vec(mask, (b, 1, 1, lk), &Device::Cpu).unwrap();
-        let scale = 1.0 / (hd as f64).sqrt();
-        for bias in [None, Some(&bias)] {
-            let want = reference_attention(&q, &k, &v, h, bias, scale);
-            let got = attention_cpu_f32(&q, &k, &v, h, bias, scale)
-                .unwrap()
-                .unwrap();
-            assert!(max_diff(&got, &want) < 1e-5, "bias {}", bias.is_some());
-        }
-        let e = attention_cpu_f32(&q, &k, &v, 3, None, scale);
-        assert!(e.is_err(), "16 channels do not split into 3 heads");
-        // No keys, or no queries: an error, not a panic.
-        let none = Tensor::zeros((b, 0, h * hd), DType::F32, &Device::Cpu).unwrap();
-        let e = attention_cpu_f32(&q, &none, &none, h, None, scale).unwrap_err();
-        assert!(e.to_string().contains("empty sequence"), "{e}");
-        assert!(attention_cpu_f32(&none, &k, &v, h, None, scale).is_err());
-    }
-
-    #[test]
-    fn attention_train_gradients_match_composed_ops() {
-        let (b, lq, lk, h, hd) = (2, 6, 7, 3, 4);
-        let q = Var::from_tensor(&randn(&[b, lq, h * hd], 1)).unwrap();
-        let k = Var::from_tensor(&randn(&[b, lk, h * hd], 2)).unwrap();
-        let v = Var::from_tensor(&randn(&[b, lk, h * hd], 3)).unwrap();
-        let bias = (randn(&[b, 1, lq, lk], 4) * 2.0).unwrap();
-        let g = randn(&[b, lq, h * hd], 5);
-        let scale = 0.37;
-        let op = AttentionTrain {
-            heads: h,
-            scale: scale as f32,
-            bias: Some(bias.broadcast_as((b, h, lq, lk)).unwrap()),
-        };
-        let fused = q.apply_op3(&k, &v, op).unwrap();
-        let composed = reference_attention(&q, &k, &v, h, Some(&bias), scale);
-        assert!(max_diff(&fused, &composed) < 1e-5);
-        let gf = grads_of(&fused, &g);
-        let gc = grads_of(&composed, &g);
-        for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
-            let (a, c) = (gf.get(t).unwrap(), gc.get(t).unwrap());
-            assert!(max_diff(a, c) < 1e-5, "d{name}: {}", max_diff(a, c));
-        }
     }
 }
