@@ -22,7 +22,7 @@ use clap::Parser;
 use tuwen::checkpoint::Loader;
 use tuwen::models::parse_device;
 use tuwen::models::r2d2::{open_checkpoint, R2d2, R2d2Config, R2d2Encoder};
-use tuwen::preprocess::{FixedProcessor, TextProcessor, TextStyle};
+use tuwen::preprocess::{ImageProcessor, TextProcessor, TextStyle};
 use tuwen::train::r2d2::{finetune_trainer_config, image_keys, R2d2Inputs};
 use tuwen::train::{
     CheckpointManager, DataConfig, DataLoader, Fit, ImagePipeline, Manifest, MetricsLog, Objective,
@@ -170,7 +170,7 @@ fn run(args: Args) -> tuwen::Result<()> {
 
     let manifest = Manifest::open(&args.manifest)?;
     let size = cfg.vision_config.image_size;
-    let mut pipeline = ImagePipeline::from_fixed(&FixedProcessor::clip(size));
+    let mut pipeline = ImagePipeline::from_processor(ImageProcessor::clip(size));
     if !args.no_augment {
         pipeline = pipeline.with_r2d2_augment();
     }

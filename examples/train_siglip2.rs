@@ -36,7 +36,7 @@ use candle_core::Device;
 use clap::Parser;
 use tuwen::models::siglip2::{SiglipEncoder, SiglipImageProcessor};
 use tuwen::models::{parse_device, parse_dtype};
-use tuwen::preprocess::{FixedProcessor, ImageInput};
+use tuwen::preprocess::ImageInput;
 use tuwen::train::dist::Collective;
 use tuwen::train::siglip::{
     export_model_dir, load_trainable, DistillKind, SiglipInputs, SiglipLossConfig, SiglipObjective,
@@ -189,7 +189,7 @@ fn run(args: Args) -> tuwen::Result<()> {
     data_cfg.seed = args.seed;
     data_cfg.drop_last = true;
     data_cfg.pipeline = match &m.image_processor {
-        SiglipImageProcessor::Fixed(p) => ImagePipeline::from_fixed(&FixedProcessor::try_from(p)?),
+        SiglipImageProcessor::Fixed(p) => ImagePipeline::from_processor(*p),
         // The loader's square images are not used for NaFlex: keep them small.
         SiglipImageProcessor::NaFlex(_) => ImagePipeline::new(16),
     };

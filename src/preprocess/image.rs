@@ -15,7 +15,7 @@ use image::{DynamicImage, RgbImage};
 use crate::error::{Error, Result};
 
 pub use super::boxes::{boxes_from_json, inputs_with_box_files};
-pub use super::processor::{FixedProcessor, NaFlexBatch, NaFlexProcessor};
+pub use super::processor::{NaFlexBatch, NaFlexProcessor};
 
 /// The largest image, in pixels, that is decoded (about 16k × 16k). Larger files are
 /// rejected with a clear error instead of exhausting memory.

@@ -16,7 +16,7 @@ pub mod text;
 
 pub use self::image::{ImageInput, ImageSource, Resample};
 pub use self::processor::{
-    read_max_num_patches, FixedProcessor, ImageProcessor, NaFlexBatch, NaFlexProcessor, ResizeKind,
-    CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD,
+    read_max_num_patches, ImageProcessor, NaFlexBatch, NaFlexProcessor, ResizeKind, CLIP_MEAN,
+    CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD,
 };
 pub use self::text::{TextProcessor, TextStyle, TokenizedBatch};

@@ -6,8 +6,7 @@
 //!   BriVL ([`ImageProcessor::brivl`]). Its stages ([`ImageProcessor::resize_planes`],
 //!   [`ImageProcessor::normalize_planes`]) are public so that a training pipeline can
 //!   augment between them.
-//! * [`FixedProcessor`] describes the square PIL-resample subset of it (the form
-//!   `train::ImagePipeline::from_fixed` reads).
+//!   (`train::ImagePipeline` wraps it, with R2D2's transform and colour jitter.)
 //! * [`NaFlexProcessor`] is SigLIP 2 NaFlex's aspect-preserving patchifier.
 
 use std::path::Path;
@@ -179,83 +178,6 @@ pub fn map_decoded<T: Send>(
         .par_iter()
         .map(|input| f(input, input.decode_rgb()?))
         .collect()
-}
-
-/// A square [`ImageProcessor`] with a PIL resample: resize to `size × size` (no crop),
-/// rescale, normalise. `train::ImagePipeline::from_fixed` reads this form.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FixedProcessor {
-    pub size: usize,
-    pub resample: Resample,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-}
-
-impl FixedProcessor {
-    /// SigLIP 2 fixed resolution: bilinear, mean = std = 0.5.
-    pub fn siglip2(size: usize) -> Self {
-        Self {
-            size,
-            resample: Resample::Bilinear,
-            mean: SIGLIP_MEAN,
-            std: SIGLIP_STD,
-        }
-    }
-
-    /// CLIP-style (R2D2): bicubic, CLIP mean and std.
-    pub fn clip(size: usize) -> Self {
-        Self {
-            size,
-            resample: Resample::Bicubic,
-            mean: CLIP_MEAN,
-            std: CLIP_STD,
-        }
-    }
-
-    /// The processor this describes.
-    pub fn processor(&self) -> ImageProcessor {
-        ImageProcessor::square(
-            self.size,
-            ResizeKind::Pil(self.resample),
-            self.mean,
-            self.std,
-        )
-    }
-
-    /// One image to `[3, size, size]`.
-    pub fn process(&self, img: &RgbImage, device: &Device) -> Result<Tensor> {
-        Ok(self.processor().process_rgb(img)?.to_device(device)?)
-    }
-
-    /// A batch to `[n, 3, size, size]`, decoding and resizing in parallel.
-    pub fn process_batch(&self, images: &[ImageInput], device: &Device) -> Result<Tensor> {
-        self.processor().process_batch(images, device)
-    }
-}
-
-impl From<&FixedProcessor> for ImageProcessor {
-    fn from(p: &FixedProcessor) -> Self {
-        p.processor()
-    }
-}
-
-impl TryFrom<&ImageProcessor> for FixedProcessor {
-    type Error = Error;
-
-    /// Only a square processor with a PIL resample has this form.
-    fn try_from(p: &ImageProcessor) -> Result<Self> {
-        match (p.size, p.resize) {
-            ((h, w), ResizeKind::Pil(resample)) if h == w => Ok(Self {
-                size: h,
-                resample,
-                mean: p.mean,
-                std: p.std,
-            }),
-            _ => Err(Error::InvalidArgument(format!(
-                "{p:?} is not a square PIL-resample processor"
-            ))),
-        }
-    }
 }
 
 /// The `max_num_patches` of a model directory's `preprocessor_config.json` (SigLIP 2

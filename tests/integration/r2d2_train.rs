@@ -10,7 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use tuwen::checkpoint::{parameter_shapes, Loader, TensorSource};
 use tuwen::models::r2d2::{JointConfig, R2d2, R2d2Config};
 use tuwen::nn::{Activation, BertConfig, ClipVisionConfig};
-use tuwen::preprocess::{FixedProcessor, TextProcessor, TextStyle};
+use tuwen::preprocess::{ImageProcessor, TextProcessor, TextStyle};
 use tuwen::train::dist::{Collective, LocalGroup};
 use tuwen::train::r2d2::{
     fgr_loss, gcpr_loss, hard_negative_weights, image_keys, mask_text_tokens,
@@ -1034,7 +1034,7 @@ fn tiny_r2d2_learns_synthetic_captions() {
         cfg.max_text_len,
     )
     .unwrap();
-    let pipeline = ImagePipeline::from_fixed(&FixedProcessor::clip(size as usize));
+    let pipeline = ImagePipeline::from_processor(ImageProcessor::clip(size as usize));
     let mut train = DataLoader::new(
         train_set.manifest.clone(),
         DataConfig {

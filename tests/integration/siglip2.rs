@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use tuwen::checkpoint::{parameter_shapes, save_safetensors, TensorSource};
 use tuwen::models::siglip2::{Siglip, SiglipConfig, SiglipEncoder};
 use tuwen::preprocess::{
-    FixedProcessor, ImageInput, NaFlexBatch, NaFlexProcessor, Resample, TextProcessor, TextStyle,
+    ImageInput, ImageProcessor, NaFlexBatch, NaFlexProcessor, Resample, ResizeKind, TextProcessor,
+    TextStyle,
 };
 use tuwen::{DualEncoder, Error, LoadOptions};
 
@@ -291,10 +292,7 @@ fn fixed_preprocessing_matches_hf_processor() {
             (Resample::Bilinear, "fixed_bilinear"),
             (Resample::Bicubic, "fixed_bicubic"),
         ] {
-            let p = FixedProcessor {
-                resample,
-                ..FixedProcessor::siglip2(224)
-            };
+            let p = ImageProcessor::siglip2(224).with_resize(ResizeKind::Pil(resample));
             let ours = p
                 .process_batch(&[ImageInput::path(&path)], &Device::Cpu)
                 .unwrap()
@@ -441,7 +439,7 @@ fn public_api_zero_shot_on_real_images() {
 
     // Embeddings through the public API equal the tensor-level path on the same pixels.
     let enc = load_fixed("siglip_tiny");
-    let pixels = FixedProcessor::siglip2(32)
+    let pixels = ImageProcessor::siglip2(32)
         .process_batch(&images, &Device::Cpu)
         .unwrap();
     let direct = enc.image_embeds_from_pixels(&pixels).unwrap();

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use tuwen::checkpoint::parameter_shapes;
 use tuwen::models::siglip2::{Siglip, SiglipConfig, SiglipEncoder};
-use tuwen::preprocess::{FixedProcessor, ImageInput, NaFlexBatch};
+use tuwen::preprocess::{ImageInput, ImageProcessor, NaFlexBatch};
 use tuwen::train::dist::{Collective, LocalGroup};
 use tuwen::train::siglip::{
     export_model_dir, load_trainable, DistillKind, SiglipInputs, SiglipLossConfig, SiglipObjective,
@@ -540,9 +540,9 @@ fn tiny_siglip_learns_synthetic_captions() {
         ..Default::default()
     };
     let mut trainer = Trainer::from_varmap(&m.vars, cfg).unwrap();
-    let processor = FixedProcessor::siglip2(32);
+    let processor = ImageProcessor::siglip2(32);
     let mut data_cfg = DataConfig::new(32, 32);
-    data_cfg.pipeline = ImagePipeline::from_fixed(&processor);
+    data_cfg.pipeline = ImagePipeline::from_processor(processor);
     let mut loader = DataLoader::new(train.manifest.clone(), data_cfg).unwrap();
     let captions = class_captions();
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::augment::{AugmentConfig, R2d2Augment};
 use crate::error::{Error, Result};
 use crate::preprocess::image::{to_planes, Resample};
-use crate::preprocess::{FixedProcessor, ImageProcessor, ResizeKind};
+use crate::preprocess::{ImageProcessor, ResizeKind};
 pub use crate::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// Decoding to a normalised `[3, size, size]` tensor, with optional augmentation.
@@ -48,11 +48,6 @@ impl ImagePipeline {
             r2d2: None,
             augment: None,
         }
-    }
-
-    /// The same resize and normalisation as an inference processor.
-    pub fn from_fixed(p: &FixedProcessor) -> Self {
-        Self::from_processor(p.processor())
     }
 
     /// The side of the square output (0 when the processor is not square, which
