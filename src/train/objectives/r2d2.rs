@@ -390,7 +390,7 @@ impl World {
     }
 
     /// The number of pairs, `n`.
-    pub fn len(&self) -> Result<usize> {
+    pub fn num_pairs(&self) -> Result<usize> {
         Ok(self.image_feat.dim(0)?)
     }
 }
@@ -418,7 +418,7 @@ pub fn gcpr_loss(
     temp: &Tensor,
 ) -> Result<Tensor> {
     check_ids(image_feat.dim(0)?, ids)?;
-    check_ids(world.len()?, &world.ids)?;
+    check_ids(world.num_pairs()?, &world.ids)?;
     let targets = multi_positive_targets(ids, &world.ids, image_feat.device())?
         .to_dtype(image_feat.dtype())?;
     let temp = temp.to_dtype(image_feat.dtype())?;
@@ -446,7 +446,7 @@ pub fn hard_negative_weights(
     temp: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     check_ids(image_feat.dim(0)?, ids)?;
-    check_ids(world.len()?, &world.ids)?;
+    check_ids(world.num_pairs()?, &world.ids)?;
     let img = image_feat.detach().to_dtype(DType::F32)?;
     let txt = text_feat.detach().to_dtype(DType::F32)?;
     let w_img = world.image_feat.detach().to_dtype(DType::F32)?;
