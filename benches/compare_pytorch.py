@@ -11,6 +11,9 @@ machine, versions and date.
 
     python3 benches/compare_pytorch.py --threads 2 --batches 1 8 --iters 3
 
+`--baseline-binary PATH` also times a second build of `compare` (say, from the commit before
+a change) right after tuwen's on every row, and adds its ratio and tuwen / baseline.
+
 The PyTorch side of each workload:
 
 * `siglip2-*`: transformers `SiglipModel` / `Siglip2Model` (B/16, text length 64);
@@ -564,6 +567,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--workloads", nargs="*")
     ap.add_argument("--rust-binary", help="the compare binary (default: the newest built one)")
+    ap.add_argument("--baseline-binary",
+                    help="a second compare binary (e.g. built from an earlier commit), timed right after the "
+                         "first on every row; the table then also gives tuwen / baseline")
     ap.add_argument("--out", default="benches/RESULTS.md")
     ap.add_argument("--child", nargs=2, metavar=("WORKLOAD", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -585,10 +591,15 @@ def main():
             common = ["--iters", str(iters), "--warmup", str(warmup)]
             pt = run_json([sys.executable, __file__, "--child", name, str(b), "--threads", str(args.threads)] + common, env)
             ours = run_json([binary, "--workload", name, "--batch", str(b)] + common, env)
-            rows.append((name, b, pt, ours))
+            base = None
+            if args.baseline_binary:
+                base = run_json([args.baseline_binary, "--workload", name, "--batch", str(b)] + common, env)
+            rows.append((name, b, pt, ours, base))
             print(f"{name:26s} batch {b:3d}: pytorch {pt['median_s']:8.3f} s {pt['peak_rss_mib']:7.0f} MiB   "
                   f"tuwen {ours['median_s']:8.3f} s {ours['peak_rss_mib']:7.0f} MiB   "
-                  f"time ratio {ours['median_s'] / pt['median_s']:5.2f}", flush=True)
+                  f"time ratio {ours['median_s'] / pt['median_s']:5.2f}"
+                  + (f"   baseline {base['median_s']:8.3f} s (ratio {base['median_s'] / pt['median_s']:5.2f})"
+                     if base else ""), flush=True)
             # Rewritten after every row, so that an interrupted run keeps what it measured.
             write_table(args, rows, time.time() - started)
 
@@ -619,16 +630,26 @@ def write_table(args, rows, elapsed):
         f"tuwen {commit}{' (with uncommitted changes)' if dirty else ''}. Load average (1/5/15 min) "
         f"at the start {'/'.join(f'{x:.1f}' for x in args.load_start)}, at the end "
         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} (the machine is shared).",
-        "",
-        "| workload | batch | PyTorch s/batch | tuwen s/batch | time ratio (tuwen / PyTorch) | ratio of the fastest runs | PyTorch peak RSS MiB | tuwen peak RSS MiB | RSS ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, b, pt, ours in rows:
+    with_base = any(r[4] for r in rows)
+    head = ("| workload | batch | PyTorch s/batch | tuwen s/batch | time ratio (tuwen / PyTorch) | ratio of the "
+            "fastest runs | PyTorch peak RSS MiB | tuwen peak RSS MiB | RSS ratio |")
+    rule = "|---|---|---|---|---|---|---|---|---|"
+    if with_base:
+        lines[-1] += f" The baseline is `{args.baseline_binary}`, timed right after tuwen on every row."
+        head += " baseline s/batch | baseline / PyTorch | tuwen / baseline |"
+        rule += "---|---|---|"
+    lines += ["", head, rule]
+    for name, b, pt, ours, base in rows:
         tp, to = pt["median_s"], ours["median_s"]
         fp, fo = pt["min_s"], ours["min_s"]
         mp, mo = pt["peak_rss_mib"], ours["peak_rss_mib"]
-        lines.append(f"| {name} | {b} | {tp:.3f} | {to:.3f} | {to / tp:.2f} | {fo / fp:.2f} | {mp:.0f} | {mo:.0f} "
-                     f"| {mo / mp:.2f} |")
+        row = (f"| {name} | {b} | {tp:.3f} | {to:.3f} | {to / tp:.2f} | {fo / fp:.2f} | {mp:.0f} | {mo:.0f} "
+               f"| {mo / mp:.2f} |")
+        if with_base:
+            tb = base["median_s"]
+            row += f" {tb:.3f} | {tb / tp:.2f} | {to / tb:.2f} |"
+        lines.append(row)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
