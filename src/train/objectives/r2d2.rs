@@ -17,8 +17,8 @@
 //!   every rank, as in BLIP's `negative_all_rank` (ALBEF's successor): each rank's
 //!   positives are scored against the gathered features, the negative images' tokens are
 //!   gathered with gradient ([`crate::train::dist::all_gather_with_grad`]) and the negative
-//!   texts' ids and masks are gathered and re-encoded locally ([`gather_fgr_world`],
-//!   [`fgr_loss_world`]).
+//!   texts' ids and masks are gathered and re-encoded locally ([`World::gather`]; for one
+//!   worker [`World::local`] is the same code over the local batch).
 //! * **TgD** ([`tgd_loss`], teacher-guided distillation): an EMA teacher (momentum 0.995,
 //!   updated before its features are computed, as ALBEF's `_momentum_update`) gives the
 //!   keys, in-batch teacher features plus a [`FeatureQueue`] of earlier ones; the targets
@@ -31,9 +31,9 @@
 //!   the ViT); a feature loss (cosine or MSE, [`FeatureLoss`]) pulls the student's
 //!   normalised embeddings to the teacher's.
 //!
-//! [`R2d2Objective`] ties them together for [`crate::train::Fit`]; its teacher weights and
-//! queue are saved in training checkpoints through [`crate::train::ExtraState`]
-//! ([`R2d2Objective::extra_state`]). [`R2d2LossConfig::finetune`] and
+//! [`R2d2Objective`] ties them together as an [`Objective`] for [`crate::train::Fit`]; its
+//! teacher weights and queue are saved in training checkpoints through
+//! [`Objective::extra_state`]. [`R2d2LossConfig::finetune`] and
 //! [`finetune_trainer_config`] are the official fine-tuning recipe (ViT frozen, AdamW lr
 //! 1e-5, weight decay 0.05, 500 warm-up steps, cosine); [`R2d2LossConfig::prd2`] trains
 //! PRD2 with GCPR and TgD only.
