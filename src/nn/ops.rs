@@ -347,6 +347,7 @@ pub fn batch_norm_train(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::max_diff;
     use candle_core::{Device, Var};
 
     /// Checks the gradient of `f(x)·w` (w fixed random weights) against central finite
@@ -429,25 +430,11 @@ mod tests {
             .forward(&x)
             .unwrap();
         let composed = layer_norm_composed(&x, &w, &b, 1e-6).unwrap();
-        let d = (fused - composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(&fused, &composed);
         assert!(d < 1e-5, "layer norm paths differ by {d}");
         let fused = softmax_last_dim(&x).unwrap();
         let composed = softmax_composed(&x).unwrap();
-        let d = (fused - composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(&fused, &composed);
         assert!(d < 1e-6, "softmax paths differ by {d}");
     }
 

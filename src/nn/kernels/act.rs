@@ -235,6 +235,7 @@ fn act_backward_chunk(act: FusedAct, o: &mut [f32], x: &[f32], g: &[f32]) {
 #[cfg(test)]
 mod tests {
     use crate::nn::ops::{gelu_tanh, sigmoid};
+    use crate::nn::test_util::max_diff;
     use crate::nn::Activation;
     use candle_core::{Device, Tensor, Var};
 
@@ -255,16 +256,7 @@ mod tests {
                 _ => t.mul(&sigmoid(&(t * 1.702).unwrap()).unwrap()).unwrap(),
             };
             let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let d = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let d = |a: &Tensor, b: &Tensor| max_diff(a, b);
             assert!(d(&y, &y2) < 2e-6, "{act:?} value {}", d(&y, &y2));
             let (a, b) = (
                 g.get(x.as_tensor()).unwrap(),
@@ -291,14 +283,7 @@ mod tests {
         .unwrap();
         let ours = gelu_tanh(&x).unwrap();
         let theirs = x.gelu().unwrap();
-        let d = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(&ours, &theirs);
         assert!(d < 2e-6, "parallel gelu differs from candle's by {d}");
         // The custom op's backward against candle's differentiable gelu.
         let v = Var::from_tensor(&x).unwrap();
@@ -320,14 +305,7 @@ mod tests {
             g1.get(v.as_tensor()).unwrap(),
             g2.get(v.as_tensor()).unwrap(),
         );
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(a, b);
         assert!(d < 1e-5, "gelu gradients differ by {d}");
     }
 

@@ -357,6 +357,7 @@ impl CustomOp3 for BatchNormBackward {
 #[cfg(test)]
 mod tests {
     use crate::nn::ops::{batch_norm_train, layer_norm_composed, LayerNorm};
+    use crate::nn::test_util::max_diff;
     use candle_core::{DType, Device, Module, Tensor, Var};
 
     /// The fused training layer norm (f32 CPU, input tracking gradients) against the
@@ -366,16 +367,7 @@ mod tests {
         let dev = Device::Cpu;
         let x0 = Tensor::randn(0f32, 2.0, (3, 5, 37), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (3, 5, 37), &dev).unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let max_diff = |a: &Tensor, b: &Tensor| max_diff(a, b);
         // Layer norm, with respect to the input, the scale and the shift.
         let lw0 = Tensor::randn(1f32, 0.3, 37, &dev).unwrap();
         let lb0 = Tensor::randn(0f32, 0.3, 37, &dev).unwrap();

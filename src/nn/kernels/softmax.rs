@@ -238,6 +238,7 @@ impl InplaceOp2 for ScaledSoftmax {
 #[cfg(test)]
 mod tests {
     use crate::nn::ops::{softmax_composed, softmax_last_dim};
+    use crate::nn::test_util::max_diff;
     use candle_core::{Device, Tensor, Var};
 
     /// The fused training softmax (f32 CPU, input tracking gradients) against the
@@ -247,16 +248,7 @@ mod tests {
         let dev = Device::Cpu;
         let x0 = Tensor::randn(0f32, 2.0, (3, 5, 37), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (3, 5, 37), &dev).unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let max_diff = |a: &Tensor, b: &Tensor| max_diff(a, b);
         // Softmax.
         let x = Var::from_tensor(&x0).unwrap();
         let fused = softmax_last_dim(x.as_tensor()).unwrap();
