@@ -1,6 +1,7 @@
-//! Retrieval with R2D2 / PRD2: index a folder of images and query it with text, or query a
-//! list of texts with an image. Optionally re-rank the top k candidates by ITM + cosine, as
-//! the R2D2 evaluation does.
+//! Retrieval with any tuwen model: index a folder of images and query it with text, or
+//! query a list of texts with an image. Models with a cross encoder (R2D2) can re-rank the
+//! top k candidates by ITM + cosine, as the R2D2 evaluation does; asking for it with any
+//! other model is an error.
 //!
 //! ```sh
 //! # text -> image
@@ -11,20 +12,21 @@
 //!     --image-query jordan.jpg --texts-file captions.txt --rerank-k 16
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tuwen::eval::data::{list_images, IMAGE_EXTENSIONS};
+use tuwen::eval::encode::{encode_images, encode_texts, EncodeOptions};
 use tuwen::eval::retrieval::{
-    cosine_scores, cross_scores_image_vs_texts, cross_scores_text_vs_images, encode_texts_batched,
-    rank_desc, Encoded, RetrievalModel,
+    cosine_scores, cross_scores_image_vs_texts, cross_scores_text_vs_images, rank_desc,
 };
-use tuwen::models::r2d2::R2d2Encoder;
+use tuwen::eval::ImageRef;
 use tuwen::models::{parse_device, parse_dtype};
-use tuwen::{Error, ImageInput, LoadOptions};
+use tuwen::{Error, LoadOptions};
 
 #[derive(Parser, Debug)]
-#[command(about = "Text-to-image or image-to-text retrieval with R2D2 / PRD2")]
+#[command(about = "Text-to-image or image-to-text retrieval with a tuwen model")]
 struct Args {
     /// Preset name, checkpoint file or model directory.
     #[arg(long)]
@@ -50,75 +52,15 @@ struct Args {
     /// Images or texts per forward pass.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// BriVL: an N×N grid of boxes plus the whole image.
+    #[arg(long)]
+    grid: Option<usize>,
     /// cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-}
-
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
-
-fn list_images(dir: &Path) -> tuwen::Result<Vec<PathBuf>> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "no images ({}) in {}",
-            IMAGE_EXTENSIONS.join(", "),
-            dir.display()
-        )));
-    }
-    Ok(files)
-}
-
-/// Encodes the images in batches; images that cannot be read are skipped with a warning.
-fn index_images(
-    model: &R2d2Encoder,
-    files: Vec<PathBuf>,
-    batch: usize,
-    keep: bool,
-) -> tuwen::Result<(Vec<PathBuf>, Encoded)> {
-    let mut kept = Vec::new();
-    let mut parts = Vec::new();
-    for chunk in files.chunks(batch.max(1)) {
-        let inputs: Vec<ImageInput> = chunk.iter().map(ImageInput::path).collect();
-        match model.encode_images(&inputs, keep) {
-            Ok(e) => {
-                kept.extend_from_slice(chunk);
-                parts.push(e);
-            }
-            Err(_) => {
-                // Find the bad ones.
-                for (f, input) in chunk.iter().zip(inputs) {
-                    match model.encode_images(std::slice::from_ref(&input), keep) {
-                        Ok(e) => {
-                            kept.push(f.clone());
-                            parts.push(e);
-                        }
-                        Err(e) => eprintln!("warning: skipping {}: {e}", f.display()),
-                    }
-                }
-            }
-        }
-        eprint!("\rindexed {} images", kept.len());
-    }
-    eprintln!();
-    if parts.is_empty() {
-        return Err(Error::InvalidArgument("no readable images".into()));
-    }
-    Ok((kept, Encoded::cat(&parts)?))
 }
 
 /// Scores of one query row: cosine, or ITM + cosine for the top k (others keep cosine
@@ -166,32 +108,70 @@ fn print_results(label: &str, rows: &[(usize, f32, Option<f32>)], names: &[Strin
 }
 
 fn run(args: Args) -> tuwen::Result<()> {
+    if args.batch_size == 0 || args.top == 0 {
+        return Err(Error::InvalidArgument(
+            "--batch-size and --top must be at least 1".into(),
+        ));
+    }
     let opts = LoadOptions {
         device: parse_device(&args.device)?,
         dtype: parse_dtype(&args.dtype)?,
+        box_grid: args.grid,
         ..LoadOptions::default()
     };
-    let model = R2d2Encoder::load(&args.model, &opts)?;
+    let model = tuwen::load(&args.model, &opts)?;
     let rerank = args.rerank_k > 0;
-    if rerank && !model.can_rerank() {
-        return Err(Error::Config(format!(
-            "--rerank-k needs a cross encoder, and {} has none",
-            model.config().model_type
-        )));
-    }
+    let cross = match (rerank, model.cross_encoder()) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c),
+        (true, None) => {
+            return Err(Error::Config(format!(
+                "--rerank-k needs a cross encoder, and the {} model has none",
+                model.family()
+            )))
+        }
+    };
+    let eo = EncodeOptions {
+        image_batch_size: args.batch_size,
+        text_batch_size: args.batch_size,
+        keep_states: rerank,
+        skip_bad: true,
+        progress: false,
+    };
     if let Some(dir) = &args.images {
-        let (files, images) = index_images(&model, list_images(dir)?, args.batch_size, rerank)?;
-        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        let files = list_images(dir)?;
+        if files.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "no images ({}) in {}",
+                IMAGE_EXTENSIONS.join(", "),
+                dir.display()
+            )));
+        }
+        let refs: Vec<ImageRef> = files.iter().cloned().map(ImageRef::Path).collect();
+        let enc = encode_images(model.as_ref(), &refs, &[], &eo)?;
+        for (i, why) in &enc.skipped {
+            eprintln!("warning: skipping {}: {why}", files[*i].display());
+        }
+        eprintln!("indexed {} images", enc.kept.len());
+        let names: Vec<String> = enc
+            .kept
+            .iter()
+            .map(|&i| files[i].display().to_string())
+            .collect();
+        let images = enc.encoded;
         let queries: Vec<&str> = args.query.iter().map(String::as_str).collect();
-        let texts = encode_texts_batched(&model, &queries, args.batch_size, rerank, false)?;
+        let texts = encode_texts(model.as_ref(), &queries, &eo)?;
         for &i in &texts.truncated {
-            eprintln!("warning: query {} was truncated to 64 tokens", i + 1);
+            eprintln!("warning: query {} was truncated", i + 1);
         }
         let sims = cosine_scores(&images, &texts)?;
         for (t, q) in queries.iter().enumerate() {
             let cos: Vec<f32> = sims.iter().map(|row| row[t]).collect();
-            let rows = ranked(&cos, args.rerank_k, |cand| {
-                cross_scores_text_vs_images(&model, &images, &texts, t, cand, args.batch_size)
+            let rows = ranked(&cos, args.rerank_k, |cand| match cross {
+                Some(c) => {
+                    cross_scores_text_vs_images(c, &images, &texts, t, cand, args.batch_size)
+                }
+                None => Ok(Vec::new()),
             })?;
             print_results(&format!("query: {q}"), &rows, &names, args.top);
         }
@@ -207,14 +187,20 @@ fn run(args: Args) -> tuwen::Result<()> {
             .map(String::from)
             .collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let texts = encode_texts_batched(&model, &refs, args.batch_size, rerank, false)?;
+        let texts = encode_texts(model.as_ref(), &refs, &eo)?;
         for &i in &texts.truncated {
-            eprintln!("warning: text {} was truncated to 64 tokens", i + 1);
+            eprintln!("warning: text {} was truncated", i + 1);
         }
-        let image = model.encode_images(&[ImageInput::path(img)], rerank)?;
+        let eo = EncodeOptions {
+            skip_bad: false,
+            ..eo
+        };
+        let image = encode_images(model.as_ref(), &[ImageRef::Path(img.clone())], &[], &eo)?;
+        let image = image.encoded;
         let sims = cosine_scores(&image, &texts)?;
-        let rows = ranked(&sims[0], args.rerank_k, |cand| {
-            cross_scores_image_vs_texts(&model, &image, &texts, 0, cand, args.batch_size)
+        let rows = ranked(&sims[0], args.rerank_k, |cand| match cross {
+            Some(c) => cross_scores_image_vs_texts(c, &image, &texts, 0, cand, args.batch_size),
+            None => Ok(Vec::new()),
         })?;
         print_results(
             &format!("image: {}", img.display()),

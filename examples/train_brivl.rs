@@ -16,20 +16,22 @@
 //! `tokenizer.json`), which `zero_shot --model runs/brivl/model` and `embed` load.
 //! `--resume` continues from the newest checkpoint exactly as if never stopped.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use serde::Deserialize;
 
-use tuwen::models::brivl::BrivlConfig;
+use tuwen::eval::RetrievalOptions;
+use tuwen::models::brivl::{BrivlConfig, BrivlEncoder};
 use tuwen::models::{parse_device, parse_dtype};
 use tuwen::train::brivl::{all_trainable, BatchNormMode, BrivlMoco, MocoConfig};
 use tuwen::train::{
-    AdamWConfig, AugmentConfig, CheckpointManager, DataConfig, DataLoader, EvalFn, Fit, Manifest,
-    MetricsLog, Objective, Schedule, Trainer, TrainerConfig,
+    open_validation, snapshot, validation_name, AdamWConfig, AugmentConfig, CheckpointManager,
+    DataConfig, DataLoader, EvalHook, Fit, Manifest, MetricsLog, Objective, RetrievalEval,
+    Schedule, Trainer, TrainerConfig,
 };
 use tuwen::Error;
+use tuwen::LoadOptions;
 
 #[derive(Parser, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,9 +59,13 @@ struct Args {
     /// Training manifest (JSONL or CSV).
     #[arg(long)]
     train: Option<PathBuf>,
-    /// Held-out manifest for Recall@K during training.
+    /// Held-out set for Recall@K during training: a Chinese-CLIP folder ({split}_imgs.tsv
+    /// + {split}_texts.jsonl), a JSON Lines manifest or a CSV.
     #[arg(long)]
     val: Option<PathBuf>,
+    /// The split of a Chinese-CLIP validation folder.
+    #[arg(long)]
+    val_split: Option<String>,
     /// The run folder.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -151,6 +157,7 @@ fn merge(cli: Args) -> tuwen::Result<Args> {
         tokenizer: cli.tokenizer.or(file.tokenizer),
         train: cli.train.or(file.train),
         val: cli.val.or(file.val),
+        val_split: cli.val_split.or(file.val_split),
         out: cli.out.or(file.out),
         steps: cli.steps.or(file.steps),
         batch_size: cli.batch_size.or(file.batch_size),
@@ -289,14 +296,34 @@ fn run(args: Args) -> tuwen::Result<()> {
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     let ckpts = CheckpointManager::new(out.join("ckpt"), args.keep.unwrap_or(3))?;
     let mut log = MetricsLog::append(out.join("metrics.jsonl"))?;
-    let val = match &args.val {
-        Some(p) => Some(Manifest::open(p)?),
-        None => None,
-    };
-    let mut eval = EvalFn::new("val", args.eval_every.unwrap_or(500), |_| match &val {
-        Some(m) => model.evaluate_retrieval(m, batch),
-        None => Ok(BTreeMap::new()),
-    });
+    let mut hooks = Vec::new();
+    if let Some(path) = &args.val {
+        let data = open_validation(path, args.val_split.as_deref())?;
+        let (vars, vcfg, tok) = (model.vars().clone(), cfg.clone(), PathBuf::from(&tokenizer));
+        let lopts = LoadOptions {
+            device: device.clone(),
+            dtype,
+            box_grid: Some(args.box_grid.unwrap_or(cfg.box_grid)),
+            tune_allocator: false,
+        };
+        let ropts = RetrievalOptions {
+            image_batch_size: batch,
+            text_batch_size: batch,
+            ..RetrievalOptions::default()
+        };
+        let name = validation_name(path, args.val_split.as_deref());
+        let every = args.eval_every.unwrap_or(500);
+        hooks.push(RetrievalEval::new(name, every, data, ropts, move || {
+            let enc = BrivlEncoder::from_source(
+                &vcfg,
+                snapshot(&vars)?,
+                "the training weights",
+                Some(&tok),
+                &lopts,
+            )?;
+            Ok(Box::new(enc) as Box<dyn tuwen::DualEncoder>)
+        }));
+    }
     let run_config = serde_json::json!({
         "model": cfg,
         "moco": model.moco_config(),
@@ -311,8 +338,8 @@ fn run(args: Args) -> tuwen::Result<()> {
         .objective_state(&model)
         .progress(args.progress)
         .config(run_config);
-    if val.is_some() {
-        fit = fit.eval(&mut eval);
+    for hook in hooks.iter_mut() {
+        fit = fit.eval(hook as &mut dyn EvalHook);
     }
     let summary = fit.run(|b, ctx| Ok(model.loss(&model.inputs(b)?, ctx)?.loss))?;
     if let Some(from) = &summary.resumed_from {

@@ -20,13 +20,15 @@ use std::process::ExitCode;
 use candle_core::DType;
 use clap::Parser;
 use tuwen::checkpoint::Loader;
+use tuwen::eval::RetrievalOptions;
 use tuwen::models::parse_device;
 use tuwen::models::r2d2::{open_checkpoint, R2d2, R2d2Config, R2d2Encoder};
 use tuwen::preprocess::{ImageProcessor, TextProcessor, TextStyle};
 use tuwen::train::r2d2::{finetune_trainer_config, image_keys, R2d2Inputs};
 use tuwen::train::{
-    CheckpointManager, DataConfig, DataLoader, Fit, ImagePipeline, Manifest, MetricsLog, Objective,
-    R2d2LossConfig, R2d2Objective, Schedule, Trainer,
+    open_validation, snapshot, validation_name, CheckpointManager, DataConfig, DataLoader,
+    EvalHook, Fit, ImagePipeline, Manifest, MetricsLog, Objective, R2d2LossConfig, R2d2Objective,
+    RetrievalEval, Schedule, Trainer,
 };
 use tuwen::LoadOptions;
 
@@ -52,6 +54,23 @@ struct Args {
     /// TgD). Default: finetune for R2D2, prd2 for PRD2.
     #[arg(long)]
     preset: Option<String>,
+    /// A validation set (repeatable): a Chinese-CLIP folder ({split}_imgs.tsv +
+    /// {split}_texts.jsonl), a JSON Lines manifest or a CSV. Recall@K (cosine, and
+    /// re-ranked by ITM + cosine when the model has a cross encoder) goes to metrics.jsonl
+    /// every --eval-every steps.
+    #[arg(long)]
+    val: Vec<PathBuf>,
+    /// The split of Chinese-CLIP validation folders.
+    #[arg(long)]
+    val_split: Option<String>,
+    #[arg(long, default_value_t = 500)]
+    eval_every: u64,
+    /// Candidates re-ranked per query in validation (0: cosine only).
+    #[arg(long, default_value_t = 16)]
+    eval_rerank_k: usize,
+    /// Images and texts per forward pass in validation.
+    #[arg(long, default_value_t = 32)]
+    eval_batch_size: usize,
     /// A JSON file with an `R2d2LossConfig` (overrides --preset).
     #[arg(long)]
     loss_config: Option<PathBuf>,
@@ -190,26 +209,68 @@ fn run(args: Args) -> tuwen::Result<()> {
         "trainer": tcfg,
         "manifest": args.manifest.display().to_string(),
     });
-    let summary = Fit::new(&mut trainer, &mut data, args.steps)
+    if args.eval_every == 0 || args.eval_batch_size == 0 {
+        return Err(err(
+            "--eval-every and --eval-batch-size must be at least 1".into()
+        ));
+    }
+    let mut hooks = Vec::new();
+    for path in &args.val {
+        let data = open_validation(path, args.val_split.as_deref())?;
+        let (cfg, vars, tok_path) = (cfg.clone(), vars.clone(), tok_path.clone());
+        let lopts = LoadOptions {
+            device: device.clone(),
+            tune_allocator: false,
+            ..LoadOptions::default()
+        };
+        let ropts = RetrievalOptions {
+            rerank: args.eval_rerank_k > 0 && cfg.has_joint_layers(),
+            top_k: args.eval_rerank_k.max(1),
+            image_batch_size: args.eval_batch_size,
+            text_batch_size: args.eval_batch_size,
+            ..RetrievalOptions::default()
+        };
+        let name = validation_name(path, args.val_split.as_deref());
+        hooks.push(RetrievalEval::new(
+            name,
+            args.eval_every,
+            data,
+            ropts,
+            move || {
+                let enc = R2d2Encoder::from_source(
+                    &cfg,
+                    snapshot(&vars)?,
+                    "the training weights",
+                    Some(&tok_path),
+                    &lopts,
+                )?;
+                Ok(Box::new(enc) as Box<dyn tuwen::DualEncoder>)
+            },
+        ));
+    }
+    let mut fit = Fit::new(&mut trainer, &mut data, args.steps)
         .checkpoints(&ckpts, args.checkpoint_every)
         .resume(true)
         .log(&mut log, 10)
         .objective_state(&objective)
         .config(run_config)
-        .progress(true)
-        .run(|batch, ctx| {
-            let captions: Vec<&str> = batch.captions.iter().map(String::as_str).collect();
-            let text = tok.encode_batch(&captions, &device)?;
-            let pixels = batch.images.to_device(&device)?;
-            let keys = image_keys(&batch.ids, &batch.indices);
-            let x = R2d2Inputs {
-                pixel_values: &pixels,
-                input_ids: &text.input_ids,
-                attention_mask: &text.attention_mask,
-                image_ids: &keys,
-            };
-            Ok(objective.loss(&x, ctx)?.total)
-        })?;
+        .progress(true);
+    for hook in hooks.iter_mut() {
+        fit = fit.eval(hook as &mut dyn EvalHook);
+    }
+    let summary = fit.run(|batch, ctx| {
+        let captions: Vec<&str> = batch.captions.iter().map(String::as_str).collect();
+        let text = tok.encode_batch(&captions, &device)?;
+        let pixels = batch.images.to_device(&device)?;
+        let keys = image_keys(&batch.ids, &batch.indices);
+        let x = R2d2Inputs {
+            pixel_values: &pixels,
+            input_ids: &text.input_ids,
+            attention_mask: &text.attention_mask,
+            image_ids: &keys,
+        };
+        Ok(objective.loss(&x, ctx)?.total)
+    })?;
     if let Some(p) = &summary.resumed_from {
         println!("resumed from {}", p.display());
     }
@@ -217,6 +278,9 @@ fn run(args: Args) -> tuwen::Result<()> {
         "{} steps run, last loss {:?}, {} skipped samples",
         summary.steps_run, summary.last_loss, summary.skipped_samples
     );
+    for (step, name, metrics) in &summary.evals {
+        println!("eval {name} after {step} steps: {metrics:?}");
+    }
 
     // The final model: weights, config and tokenizer, loadable by R2d2Encoder::load.
     let weights = trainer.optimizer().weights()?;

@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use clap::Parser;
+use tuwen::eval::RetrievalOptions;
 use tuwen::models::siglip2::{SiglipEncoder, SiglipImageProcessor};
 use tuwen::models::{parse_device, parse_dtype};
 use tuwen::preprocess::ImageInput;
@@ -43,8 +44,9 @@ use tuwen::train::siglip::{
     SiglipPixels,
 };
 use tuwen::train::{
-    AdamWConfig, CheckpointManager, DataConfig, DataLoader, Fit, ImagePipeline, Manifest,
-    MetricsLog, Objective, ParamGroupConfig, Schedule, Trainer, TrainerConfig,
+    open_validation, snapshot, validation_name, AdamWConfig, CheckpointManager, DataConfig,
+    DataLoader, EvalHook, Fit, ImagePipeline, Manifest, MetricsLog, Objective, ParamGroupConfig,
+    RetrievalEval, Schedule, Trainer, TrainerConfig,
 };
 use tuwen::{Error, LoadOptions};
 
@@ -69,13 +71,39 @@ struct Args {
     /// Micro-batches per step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    #[arg(long, default_value_t = 1e-5)]
-    lr: f64,
-    #[arg(long, default_value_t = 1e-4)]
-    weight_decay: f64,
-    /// Linear warm-up steps, then cosine decay.
+    /// A preset of hyper-parameters: `danqing` (DanQing's continued pre-training of
+    /// SigLIP 2: AdamW lr 1e-5, weight decay 0.1, betas (0.9, 0.98), 1,000 warm-up steps,
+    /// 256 px images, 64-token texts). Options given explicitly override it.
+    #[arg(long)]
+    recipe: Option<String>,
+    /// Learning rate (default 1e-5).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Weight decay (default 1e-4).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// AdamW's β1 (default 0.9).
+    #[arg(long)]
+    beta1: Option<f64>,
+    /// AdamW's β2 (default 0.999).
+    #[arg(long)]
+    beta2: Option<f64>,
+    /// Linear warm-up steps, then cosine decay (default 500).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// A validation set (repeatable): a Chinese-CLIP folder ({split}_imgs.tsv +
+    /// {split}_texts.jsonl), a JSON Lines manifest or a CSV. Recall@K goes to
+    /// metrics.jsonl every --eval-every steps.
+    #[arg(long)]
+    val: Vec<PathBuf>,
+    /// The split of Chinese-CLIP validation folders (default: the folder's only split).
+    #[arg(long)]
+    val_split: Option<String>,
     #[arg(long, default_value_t = 500)]
-    warmup: u64,
+    eval_every: u64,
+    /// Images and texts per forward pass in validation.
+    #[arg(long, default_value_t = 64)]
+    eval_batch_size: usize,
     /// The cosine's floor as a fraction of --lr.
     #[arg(long, default_value_t = 0.0)]
     min_lr_ratio: f64,
@@ -146,7 +174,11 @@ fn run(args: Args) -> tuwen::Result<()> {
         }
     };
 
-    let m = load_trainable(&args.model, dtype, &device)?;
+    let h = Hyper::of(&args)?;
+    let mut m = load_trainable(&args.model, dtype, &device)?;
+    if let Some(r) = &args.recipe {
+        apply_recipe_sizes(r, &mut m)?;
+    }
     let text = m
         .text_processor
         .clone()
@@ -199,12 +231,14 @@ fn run(args: Args) -> tuwen::Result<()> {
     groups = groups.with_frozen(args.frozen.clone());
     let cfg = TrainerConfig {
         optimizer: AdamWConfig {
-            lr: args.lr,
-            weight_decay: args.weight_decay,
+            lr: h.lr,
+            weight_decay: h.weight_decay,
+            beta1: h.beta1,
+            beta2: h.beta2,
             ..Default::default()
         },
         groups,
-        schedule: Schedule::warmup_cosine(args.warmup, args.steps, args.min_lr_ratio),
+        schedule: Schedule::warmup_cosine(h.warmup, args.steps, args.min_lr_ratio),
         grad_accum: args.grad_accum,
         max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
         seed: args.seed,
@@ -224,8 +258,64 @@ fn run(args: Args) -> tuwen::Result<()> {
     } else {
         None
     };
-    let config = serde_json::to_value(&args)
+    let mut config = serde_json::to_value(&args)
         .map_err(|e| Error::Config(format!("cannot record the arguments: {e}")))?;
+    config["resolved"] = serde_json::json!({
+        "lr": h.lr,
+        "weight_decay": h.weight_decay,
+        "betas": [h.beta1, h.beta2],
+        "warmup": h.warmup,
+        "max_text_len": text.max_len(),
+        "max_num_patches": match &m.image_processor {
+            SiglipImageProcessor::NaFlex(p) => Some(p.max_num_patches),
+            SiglipImageProcessor::Fixed(_) => None,
+        },
+    });
+    // Validation (rank 0): an inference encoder over the current weights each time.
+    let mut hooks = Vec::new();
+    if rank == 0 {
+        for path in &args.val {
+            let data = open_validation(path, args.val_split.as_deref())?;
+            let (cfg, vars, tokenizer) = (
+                m.config.clone(),
+                m.vars.clone(),
+                args.model.join("tokenizer.json"),
+            );
+            let max_patches = match &m.image_processor {
+                SiglipImageProcessor::NaFlex(p) => Some(p.max_num_patches),
+                SiglipImageProcessor::Fixed(_) => None,
+            };
+            let lopts = LoadOptions {
+                device: device.clone(),
+                dtype,
+                tune_allocator: false,
+                ..LoadOptions::default()
+            };
+            let ropts = RetrievalOptions {
+                image_batch_size: args.eval_batch_size,
+                text_batch_size: args.eval_batch_size,
+                ..RetrievalOptions::default()
+            };
+            let name = validation_name(path, args.val_split.as_deref());
+            hooks.push(RetrievalEval::new(
+                name,
+                args.eval_every,
+                data,
+                ropts,
+                move || {
+                    let enc = SiglipEncoder::from_source(
+                        &cfg,
+                        snapshot(&vars)?,
+                        "the training weights",
+                        tokenizer.is_file().then_some(tokenizer.as_path()),
+                        max_patches,
+                        &lopts,
+                    )?;
+                    Ok(Box::new(enc) as Box<dyn tuwen::DualEncoder>)
+                },
+            ));
+        }
+    }
     let mut fit = Fit::new(&mut trainer, &mut loader, args.steps)
         .config(config)
         .checkpoints(&ckpts, args.checkpoint_every)
@@ -233,6 +323,9 @@ fn run(args: Args) -> tuwen::Result<()> {
         .progress(args.progress);
     if let Some(log) = metrics.as_mut() {
         fit = fit.log(log, args.log_every);
+    }
+    for hook in hooks.iter_mut() {
+        fit = fit.eval(hook as &mut dyn EvalHook);
     }
     let summary = fit.run(|batch, ctx| {
         let texts: Vec<&str> = batch.captions.iter().map(String::as_str).collect();
@@ -266,12 +359,118 @@ fn run(args: Args) -> tuwen::Result<()> {
             "{} steps run (from step {}), last loss {:?}, {} skipped samples",
             summary.steps_run, summary.start_step, summary.last_loss, summary.skipped_samples
         );
+        for (step, name, metrics) in &summary.evals {
+            eprintln!("eval {name} after {step} steps: {metrics:?}");
+        }
         let weights = trainer.optimizer().weights()?;
         let out = export_model_dir(&args.model, &args.out.join("model"), &weights, dtype)?;
         eprintln!("model written to {}", out.display());
     }
     if let Some(c) = &comm {
         c.barrier()?;
+    }
+    Ok(())
+}
+
+/// The optimiser settings: explicit options, else the recipe's, else the defaults.
+struct Hyper {
+    lr: f64,
+    weight_decay: f64,
+    beta1: f64,
+    beta2: f64,
+    warmup: u64,
+}
+
+impl Hyper {
+    fn of(args: &Args) -> tuwen::Result<Self> {
+        let base = match args.recipe.as_deref() {
+            None => Hyper {
+                lr: 1e-5,
+                weight_decay: 1e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                warmup: 500,
+            },
+            Some("danqing") => Hyper {
+                lr: 1e-5,
+                weight_decay: 0.1,
+                beta1: 0.9,
+                beta2: 0.98,
+                warmup: 1000,
+            },
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "unknown --recipe `{other}` (known: danqing)"
+                )))
+            }
+        };
+        let h = Hyper {
+            lr: args.lr.unwrap_or(base.lr),
+            weight_decay: args.weight_decay.unwrap_or(base.weight_decay),
+            beta1: args.beta1.unwrap_or(base.beta1),
+            beta2: args.beta2.unwrap_or(base.beta2),
+            warmup: args.warmup.unwrap_or(base.warmup),
+        };
+        let finite = |name: &str, v: f64, lo: f64, hi: f64| {
+            if v.is_finite() && v >= lo && v < hi {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "--{name} {v} is out of range [{lo}, {hi})"
+                )))
+            }
+        };
+        if !(h.lr.is_finite() && h.lr > 0.0 && h.lr < 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "--lr {} must be a finite number in (0, 1)",
+                h.lr
+            )));
+        }
+        finite("weight-decay", h.weight_decay, 0.0, 10.0)?;
+        finite("beta1", h.beta1, 0.0, 1.0)?;
+        finite("beta2", h.beta2, 0.0, 1.0)?;
+        if args.eval_batch_size == 0 || args.eval_every == 0 {
+            return Err(Error::InvalidArgument(
+                "--eval-batch-size and --eval-every must be at least 1".into(),
+            ));
+        }
+        Ok(h)
+    }
+}
+
+/// The recipe's image and text sizes: DanQing trains at 256 px with 64-token texts. A
+/// fixed-resolution model must be a 256 px one (its position embeddings are learned for
+/// it); NaFlex models get a budget of 256 patches (16 × 16 at patch 16).
+fn apply_recipe_sizes(
+    recipe: &str,
+    m: &mut tuwen::train::siglip::TrainableSiglip,
+) -> tuwen::Result<()> {
+    if recipe != "danqing" {
+        return Ok(());
+    }
+    let v = &m.config.vision_config;
+    match &mut m.image_processor {
+        SiglipImageProcessor::Fixed(_) => {
+            if v.image_size != 256 {
+                return Err(Error::Config(format!(
+                    "--recipe danqing trains at 256 px, and this model is {} px: start from a \
+                     256 px checkpoint (siglip2-base-patch16-256, siglip2-large-patch16-256)",
+                    v.image_size
+                )));
+            }
+        }
+        SiglipImageProcessor::NaFlex(p) => {
+            p.max_num_patches = (256 / v.patch_size.max(1)).pow(2);
+        }
+    }
+    if m.config.text_config.max_position_embeddings < 64 {
+        return Err(Error::Config(format!(
+            "--recipe danqing uses 64-token texts, and this model's text tower takes {}",
+            m.config.text_config.max_position_embeddings
+        )));
+    }
+    if let Some(t) = m.text_processor.as_mut() {
+        t.set_max_len(64);
     }
     Ok(())
 }

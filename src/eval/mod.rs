@@ -1,16 +1,36 @@
-//! Evaluation: image–text retrieval with Recall@K, two-stage re-ranking with a cross
-//! encoder (R2D2), and plain ITM scoring.
+//! Evaluation for every family, on the formats the Chinese benchmarks ship in.
 //!
+//! * [`data`] reads the sets: Chinese-CLIP's `{split}_imgs.tsv` + `{split}_texts.jsonl`
+//!   (Flickr30K-CN, COCO-CN, MUGE), the crate's JSON Lines manifest, ELEVATER class
+//!   folders with `label_cn.txt`, `path,label` CSVs, and labelled pairs for matching.
+//! * [`encode`] embeds a set in batches, decoding images one batch ahead on another thread.
+//! * [`topk`] ranks by blocked similarity products (never a full score matrix).
+//! * [`retrieval`] reports Recall@1/5/10 both ways and mean recall, with R2D2's two-stage
+//!   re-ranking (cosine top k, then ITM + cosine) where the model has a cross encoder.
+//! * [`zero_shot`] runs zero-shot classification with prompt ensembling (top-1, top-5,
+//!   mean per-class recall) and the ITM matching tasks (AUC, accuracy).
+//! * [`cache`] keeps embeddings keyed by model and dataset, so that a second evaluation
+//!   skips encoding; [`report`] writes JSON records and tables.
 //! * [`itm_scores`] scores one image against many texts with a model's cross encoder.
-//! * [`retrieval`] embeds a dataset in batches, ranks by cosine similarity, optionally
-//!   re-ranks the top k of every query by ITM score + cosine (as the R2D2 evaluation does),
-//!   and reports Recall@1/5/10 in both directions.
 
+pub mod cache;
+pub mod data;
+pub mod encode;
+pub mod report;
 pub mod retrieval;
+pub mod topk;
+pub mod zero_shot;
 
+pub use cache::EmbeddingCache;
+pub use data::{ClassificationDataset, ImageRef, MatchingDataset, RetrievalDataset};
+pub use encode::{EncodeOptions, Encoded};
+pub use report::EvalRecord;
 pub use retrieval::{
-    evaluate, recall_at_k, rerank, CosineOnly, Encoded, Recall, RetrievalDataset, RetrievalModel,
-    RetrievalOptions, RetrievalReport,
+    evaluate, recall_at_k, recall_from_hits, rerank, Recall, RetrievalOptions, RetrievalReport,
+};
+pub use zero_shot::{
+    evaluate_matching, evaluate_zero_shot, MatchingReport, ZeroShotOptions, ZeroShotReport,
+    DEFAULT_TEMPLATES_ZH,
 };
 
 use crate::error::{Error, Result};

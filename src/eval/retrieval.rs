@@ -1,345 +1,57 @@
-//! Image–text retrieval: batched embedding, cosine ranking, cross-encoder re-ranking and
-//! Recall@K, following the R2D2 evaluation (`train_r2d2_retrieval.py`).
+//! Image–text retrieval for every [`DualEncoder`]: streamed batched embedding, blocked
+//! top-k cosine ranking, cross-encoder re-ranking where the model has one (R2D2), and
+//! Recall@K as the Chinese benchmarks report it.
 //!
 //! # Algorithm
 //!
-//! 1. Embed every text and every image in batches (`RetrievalOptions::{text,image}_batch_size`),
-//!    keeping the token states the cross encoder needs when re-ranking.
-//! 2. Cosine similarities `S = image_embeds · text_embedsᵀ` (no temperature).
-//! 3. Re-ranking (optional): for every query (each image for image→text, each text for
-//!    text→image) take its `top_k` candidates by cosine (128 in the original Flickr30k-CN
-//!    configuration, 64 for ICR/IQR) and give each the score `ITM + cosine`; every other
-//!    candidate gets −100, exactly as the original's `cross_score_matrix`.
-//! 4. Recall@K: image→text counts an image as found at K when **any** of its captions is in
-//!    its top K; text→image counts a caption as found when its image is in its top K. Both
-//!    are percentages; the mean recall is the mean of the six numbers.
+//! 1. Embed every text and every image in batches (see [`super::encode`]), decoding the
+//!    next image batch while the model runs; with re-ranking, keep the states the cross
+//!    encoder reads.
+//! 2. For every image its best `k` texts, and for every text its best `k` images, by
+//!    cosine similarity (no temperature), in blocks (see [`super::topk`]): `k` is 10, or
+//!    the re-ranking depth if larger. No full score matrix is ever held.
+//! 3. Re-ranking (optional, models with a cross encoder only; asking for it elsewhere is
+//!    an error): every query's `top_k` cosine candidates (128 in the original Flickr30k-CN
+//!    configuration, 64 for ICR/IQR) get the score `ITM + cosine`; every other candidate
+//!    gets −100, as in the original's `cross_score_matrix`.
+//! 4. Recall@K, as in Chinese-CLIP's evaluation: an image (image→text) is found at K when
+//!    **any** of its texts is in its top K; a text (text→image) when **any** of its images
+//!    is (MUGE's queries have several). Images without texts are only candidates, not
+//!    queries. Both are percentages; the mean recall is the mean of the six numbers.
 //!
-//! Rankings sort by score, highest first; **ties keep the lower index first** (a stable
-//! sort), and NaN ranks last. The original used `np.argsort(score)[::-1]`, whose order among
-//! equal scores is unspecified.
+//! **Ties**: rankings sort by score, highest first; equal scores keep the lower index
+//! (dataset order) first, and NaN ranks last. The original used
+//! `np.argsort(score)[::-1]`, whose order among equal scores is unspecified.
 //!
-//! # Dataset manifest
-//!
-//! A JSON Lines file, one image per line:
-//!
-//! ```text
-//! {"image": "images/1000092795.jpg", "captions": ["两个年轻人在户外", "草地上的两个男人"]}
-//! {"image": "/data/flickr/10002456.jpg", "captions": ["一群人站在建筑物前"]}
-//! ```
-//!
-//! * `image`: a path; relative paths are resolved against the manifest's directory.
-//! * `captions`: one or more captions of that image (a non-empty list of strings).
-//!
-//! Blank lines are skipped. Lines naming the same image are merged. Texts are numbered in
-//! file order, which is the column order of the score matrices.
+//! Images that cannot be read fail the evaluation, or with
+//! [`RetrievalOptions::skip_bad`] are left out (named in the report): they are then
+//! neither candidates nor queries, and a text whose images were all left out is not a
+//! query.
 //!
 //! # Memory
 //!
-//! Re-ranking keeps every image's tokens and every text's hidden states in CPU memory: for
-//! R2D2 ViT-L/14 on the Flickr30k-CN test set (1000 images, 5000 captions) that is about
-//! 1 GB (257×1024 floats per image) plus 1 GB (64×768 per text).
+//! Cosine ranking keeps the embeddings (`(images + texts) × dim` floats), one score block
+//! and `k` candidates per query. Re-ranking also keeps every image's tokens and every
+//! text's hidden states in CPU memory: for R2D2 ViT-L/14 on the Flickr30k-CN test set
+//! (1000 images, 5000 captions) that is about 1 GB (257×1024 floats per image) plus 1 GB
+//! (64×768 per text).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::cache::{CachedEmbeds, EmbeddingCache};
+pub use super::data::RetrievalDataset;
+pub use super::encode::Encoded;
+use super::encode::{encode_images, encode_texts, EncodeOptions, EncodedImages};
+use super::topk::{sort_hits, top_k_dot, Hit};
 use super::Progress;
 use crate::error::{Error, Result};
-use crate::models::r2d2::R2d2Encoder;
-use crate::models::DualEncoder;
-use crate::preprocess::ImageInput;
+use crate::models::{CrossEncoder, DualEncoder};
 
 /// The score the original gives to candidates outside the re-ranked top k.
 pub const NOT_RERANKED: f32 = -100.0;
-
-/// An evaluation set: images, captions and which caption belongs to which image.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RetrievalDataset {
-    pub images: Vec<PathBuf>,
-    pub texts: Vec<String>,
-    /// For each text, the index of its image.
-    pub txt2img: Vec<usize>,
-    /// For each image, the indices of its texts.
-    pub img2txt: Vec<Vec<usize>>,
-}
-
-#[derive(Deserialize)]
-struct ManifestLine {
-    image: PathBuf,
-    captions: Vec<String>,
-}
-
-impl RetrievalDataset {
-    /// Builds from `(image, captions)` pairs; entries naming the same image are merged.
-    pub fn from_entries(entries: impl IntoIterator<Item = (PathBuf, Vec<String>)>) -> Result<Self> {
-        let mut d = Self {
-            images: Vec::new(),
-            texts: Vec::new(),
-            txt2img: Vec::new(),
-            img2txt: Vec::new(),
-        };
-        let mut index: HashMap<PathBuf, usize> = HashMap::new();
-        for (image, captions) in entries {
-            if captions.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "image {} has no captions",
-                    image.display()
-                )));
-            }
-            let i = *index.entry(image.clone()).or_insert_with(|| {
-                d.images.push(image);
-                d.img2txt.push(Vec::new());
-                d.images.len() - 1
-            });
-            for c in captions {
-                d.img2txt[i].push(d.texts.len());
-                d.txt2img.push(i);
-                d.texts.push(c);
-            }
-        }
-        if d.images.is_empty() {
-            return Err(Error::InvalidArgument("the dataset has no images".into()));
-        }
-        Ok(d)
-    }
-
-    /// Reads a JSON Lines manifest (see the module docs).
-    pub fn from_jsonl(path: &Path) -> Result<Self> {
-        let s = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        let root = path.parent().unwrap_or(Path::new("")).to_path_buf();
-        let mut entries = Vec::new();
-        for (n, line) in s.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            let m: ManifestLine = serde_json::from_str(line)
-                .map_err(|e| Error::parse(format!("{} line {}", path.display(), n + 1), e))?;
-            if m.captions.is_empty() {
-                return Err(Error::parse(
-                    format!("{} line {}", path.display(), n + 1),
-                    "`captions` is empty",
-                ));
-            }
-            let image = if m.image.is_absolute() {
-                m.image
-            } else {
-                root.join(m.image)
-            };
-            entries.push((image, m.captions));
-        }
-        Self::from_entries(entries)
-    }
-}
-
-/// Embeddings of a batch of images or texts, plus what a cross encoder needs to re-rank
-/// them. Every tensor is on the CPU.
-#[derive(Debug, Clone)]
-pub struct Encoded {
-    /// `[n, d]` f32, L2-normalised.
-    pub embeds: Tensor,
-    /// Image tokens `[n, L, vw]` or text hidden states `[n, T, tw]`, when kept.
-    pub states: Option<Tensor>,
-    /// Text padding mask `[n, T]` (texts only), when kept.
-    pub mask: Option<Tensor>,
-    /// Indices of texts that were truncated to the model's maximum length.
-    pub truncated: Vec<usize>,
-}
-
-impl Encoded {
-    /// Number of items.
-    pub fn len(&self) -> usize {
-        self.embeds.dims().first().copied().unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Concatenates batches, shifting the truncated indices.
-    pub fn cat(parts: &[Encoded]) -> Result<Encoded> {
-        if parts.is_empty() {
-            return Err(Error::InvalidArgument("nothing to concatenate".into()));
-        }
-        let embeds = Tensor::cat(&parts.iter().map(|p| &p.embeds).collect::<Vec<_>>(), 0)?;
-        let all = |f: fn(&Encoded) -> Option<&Tensor>| -> Result<Option<Tensor>> {
-            let ts: Option<Vec<&Tensor>> = parts.iter().map(f).collect();
-            Ok(match ts {
-                Some(ts) => Some(Tensor::cat(&ts, 0)?),
-                None => None,
-            })
-        };
-        let states = all(|p| p.states.as_ref())?;
-        let mask = all(|p| p.mask.as_ref())?;
-        let mut truncated = Vec::new();
-        let mut offset = 0;
-        for p in parts {
-            truncated.extend(p.truncated.iter().map(|i| i + offset));
-            offset += p.len();
-        }
-        Ok(Encoded {
-            embeds,
-            states,
-            mask,
-            truncated,
-        })
-    }
-}
-
-/// A model that retrieval can run on: it embeds, and it may re-rank with a cross encoder.
-pub trait RetrievalModel {
-    /// Embeds images; with `keep_states`, also returns their cross-encoder inputs.
-    fn encode_images(&self, images: &[ImageInput], keep_states: bool) -> Result<Encoded>;
-    /// Embeds texts; with `keep_states`, also returns their cross-encoder inputs.
-    fn encode_texts(&self, texts: &[&str], keep_states: bool) -> Result<Encoded>;
-    /// Whether [`Self::pair_scores`] is available.
-    fn can_rerank(&self) -> bool;
-    /// Cross-encoder scores `[k]` of aligned pairs (image states `[k, ..]`, text states
-    /// `[k, ..]`, text mask `[k, T]`).
-    fn pair_scores(
-        &self,
-        image_states: &Tensor,
-        text_states: &Tensor,
-        text_mask: &Tensor,
-    ) -> Result<Tensor>;
-}
-
-fn to_cpu_f32(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
-}
-
-impl RetrievalModel for R2d2Encoder {
-    fn encode_images(&self, images: &[ImageInput], keep_states: bool) -> Result<Encoded> {
-        let f = self.image_features(images)?;
-        Ok(Encoded {
-            embeds: to_cpu_f32(&f.embeds)?,
-            states: if keep_states {
-                Some(f.tokens.to_device(&Device::Cpu)?)
-            } else {
-                None
-            },
-            mask: None,
-            truncated: Vec::new(),
-        })
-    }
-
-    fn encode_texts(&self, texts: &[&str], keep_states: bool) -> Result<Encoded> {
-        let f = self.text_features(texts)?;
-        let (states, mask) = if keep_states {
-            (
-                Some(f.states.to_device(&Device::Cpu)?),
-                Some(f.mask.to_device(&Device::Cpu)?),
-            )
-        } else {
-            (None, None)
-        };
-        Ok(Encoded {
-            embeds: to_cpu_f32(&f.embeds)?,
-            states,
-            mask,
-            truncated: f.truncated,
-        })
-    }
-
-    fn can_rerank(&self) -> bool {
-        self.has_itm()
-    }
-
-    fn pair_scores(
-        &self,
-        image_states: &Tensor,
-        text_states: &Tensor,
-        text_mask: &Tensor,
-    ) -> Result<Tensor> {
-        to_cpu_f32(&self.itm_scores_paired(image_states, text_states, text_mask)?)
-    }
-}
-
-/// Any [`DualEncoder`], ranked by cosine similarity only (no re-ranking).
-pub struct CosineOnly<'a>(pub &'a dyn DualEncoder);
-
-impl RetrievalModel for CosineOnly<'_> {
-    fn encode_images(&self, images: &[ImageInput], _keep_states: bool) -> Result<Encoded> {
-        Ok(Encoded {
-            embeds: to_cpu_f32(&self.0.embed_images(images)?)?,
-            states: None,
-            mask: None,
-            truncated: Vec::new(),
-        })
-    }
-
-    fn encode_texts(&self, texts: &[&str], _keep_states: bool) -> Result<Encoded> {
-        Ok(Encoded {
-            embeds: to_cpu_f32(&self.0.embed_texts(texts)?)?,
-            states: None,
-            mask: None,
-            truncated: Vec::new(),
-        })
-    }
-
-    fn can_rerank(&self) -> bool {
-        false
-    }
-
-    fn pair_scores(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
-        Err(Error::Config(format!(
-            "the {} family has no cross encoder to re-rank with",
-            self.0.family()
-        )))
-    }
-}
-
-/// Embeds images `batch_size` at a time, with an optional progress bar.
-pub fn encode_images_batched(
-    model: &dyn RetrievalModel,
-    images: &[ImageInput],
-    batch_size: usize,
-    keep_states: bool,
-    progress: bool,
-) -> Result<Encoded> {
-    if images.is_empty() {
-        return Err(Error::InvalidArgument("no images to encode".into()));
-    }
-    encode_in_batches(images, "images", batch_size, progress, |chunk| {
-        model.encode_images(chunk, keep_states)
-    })
-}
-
-/// Embeds texts `batch_size` at a time, with an optional progress bar.
-pub fn encode_texts_batched(
-    model: &dyn RetrievalModel,
-    texts: &[&str],
-    batch_size: usize,
-    keep_states: bool,
-    progress: bool,
-) -> Result<Encoded> {
-    if texts.is_empty() {
-        return Err(Error::Text("empty list of texts".into()));
-    }
-    encode_in_batches(texts, "texts", batch_size, progress, |chunk| {
-        model.encode_texts(chunk, keep_states)
-    })
-}
-
-/// Encodes `items` `batch_size` at a time with `encode`, counting them on a progress bar.
-fn encode_in_batches<T>(
-    items: &[T],
-    what: &str,
-    batch_size: usize,
-    progress: bool,
-    mut encode: impl FnMut(&[T]) -> Result<Encoded>,
-) -> Result<Encoded> {
-    let bar = Progress::new(items.len(), what, progress);
-    let mut parts = Vec::new();
-    for chunk in items.chunks(batch_size.max(1)) {
-        parts.push(encode(chunk)?);
-        bar.inc(chunk.len());
-    }
-    Encoded::cat(&parts)
-}
 
 /// Cosine similarities `[n_images][n_texts]` of normalised embeddings.
 pub fn cosine_scores(images: &Encoded, texts: &Encoded) -> Result<Vec<Vec<f32>>> {
@@ -425,7 +137,7 @@ fn text_mask_of(e: &Encoded) -> Result<&Tensor> {
 
 /// Cross-encoder scores of image `i` against the texts `cand`, `batch` pairs at a time.
 pub fn cross_scores_image_vs_texts(
-    model: &dyn RetrievalModel,
+    model: &dyn CrossEncoder,
     images: &Encoded,
     texts: &Encoded,
     i: usize,
@@ -456,7 +168,7 @@ pub fn cross_scores_image_vs_texts(
 
 /// Cross-encoder scores of text `t` against the images `cand`, `batch` pairs at a time.
 pub fn cross_scores_text_vs_images(
-    model: &dyn RetrievalModel,
+    model: &dyn CrossEncoder,
     images: &Encoded,
     texts: &Encoded,
     t: usize,
@@ -516,12 +228,63 @@ impl std::fmt::Display for Recall {
     }
 }
 
+impl Recall {
+    /// From the 0-based rank of the best relevant item of every image→text query and every
+    /// text→image query (`None`: not in the ranked list, a miss at every K).
+    pub fn from_ranks(i2t: &[Option<usize>], t2i: &[Option<usize>]) -> Result<Recall> {
+        if i2t.is_empty() || t2i.is_empty() {
+            return Err(Error::InvalidArgument(
+                "recall of an empty dataset (no image→text or no text→image query)".into(),
+            ));
+        }
+        let pct = |ranks: &[Option<usize>], k: usize| {
+            100.0 * ranks.iter().filter(|r| r.is_some_and(|r| r < k)).count() as f64
+                / ranks.len() as f64
+        };
+        let (txt_r1, txt_r5, txt_r10) = (pct(i2t, 1), pct(i2t, 5), pct(i2t, 10));
+        let (img_r1, img_r5, img_r10) = (pct(t2i, 1), pct(t2i, 5), pct(t2i, 10));
+        let txt_r_mean = (txt_r1 + txt_r5 + txt_r10) / 3.0;
+        let img_r_mean = (img_r1 + img_r5 + img_r10) / 3.0;
+        Ok(Recall {
+            txt_r1,
+            txt_r5,
+            txt_r10,
+            txt_r_mean,
+            img_r1,
+            img_r5,
+            img_r10,
+            img_r_mean,
+            r_mean: (txt_r_mean + img_r_mean) / 2.0,
+        })
+    }
+
+    /// The metrics by name (`txt_r1` … `r_mean`), for logs and JSON reports.
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("txt_r1", self.txt_r1),
+            ("txt_r5", self.txt_r5),
+            ("txt_r10", self.txt_r10),
+            ("txt_r_mean", self.txt_r_mean),
+            ("img_r1", self.img_r1),
+            ("img_r5", self.img_r5),
+            ("img_r10", self.img_r10),
+            ("img_r_mean", self.img_r_mean),
+            ("r_mean", self.r_mean),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
 /// The 0-based rank of the best-ranked relevant item in `scores`, if any is relevant.
 fn best_rank(scores: &[f32], relevant: impl Fn(usize) -> bool) -> Option<usize> {
     rank_desc(scores).iter().position(|&j| relevant(j))
 }
 
-/// Recall@K from score matrices `i2t` `[n_images][n_texts]` and `t2i` `[n_texts][n_images]`.
+/// Recall@K from dense score matrices `i2t` `[n_images][n_texts]` and `t2i`
+/// `[n_texts][n_images]`, one image per text (see [`recall_from_hits`] for the general
+/// case and large sets).
 pub fn recall_at_k(
     i2t: &[Vec<f32>],
     t2i: &[Vec<f32>],
@@ -542,13 +305,10 @@ pub fn recall_at_k(
             "text→image scores must be {nt}×{ni}"
         )));
     }
-    let pct = |ranks: &[Option<usize>], k: usize| {
-        100.0 * ranks.iter().filter(|r| r.is_some_and(|r| r < k)).count() as f64
-            / ranks.len() as f64
-    };
     let tr: Vec<Option<usize>> = i2t
         .iter()
         .zip(img2txt)
+        .filter(|(_, rel)| !rel.is_empty())
         .map(|(s, rel)| best_rank(s, |j| rel.contains(&j)))
         .collect();
     let ir: Vec<Option<usize>> = t2i
@@ -556,21 +316,90 @@ pub fn recall_at_k(
         .zip(txt2img)
         .map(|(s, &img)| best_rank(s, |j| j == img))
         .collect();
-    let (txt_r1, txt_r5, txt_r10) = (pct(&tr, 1), pct(&tr, 5), pct(&tr, 10));
-    let (img_r1, img_r5, img_r10) = (pct(&ir, 1), pct(&ir, 5), pct(&ir, 10));
-    let txt_r_mean = (txt_r1 + txt_r5 + txt_r10) / 3.0;
-    let img_r_mean = (img_r1 + img_r5 + img_r10) / 3.0;
-    Ok(Recall {
-        txt_r1,
-        txt_r5,
-        txt_r10,
-        txt_r_mean,
-        img_r1,
-        img_r5,
-        img_r10,
-        img_r_mean,
-        r_mean: (txt_r_mean + img_r_mean) / 2.0,
-    })
+    Recall::from_ranks(&tr, &ir)
+}
+
+/// Recall@K from ranked candidate lists (each at least 10 long where there are 10
+/// candidates): `i2t[i]` the ranked texts of image `i`, `t2i[t]` the ranked images of
+/// text `t`. `img2txt` / `txt2img` name the relevant items; queries without any are left
+/// out.
+pub fn recall_from_hits(
+    i2t: &[Vec<Hit>],
+    t2i: &[Vec<Hit>],
+    img2txt: &[Vec<usize>],
+    txt2img: &[Vec<usize>],
+) -> Result<Recall> {
+    if i2t.len() != img2txt.len() || t2i.len() != txt2img.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} image rankings for {} images, {} text rankings for {} texts",
+            i2t.len(),
+            img2txt.len(),
+            t2i.len(),
+            txt2img.len()
+        )));
+    }
+    let ranks = |lists: &[Vec<Hit>], rel: &[Vec<usize>]| -> Vec<Option<usize>> {
+        lists
+            .iter()
+            .zip(rel)
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(hits, r)| hits.iter().position(|h| r.contains(&h.index)))
+            .collect()
+    };
+    Recall::from_ranks(&ranks(i2t, img2txt), &ranks(t2i, txt2img))
+}
+
+/// Re-ranks ranked lists: each query's first `k` candidates get `cross(query,
+/// candidates)[j] + cosine`, sorted; after them come the other candidates at −100
+/// ([`NOT_RERANKED`]) in index order (the tie rule), as many as needed to fill `depth`
+/// places. `num_candidates` is the number of keys.
+pub fn rerank_hits(
+    lists: &[Vec<Hit>],
+    k: usize,
+    depth: usize,
+    num_candidates: usize,
+    progress: bool,
+    mut cross: impl FnMut(usize, &[usize]) -> Result<Vec<f32>>,
+) -> Result<Vec<Vec<Hit>>> {
+    if k == 0 {
+        return Err(Error::InvalidArgument("re-ranking needs k >= 1".into()));
+    }
+    let bar = Progress::new(lists.len(), "re-ranking", progress);
+    let mut out = Vec::with_capacity(lists.len());
+    for (q, hits) in lists.iter().enumerate() {
+        let cand: Vec<&Hit> = hits.iter().take(k).collect();
+        let idx: Vec<usize> = cand.iter().map(|h| h.index).collect();
+        let scores = cross(q, &idx)?;
+        if scores.len() != idx.len() {
+            return Err(Error::InvalidArgument(format!(
+                "the cross encoder returned {} scores for {} candidates",
+                scores.len(),
+                idx.len()
+            )));
+        }
+        let mut r: Vec<Hit> = cand
+            .iter()
+            .zip(scores)
+            .map(|(h, s)| Hit {
+                index: h.index,
+                score: s + h.score,
+            })
+            .collect();
+        sort_hits(&mut r);
+        let mut j = 0;
+        while r.len() < depth.min(num_candidates) && j < num_candidates {
+            if !idx.contains(&j) {
+                r.push(Hit {
+                    index: j,
+                    score: NOT_RERANKED,
+                });
+            }
+            j += 1;
+        }
+        out.push(r);
+        bar.inc(1);
+    }
+    Ok(out)
 }
 
 /// Settings of [`evaluate`].
@@ -578,13 +407,17 @@ pub fn recall_at_k(
 pub struct RetrievalOptions {
     /// Candidates re-ranked per query (128 in the original Flickr30k-CN evaluation).
     pub top_k: usize,
-    /// Whether to re-rank with the cross encoder (if the model has one).
+    /// Re-rank with the cross encoder. An error for a model without one.
     pub rerank: bool,
     pub image_batch_size: usize,
     /// Texts per batch (256 in the original).
     pub text_batch_size: usize,
     /// Image–text pairs per cross-encoder pass.
     pub itm_batch_size: usize,
+    /// Leave out images that cannot be read (named in the report) instead of failing.
+    pub skip_bad: bool,
+    /// Reuse and store embeddings here (the cosine stage only).
+    pub cache: Option<EmbeddingCache>,
     /// Show progress bars on standard error (with the `progress` feature).
     pub progress: bool,
 }
@@ -593,10 +426,12 @@ impl Default for RetrievalOptions {
     fn default() -> Self {
         Self {
             top_k: 128,
-            rerank: true,
+            rerank: false,
             image_batch_size: 32,
             text_batch_size: 256,
             itm_batch_size: 64,
+            skip_bad: false,
+            cache: None,
             progress: false,
         }
     }
@@ -612,41 +447,195 @@ pub struct RetrievalReport {
     pub top_k: usize,
     pub num_images: usize,
     pub num_texts: usize,
-    /// Indices of texts that were truncated to the model's maximum length.
-    pub truncated: Vec<usize>,
+    /// Image→text queries (images with at least one text, not skipped).
+    pub i2t_queries: usize,
+    /// Text→image queries (texts with at least one image not skipped).
+    pub t2i_queries: usize,
+    /// Ids of texts that were truncated to the model's maximum length (known for models
+    /// with a cross encoder, which report it).
+    pub truncated: Vec<String>,
+    /// Ids and reasons of the images left out with `skip_bad`.
+    pub skipped_images: Vec<(String, String)>,
+    /// Whether the embeddings came from the cache.
+    pub images_cached: bool,
+    pub texts_cached: bool,
+    /// Wall-clock seconds of encoding and of ranking (including re-ranking).
+    pub encode_seconds: f64,
+    pub rank_seconds: f64,
 }
 
-/// Evaluates retrieval on a dataset: embeds everything, ranks by cosine, re-ranks the top
-/// k by ITM + cosine when asked and possible, and reports Recall@K for both stages.
+impl RetrievalReport {
+    /// Every metric by name: the cosine stage's, and the re-ranked ones prefixed `rerank_`.
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut m = self.cosine.metrics();
+        if let Some(r) = &self.reranked {
+            for (k, v) in r.metrics() {
+                m.insert(format!("rerank_{k}"), v);
+            }
+        }
+        m
+    }
+}
+
+/// Encodes the dataset's images (or takes them from the cache).
+fn images_of(
+    model: &dyn DualEncoder,
+    data: &RetrievalDataset,
+    eo: &EncodeOptions,
+    cache: Option<&EmbeddingCache>,
+) -> Result<(EncodedImages, bool)> {
+    let n = data.images.len();
+    let key = cache.map(|c| c.image_key(model, &data.images, &data.boxes));
+    if let (Some(c), Some(k), false) = (cache, &key, eo.keep_states) {
+        if let Some(e) = c.get("images", k, n) {
+            let skipped = e.skipped;
+            if !skipped.is_empty() && !eo.skip_bad {
+                let (i, why) = &skipped[0];
+                return Err(Error::Image {
+                    origin: data.images[*i].origin(),
+                    reason: why.clone(),
+                });
+            }
+            return Ok((
+                EncodedImages {
+                    encoded: Encoded {
+                        embeds: e.embeds,
+                        states: None,
+                        mask: None,
+                        truncated: Vec::new(),
+                    },
+                    kept: e.kept,
+                    skipped,
+                },
+                true,
+            ));
+        }
+    }
+    let enc = encode_images(model, &data.images, &data.boxes, eo)?;
+    if let (Some(c), Some(k)) = (cache, &key) {
+        c.put(
+            "images",
+            k,
+            n,
+            &CachedEmbeds {
+                embeds: enc.encoded.embeds.clone(),
+                kept: enc.kept.clone(),
+                skipped: enc.skipped.clone(),
+            },
+        )?;
+    }
+    Ok((enc, false))
+}
+
+/// Encodes texts (or takes them from the cache).
+pub(crate) fn texts_of(
+    model: &dyn DualEncoder,
+    texts: &[&str],
+    eo: &EncodeOptions,
+    cache: Option<&EmbeddingCache>,
+) -> Result<(Encoded, bool)> {
+    let n = texts.len();
+    let key = cache.map(|c| c.text_key(model, texts));
+    if let (Some(c), Some(k), false) = (cache, &key, eo.keep_states) {
+        if let Some(e) = c.get("texts", k, n) {
+            if e.kept.len() == n {
+                return Ok((
+                    Encoded {
+                        embeds: e.embeds,
+                        states: None,
+                        mask: None,
+                        truncated: Vec::new(),
+                    },
+                    true,
+                ));
+            }
+        }
+    }
+    let enc = encode_texts(model, texts, eo)?;
+    if let (Some(c), Some(k)) = (cache, &key) {
+        c.put(
+            "texts",
+            k,
+            n,
+            &CachedEmbeds {
+                embeds: enc.embeds.clone(),
+                kept: (0..n).collect(),
+                skipped: Vec::new(),
+            },
+        )?;
+    }
+    Ok((enc, false))
+}
+
+/// Evaluates retrieval on a dataset with any [`DualEncoder`] (see the module docs).
 pub fn evaluate(
-    model: &dyn RetrievalModel,
+    model: &dyn DualEncoder,
     data: &RetrievalDataset,
     opts: &RetrievalOptions,
 ) -> Result<RetrievalReport> {
-    if opts.rerank && !model.can_rerank() {
-        return Err(Error::Config(
-            "re-ranking asked for, but the model has no cross encoder".into(),
-        ));
-    }
-    let keep = opts.rerank;
-    let texts: Vec<&str> = data.texts.iter().map(String::as_str).collect();
-    let txt = encode_texts_batched(model, &texts, opts.text_batch_size, keep, opts.progress)?;
-    let images: Vec<ImageInput> = data.images.iter().map(ImageInput::path).collect();
-    let img = encode_images_batched(model, &images, opts.image_batch_size, keep, opts.progress)?;
-    let i2t = cosine_scores(&img, &txt)?;
-    let t2i = transpose(&i2t);
-    let cosine = recall_at_k(&i2t, &t2i, &data.img2txt, &data.txt2img)?;
-    let reranked = if opts.rerank {
-        let b = opts.itm_batch_size;
-        let r_i2t = rerank(&i2t, opts.top_k, opts.progress, |i, cand| {
-            cross_scores_image_vs_texts(model, &img, &txt, i, cand, b)
-        })?;
-        let r_t2i = rerank(&t2i, opts.top_k, opts.progress, |t, cand| {
-            cross_scores_text_vs_images(model, &img, &txt, t, cand, b)
-        })?;
-        Some(recall_at_k(&r_i2t, &r_t2i, &data.img2txt, &data.txt2img)?)
+    let cross = if opts.rerank {
+        Some(model.cross_encoder().ok_or_else(|| {
+            Error::Config(format!(
+                "re-ranking asked for, but the {} model has no cross encoder (only R2D2 has \
+                 one)",
+                model.family()
+            ))
+        })?)
     } else {
         None
+    };
+    if opts.rerank && opts.top_k == 0 {
+        return Err(Error::InvalidArgument("re-ranking needs top_k >= 1".into()));
+    }
+    let started = Instant::now();
+    let eo = EncodeOptions {
+        image_batch_size: opts.image_batch_size,
+        text_batch_size: opts.text_batch_size,
+        keep_states: opts.rerank,
+        skip_bad: opts.skip_bad,
+        progress: opts.progress,
+    };
+    let texts: Vec<&str> = data.texts.iter().map(String::as_str).collect();
+    let (txt, texts_cached) = texts_of(model, &texts, &eo, opts.cache.as_ref())?;
+    let (imgs, images_cached) = images_of(model, data, &eo, opts.cache.as_ref())?;
+    let encode_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+
+    // Restrict the relations to the kept images (renumbered in kept order).
+    let mut new_index = vec![usize::MAX; data.images.len()];
+    for (j, &i) in imgs.kept.iter().enumerate() {
+        new_index[i] = j;
+    }
+    let img2txt: Vec<Vec<usize>> = imgs.kept.iter().map(|&i| data.img2txt[i].clone()).collect();
+    let txt2img: Vec<Vec<usize>> = data
+        .txt2img
+        .iter()
+        .map(|imgs| {
+            imgs.iter()
+                .map(|&i| new_index[i])
+                .filter(|&j| j != usize::MAX)
+                .collect()
+        })
+        .collect();
+
+    let img = &imgs.encoded;
+    let depth = if opts.rerank { opts.top_k.max(10) } else { 10 };
+    let i2t = top_k_dot(&img.embeds, &txt.embeds, depth)?;
+    let t2i = top_k_dot(&txt.embeds, &img.embeds, depth)?;
+    let cosine = recall_from_hits(&i2t, &t2i, &img2txt, &txt2img)?;
+    let reranked = match cross {
+        Some(cross) => {
+            let b = opts.itm_batch_size;
+            let (nt, ni) = (txt.len(), img.len());
+            let r_i2t = rerank_hits(&i2t, opts.top_k, 10, nt, opts.progress, |i, cand| {
+                cross_scores_image_vs_texts(cross, img, &txt, i, cand, b)
+            })?;
+            let r_t2i = rerank_hits(&t2i, opts.top_k, 10, ni, opts.progress, |t, cand| {
+                cross_scores_text_vs_images(cross, img, &txt, t, cand, b)
+            })?;
+            Some(recall_from_hits(&r_i2t, &r_t2i, &img2txt, &txt2img)?)
+        }
+        None => None,
     };
     Ok(RetrievalReport {
         cosine,
@@ -654,7 +643,22 @@ pub fn evaluate(
         top_k: opts.top_k,
         num_images: data.images.len(),
         num_texts: data.texts.len(),
-        truncated: txt.truncated,
+        i2t_queries: img2txt.iter().filter(|r| !r.is_empty()).count(),
+        t2i_queries: txt2img.iter().filter(|r| !r.is_empty()).count(),
+        truncated: txt
+            .truncated
+            .iter()
+            .map(|&i| data.text_ids[i].clone())
+            .collect(),
+        skipped_images: imgs
+            .skipped
+            .iter()
+            .map(|(i, why)| (data.image_ids[*i].clone(), why.clone()))
+            .collect(),
+        images_cached,
+        texts_cached,
+        encode_seconds,
+        rank_seconds: started.elapsed().as_secs_f64(),
     })
 }
 

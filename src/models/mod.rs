@@ -58,6 +58,12 @@ pub trait DualEncoder: Send + Sync {
         })
     }
 
+    /// The model's cross encoder (R2D2's ITM heads), for families and checkpoints that
+    /// have one; `None` for the others (PRD2, SigLIP, BriVL).
+    fn cross_encoder(&self) -> Option<&dyn CrossEncoder> {
+        None
+    }
+
     /// Cross-encoder image–text matching scores `[n_images, n_texts]` in `[0, 1]`, for
     /// families that have a cross encoder (R2D2); `Ok(None)` for the others.
     fn itm_scores(&self, images: &[ImageInput], texts: &[&str]) -> Result<Option<Tensor>> {
@@ -77,6 +83,35 @@ pub trait DualEncoder: Send + Sync {
         let txt = self.embed_texts(&refs)?;
         self.probabilities(&self.logits(&img, &txt)?)
     }
+}
+
+/// Embeddings plus the states a cross encoder reads: image tokens `[n, L, w]`, or text
+/// hidden states `[n, T, w]` with their padding mask `[n, T]`.
+#[derive(Debug, Clone)]
+pub struct CrossFeatures {
+    /// `[n, dim]` f32, L2-normalised.
+    pub embeds: Tensor,
+    pub states: Tensor,
+    /// The text padding mask (texts only).
+    pub mask: Option<Tensor>,
+    /// Indices of texts truncated to the model's maximum length.
+    pub truncated: Vec<usize>,
+}
+
+/// A cross encoder that scores aligned image–text pairs from their states (R2D2's ITM).
+pub trait CrossEncoder: Send + Sync {
+    /// Embeds images, keeping the tokens the cross encoder reads.
+    fn image_features_kept(&self, images: &[ImageInput]) -> Result<CrossFeatures>;
+    /// Embeds texts, keeping their hidden states and padding mask.
+    fn text_features_kept(&self, texts: &[&str]) -> Result<CrossFeatures>;
+    /// Match scores `[k]` in `[0, 1]` of aligned pairs: image states `[k, L, w]`, text
+    /// states `[k, T, w]`, text mask `[k, T]`.
+    fn pair_scores(
+        &self,
+        image_states: &Tensor,
+        text_states: &Tensor,
+        text_mask: &Tensor,
+    ) -> Result<Tensor>;
 }
 
 /// The `[n_images, n_texts]` dot products of normalised embeddings (their cosines), in

@@ -58,7 +58,9 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::discover;
 use crate::checkpoint::{LoadReport, Loader, TensorSource};
 use crate::error::{Error, Result};
-use crate::models::{cosine_matrix, DualEncoder, Family, LoadOptions, Scoring};
+use crate::models::{
+    cosine_matrix, CrossEncoder, CrossFeatures, DualEncoder, Family, LoadOptions, Scoring,
+};
 use crate::nn::linear::{linear, Linear};
 use crate::nn::ops::{self, Activation};
 use crate::nn::{Bert, BertConfig, ClipVisionConfig, ClipVisionTransformer};
@@ -1077,6 +1079,10 @@ impl DualEncoder for R2d2Encoder {
         Scoring::Softmax
     }
 
+    fn cross_encoder(&self) -> Option<&dyn CrossEncoder> {
+        self.has_itm().then_some(self as &dyn CrossEncoder)
+    }
+
     fn itm_scores(&self, images: &[ImageInput], texts: &[&str]) -> Result<Option<Tensor>> {
         if !self.has_itm() {
             return Ok(None);
@@ -1091,6 +1097,37 @@ impl DualEncoder for R2d2Encoder {
             &txt.states,
             &txt.mask,
         )?))
+    }
+}
+
+impl CrossEncoder for R2d2Encoder {
+    fn image_features_kept(&self, images: &[ImageInput]) -> Result<CrossFeatures> {
+        let f = self.image_features(images)?;
+        Ok(CrossFeatures {
+            embeds: f.embeds,
+            states: f.tokens,
+            mask: None,
+            truncated: Vec::new(),
+        })
+    }
+
+    fn text_features_kept(&self, texts: &[&str]) -> Result<CrossFeatures> {
+        let f = self.text_features(texts)?;
+        Ok(CrossFeatures {
+            embeds: f.embeds,
+            states: f.states,
+            mask: Some(f.mask),
+            truncated: f.truncated,
+        })
+    }
+
+    fn pair_scores(
+        &self,
+        image_states: &Tensor,
+        text_states: &Tensor,
+        text_mask: &Tensor,
+    ) -> Result<Tensor> {
+        R2d2Encoder::itm_scores_paired(self, image_states, text_states, text_mask)
     }
 }
 

@@ -110,6 +110,11 @@ impl TextProcessor {
         })
     }
 
+    /// Sets the length texts are padded and truncated to (at least 2: the special tokens).
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len.max(2);
+    }
+
     pub fn max_len(&self) -> usize {
         self.max_len
     }

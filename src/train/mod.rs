@@ -74,7 +74,7 @@ pub use crate::checkpoint::pattern::{self, Patterns};
 pub use augment::AugmentConfig;
 pub use data::{Batch, DataConfig, DataLoader, DataPosition, ImagePipeline, Manifest, Sample};
 pub use dist::{all_gather_with_grad, Collective, LocalGroup};
-pub use eval::{EvalFn, EvalHook};
+pub use eval::{open_validation, snapshot, validation_name, EvalFn, EvalHook, RetrievalEval};
 pub use fit::{ExtraState, Fit, FitSummary};
 pub use log::{MetricsLog, Progress};
 pub use objectives::{LossTerms, Objective};

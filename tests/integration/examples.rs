@@ -135,7 +135,7 @@ fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
         ],
     );
     assert!(
-        s.contains("ran 2 steps") && s.contains("eval val after 2 steps"),
+        s.contains("ran 2 steps") && s.contains("after 2 steps") && s.contains("\"r_mean\""),
         "{s}"
     );
     let s = train("4", &["--resume"]);

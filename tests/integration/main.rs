@@ -5,6 +5,7 @@ mod architecture;
 mod brivl;
 mod brivl_train;
 mod common;
+mod eval;
 mod examples;
 #[cfg(feature = "hub")]
 mod hub;

@@ -9,7 +9,7 @@ use tuwen::checkpoint::{Loader, TensorSource};
 use tuwen::eval::retrieval::{
     cosine_scores, cross_scores_image_vs_texts, cross_scores_text_vs_images, rank_desc, transpose,
 };
-use tuwen::eval::{self, recall_at_k, rerank, RetrievalDataset};
+use tuwen::eval::{self, recall_at_k, rerank, EncodeOptions, ImageRef, RetrievalDataset};
 use tuwen::models::r2d2::{self, JointConfig, R2d2, R2d2Config, R2d2Encoder, IGNORED_KEYS};
 use tuwen::nn::{Activation, BertConfig, ClipVisionConfig};
 use tuwen::preprocess::{TextProcessor, TextStyle};
@@ -57,7 +57,7 @@ fn texts() -> Vec<String> {
 
 /// The tiny configuration, from the fixture's json. MLP widths are 4× the width, as in
 /// BERT and CLIP (the checkpoint's shapes confirm it; a wrong guess fails loading).
-fn tiny_config() -> R2d2Config {
+pub(crate) fn tiny_config() -> R2d2Config {
     let d = &fixture_json()["tiny_dims"];
     let u = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("tiny_dims.{k}")) as usize;
     let vision = ClipVisionConfig {
@@ -621,17 +621,33 @@ fn retrieval_end_to_end_on_tiny_model() {
     let mpath = dir.path().join("set.jsonl");
     std::fs::write(&mpath, manifest).unwrap();
     let data = RetrievalDataset::from_jsonl(&mpath).unwrap();
-    assert_eq!(data.images[0], dir.path().join("img/test.jpg"));
+    assert_eq!(
+        data.images[0],
+        ImageRef::Path(dir.path().join("img/test.jpg"))
+    );
     assert_eq!(
         data.img2txt,
         vec![(0..6).collect::<Vec<_>>(), vec![6, 7, 8]]
     );
-    assert_eq!(data.txt2img, vec![0, 0, 0, 0, 0, 0, 1, 1, 1]);
+    let txt2img: Vec<usize> = data.txt2img.iter().map(|v| v[0]).collect();
+    assert!(data.txt2img.iter().all(|v| v.len() == 1));
+    assert_eq!(txt2img, vec![0, 0, 0, 0, 0, 0, 1, 1, 1]);
 
     let refs: Vec<&str> = data.texts.iter().map(String::as_str).collect();
-    let images: Vec<ImageInput> = data.images.iter().map(ImageInput::path).collect();
-    let txt = eval::retrieval::encode_texts_batched(&model, &refs, 4, true, false).unwrap();
-    let img = eval::retrieval::encode_images_batched(&model, &images, 1, true, false).unwrap();
+    let images: Vec<ImageInput> = ["img/test.jpg", "img/jordan.jpg"]
+        .iter()
+        .map(|p| ImageInput::path(dir.path().join(p)))
+        .collect();
+    let eo = |b: usize| EncodeOptions {
+        image_batch_size: b,
+        text_batch_size: b,
+        keep_states: true,
+        ..Default::default()
+    };
+    let txt = eval::encode::encode_texts(&model, &refs, &eo(4)).unwrap();
+    let img = eval::encode::encode_images(&model, &data.images, &data.boxes, &eo(1))
+        .unwrap()
+        .encoded;
     assert_eq!(txt.len(), 9);
     // Batched embeddings equal one-shot ones.
     let direct = model.embed_texts(&refs).unwrap();
@@ -639,6 +655,7 @@ fn retrieval_end_to_end_on_tiny_model() {
     let direct_itm = model.itm_scores(&images, &refs).unwrap().unwrap();
     let cand: Vec<usize> = vec![8, 0, 3];
     let s = cross_scores_image_vs_texts(&model, &img, &txt, 1, &cand, 2).unwrap();
+    assert!(model.cross_encoder().is_some());
     for (c, v) in cand.iter().zip(&s) {
         let want = direct_itm.i((1, *c)).unwrap().to_scalar::<f32>().unwrap();
         assert!((v - want).abs() < 1e-5, "i2t pair (1,{c}): {v} vs {want}");
@@ -651,11 +668,12 @@ fn retrieval_end_to_end_on_tiny_model() {
 
     let opts = eval::RetrievalOptions {
         top_k: 2,
+        rerank: true,
         ..Default::default()
     };
     let report = eval::evaluate(&model, &data, &opts).unwrap();
     let cos = cosine_scores(&img, &txt).unwrap();
-    let want = recall_at_k(&cos, &transpose(&cos), &data.img2txt, &data.txt2img).unwrap();
+    let want = recall_at_k(&cos, &transpose(&cos), &data.img2txt, &txt2img).unwrap();
     assert_eq!(report.cosine, want);
     let i2t = rerank(&cos, 2, false, |i, c| {
         Ok(c.iter()
@@ -669,7 +687,7 @@ fn retrieval_end_to_end_on_tiny_model() {
             .collect())
     })
     .unwrap();
-    let want = recall_at_k(&i2t, &t2i, &data.img2txt, &data.txt2img).unwrap();
+    let want = recall_at_k(&i2t, &t2i, &data.img2txt, &txt2img).unwrap();
     let got = report.reranked.unwrap();
     for (a, b) in [
         (got.txt_r1, want.txt_r1),

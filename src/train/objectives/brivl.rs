@@ -786,59 +786,6 @@ impl BrivlMoco {
         Ok((img.detach(), txt.detach()))
     }
 
-    /// Recall@1/5/10 both ways (in percent, the original's names `txt_r1` … `r_mean`) of
-    /// the query encoders on a held-out manifest, pairing each image with its first
-    /// caption; images are prepared as in training without augmentation.
-    pub fn evaluate_retrieval(
-        &self,
-        manifest: &crate::train::Manifest,
-        batch_size: usize,
-    ) -> Result<BTreeMap<String, f64>> {
-        let mut cfg = crate::train::DataConfig::new(batch_size.max(1), self.cfg.img_size);
-        cfg.shuffle = false;
-        cfg.drop_last = false;
-        cfg.pipeline = self.image_pipeline(None);
-        let mut loader = crate::train::DataLoader::new(manifest.clone(), cfg)?;
-        let (mut imgs, mut txts) = (Vec::new(), Vec::new());
-        // Inference mode: running BatchNorm statistics, whatever the training mode.
-        let training = self.model.batch_norm_training();
-        self.model.set_batch_norm_training(false);
-        let embedded = (|| -> Result<()> {
-            while let Some(b) = loader.next_batch_in_epoch()? {
-                let (i, t) = self.query_embeds(&self.inputs(&b)?)?;
-                imgs.push(i.detach());
-                txts.push(t.detach());
-            }
-            Ok(())
-        })();
-        self.model.set_batch_norm_training(training);
-        embedded?;
-        if imgs.is_empty() {
-            return Err(Error::Data {
-                origin: manifest.origin.clone(),
-                line: None,
-                reason: "no usable sample for evaluation".into(),
-            });
-        }
-        let imgs = Tensor::cat(&imgs, 0)?;
-        let txts = Tensor::cat(&txts, 0)?;
-        let i2t = imgs.matmul(&txts.t()?)?.to_vec2::<f32>()?;
-        let t2i = crate::eval::retrieval::transpose(&i2t);
-        let n = i2t.len();
-        let img2txt: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
-        let txt2img: Vec<usize> = (0..n).collect();
-        let r = crate::eval::retrieval::recall_at_k(&i2t, &t2i, &img2txt, &txt2img)?;
-        Ok(BTreeMap::from([
-            ("txt_r1".to_string(), r.txt_r1),
-            ("txt_r5".to_string(), r.txt_r5),
-            ("txt_r10".to_string(), r.txt_r10),
-            ("img_r1".to_string(), r.img_r1),
-            ("img_r5".to_string(), r.img_r5),
-            ("img_r10".to_string(), r.img_r10),
-            ("r_mean".to_string(), r.r_mean),
-        ]))
-    }
-
     /// Enqueues the keys of the last step (what the post-step hook does).
     pub fn commit(&self) -> Result<()> {
         commit(&self.state)
