@@ -140,7 +140,7 @@ fn to_cpu_f32(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
 }
 
-fn cross_of<'a>(model: &'a dyn DualEncoder) -> Result<&'a dyn CrossEncoder> {
+fn cross_of(model: &dyn DualEncoder) -> Result<&dyn CrossEncoder> {
     model.cross_encoder().ok_or_else(|| {
         Error::Config(format!(
             "the {} model has no cross encoder (re-ranking and ITM matching need R2D2)",
