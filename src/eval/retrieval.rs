@@ -73,7 +73,16 @@ pub fn transpose(m: &[Vec<f32>]) -> Vec<Vec<f32>> {
 /// Indices of `scores` from the highest score to the lowest; ties keep the lower index
 /// first and NaN ranks last.
 pub fn rank_desc(scores: &[f32]) -> Vec<usize> {
-    let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+    // NaN lowest; −0 and +0 tie.
+    let key = |x: f32| {
+        if x.is_nan() {
+            f32::NEG_INFINITY
+        } else if x == 0.0 {
+            0.0
+        } else {
+            x
+        }
+    };
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     idx.sort_by(|&a, &b| key(scores[b]).total_cmp(&key(scores[a])));
     idx

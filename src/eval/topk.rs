@@ -24,9 +24,12 @@ pub struct Hit {
     pub score: f32,
 }
 
+/// The sort key: NaN lowest, and −0 equal to +0 (so that they tie).
 fn key(x: f32) -> f32 {
     if x.is_nan() {
         f32::NEG_INFINITY
+    } else if x == 0.0 {
+        0.0
     } else {
         x
     }
