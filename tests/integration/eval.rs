@@ -16,6 +16,7 @@ use tuwen::eval::{
 use tuwen::{DualEncoder, Error, LoadOptions};
 
 use crate::common::{fixture, get, load_st};
+use crate::examples::example;
 
 const TOKENIZER_BERT: &str = "data/hfl-roberta-wwm-ext/tokenizer.json";
 
@@ -606,20 +607,6 @@ fn bad_datasets_fail_naming_the_line_or_id() {
     );
     let e = ClassificationDataset::open(&p.join("missing"), None, None).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
-}
-
-/// The compiled example next to this test binary.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(p.exists(), "example {name} not built at {}", p.display());
-    p
 }
 
 #[test]

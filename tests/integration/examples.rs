@@ -6,7 +6,7 @@ use std::process::Command;
 use crate::common::{assert_close, fixture, get, load_st, tiny_siglip_dir};
 
 /// The compiled example next to this test binary (`cargo test` builds the examples).
-fn example(name: &str) -> PathBuf {
+pub(crate) fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().join("examples");
     let p = dir.join(name);
