@@ -8,12 +8,16 @@
 //!
 //! The nested state dict (`model`, `learnable`, `state_dict`) is found automatically unless
 //! `--key` names it. The output is written atomically.
+//!
+//! A tensor that cannot be read (a dtype candle has no type for, such as int8 or bool, or a
+//! view beyond its storage) fails the conversion, naming every such tensor and why, unless
+//! `--skip` leaves it out or `--allow-unsupported` writes the others.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tuwen::checkpoint::convert::{convert_pth, detect_key, list_pth, ConvertOptions, TargetDtype};
+use tuwen::checkpoint::convert::{convert_pth, list_pth, ConvertOptions, TargetDtype};
 
 #[derive(Parser, Debug)]
 #[command(about = "Convert a PyTorch .pth checkpoint to .safetensors")]
@@ -33,23 +37,29 @@ struct Args {
     /// Leave out tensors whose names contain this (a prefix when it ends with '*'); repeatable.
     #[arg(long)]
     skip: Vec<String>,
-    /// List the tensors and exit.
+    /// List the tensors (and those that cannot be read, with why) and exit.
     #[arg(long)]
     list: bool,
+    /// Write the readable tensors even when some cannot be read; they are listed.
+    #[arg(long)]
+    allow_unsupported: bool,
 }
 
 fn run(args: Args) -> tuwen::Result<()> {
     if args.list {
-        let key = match &args.key {
-            Some(k) => Some(k.clone()),
-            None => detect_key(&args.input)?,
-        };
-        let tensors = list_pth(&args.input, key.as_deref())?;
-        println!("key: {}", key.as_deref().unwrap_or("(top level)"));
-        for (name, shape, dtype) in &tensors {
+        let listing = list_pth(&args.input, args.key.as_deref())?;
+        println!("key: {}", listing.key.as_deref().unwrap_or("(top level)"));
+        for (name, shape, dtype) in &listing.tensors {
             println!("{name}\t{shape:?}\t{dtype:?}");
         }
-        println!("{} tensors", tensors.len());
+        for (name, reason) in &listing.unsupported {
+            println!("{name}\tunsupported: {reason}");
+        }
+        println!(
+            "{} tensors, {} unsupported",
+            listing.tensors.len(),
+            listing.unsupported.len()
+        );
         return Ok(());
     }
     let output = args.output.ok_or_else(|| {
@@ -59,15 +69,20 @@ fn run(args: Args) -> tuwen::Result<()> {
         key: args.key,
         dtype: args.dtype.parse::<TargetDtype>()?,
         skip: args.skip,
+        allow_unsupported: args.allow_unsupported,
     };
     let report = convert_pth(&args.input, &output, &opts)?;
+    for (name, reason) in &report.unsupported {
+        println!("not written: {name}: {reason}");
+    }
     println!(
-        "wrote {} tensors from {} (key {}) to {}; skipped {}",
+        "wrote {} tensors from {} (key {}) to {}; skipped {}; unsupported {}",
         report.written,
         args.input.display(),
         report.key.as_deref().unwrap_or("(top level)"),
         report.output.display(),
-        report.skipped.len()
+        report.skipped.len(),
+        report.unsupported.len()
     );
     Ok(())
 }

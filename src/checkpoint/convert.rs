@@ -45,6 +45,11 @@ pub struct ConvertOptions {
     /// Tensors whose names match any pattern are left out (substring, or a prefix when the
     /// pattern ends with `*`).
     pub skip: Vec<String>,
+    /// Write the readable tensors when some cannot be read (a dtype candle has no type
+    /// for, such as int8 or bool, or a corrupt view); they are listed in
+    /// [`ConvertReport::unsupported`]. When `false` (the default) such a tensor that `skip`
+    /// does not leave out fails the conversion, and the error names every one with why.
+    pub allow_unsupported: bool,
 }
 
 /// What a conversion did.
@@ -53,8 +58,24 @@ pub struct ConvertReport {
     /// The nested key that was read (`None`: the top-level state dict).
     pub key: Option<String>,
     pub written: usize,
+    /// Tensors left out by [`ConvertOptions::skip`], readable or not.
     pub skipped: Vec<String>,
+    /// Tensors that could not be read and were not skipped, `(name, reason)` (only with
+    /// [`ConvertOptions::allow_unsupported`]). Every tensor of the state dict is written,
+    /// skipped, or named here.
+    pub unsupported: Vec<(String, String)>,
     pub output: PathBuf,
+}
+
+/// The tensors of a `.pth` state dict, as [`list_pth`] finds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PthListing {
+    /// The nested key that was read (`None`: the top-level state dict).
+    pub key: Option<String>,
+    /// The readable tensors `(name, shape, dtype)`, sorted by name.
+    pub tensors: Vec<(String, Vec<usize>, DType)>,
+    /// The tensors that cannot be read, `(name, reason)`, sorted by name.
+    pub unsupported: Vec<(String, String)>,
 }
 
 /// The nested key [`convert_pth`] would read when none is given.
@@ -63,8 +84,8 @@ pub fn detect_key(input: &Path) -> Result<Option<String>> {
     Ok(pth_top_level_keys(input)?.into_iter().next())
 }
 
-/// The tensors `(name, shape, dtype)` of a `.pth` under `key` (or the detected key).
-pub fn list_pth(input: &Path, key: Option<&str>) -> Result<Vec<(String, Vec<usize>, DType)>> {
+/// The tensors of a `.pth` under `key` (or the detected key), readable or not.
+pub fn list_pth(input: &Path, key: Option<&str>) -> Result<PthListing> {
     let key = match key {
         Some(k) => Some(k.to_string()),
         None => detect_key(input)?,
@@ -73,13 +94,17 @@ pub fn list_pth(input: &Path, key: Option<&str>) -> Result<Vec<(String, Vec<usiz
     let super::TensorSource::Pth(p) = &src else {
         return Err(Error::InvalidArgument("not a .pth source".into()));
     };
-    let mut out: Vec<_> = p
+    // The reader's maps are sorted by name.
+    let tensors = p
         .tensor_infos()
         .iter()
-        .map(|(k, v)| (k.clone(), v.layout.dims().to_vec(), v.dtype))
+        .map(|(k, v)| (k.clone(), v.shape.clone(), v.dtype))
         .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    Ok(PthListing {
+        key,
+        tensors,
+        unsupported: p.unsupported().to_vec(),
+    })
 }
 
 /// Converts a PyTorch zip checkpoint to one safetensors file, written atomically. The
@@ -95,17 +120,47 @@ pub fn convert_pth(input: &Path, output: &Path, opts: &ConvertOptions) -> Result
         None => detect_key(input)?,
     };
     let src = open_pth(input, key.as_deref())?;
-    let mut tensors = BTreeMap::new();
+    let skip = |name: &str| opts.skip.iter().any(|p| matches_pattern(name, p));
     let mut skipped = Vec::new();
+    let mut unsupported = Vec::new();
+    for (name, reason) in src.unsupported() {
+        if skip(&name) {
+            skipped.push(name);
+        } else {
+            unsupported.push((name, reason));
+        }
+    }
+    if !unsupported.is_empty() && !opts.allow_unsupported {
+        let list: Vec<String> = unsupported
+            .iter()
+            .map(|(name, reason)| format!("`{name}`: {reason}"))
+            .collect();
+        return Err(Error::Checkpoint {
+            path: input.to_path_buf(),
+            reason: format!(
+                "{} tensor(s) cannot be converted: {}; skip them, or allow unsupported \
+                 tensors (`--allow-unsupported`) to write the others",
+                unsupported.len(),
+                list.join("; ")
+            ),
+        });
+    }
+    let mut tensors = BTreeMap::new();
     for name in src.shapes().into_keys() {
-        if opts.skip.iter().any(|p| matches_pattern(&name, p)) {
+        if skip(&name) {
             skipped.push(name);
             continue;
         }
-        let t = src.load(&name)?.ok_or_else(|| Error::Checkpoint {
-            path: input.to_path_buf(),
-            reason: format!("tensor `{name}` is listed but cannot be read"),
-        })?;
+        let t = src
+            .load(&name)
+            .map_err(|e| Error::Checkpoint {
+                path: input.to_path_buf(),
+                reason: e.to_string(),
+            })?
+            .ok_or_else(|| Error::Checkpoint {
+                path: input.to_path_buf(),
+                reason: format!("tensor `{name}` is listed but cannot be read"),
+            })?;
         let t = if t.dtype().is_float() {
             match opts.dtype {
                 TargetDtype::Keep => t,
@@ -121,7 +176,14 @@ pub fn convert_pth(input: &Path, output: &Path, opts: &ConvertOptions) -> Result
     if tensors.is_empty() {
         return Err(Error::Checkpoint {
             path: input.to_path_buf(),
-            reason: "no tensors left to write".into(),
+            reason: if unsupported.is_empty() {
+                "no tensors left to write".into()
+            } else {
+                format!(
+                    "no tensors left to write ({} cannot be read)",
+                    unsupported.len()
+                )
+            },
         });
     }
     let mut meta = HashMap::new();
@@ -133,10 +195,12 @@ pub fn convert_pth(input: &Path, output: &Path, opts: &ConvertOptions) -> Result
         meta.insert("source_key".to_string(), k.clone());
     }
     save_safetensors(&tensors, Some(meta), output)?;
+    skipped.sort();
     Ok(ConvertReport {
         key,
         written: tensors.len(),
         skipped,
+        unsupported,
         output: output.to_path_buf(),
     })
 }

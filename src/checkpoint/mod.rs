@@ -2,7 +2,8 @@
 //!
 //! * [`TensorSource`] reads `.safetensors` (memory-mapped, sharded or not) and PyTorch `.pth`
 //!   zip archives (optionally selecting a key such as `'model'` or `'learnable'`), all in
-//!   pure Rust.
+//!   pure Rust; [`pth`] is the bounded reader of the latter, which names every tensor it
+//!   cannot read.
 //! * [`Loader`] turns a source into a [`candle_nn::VarBuilder`] that checks every tensor the
 //!   model asks for: a missing tensor or a wrong shape becomes a typed [`Error`] that names
 //!   the key and both shapes, and after construction [`Loader::finish`] reports the keys the
@@ -18,6 +19,8 @@ pub mod discover;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod pattern;
+pub mod pth;
+mod report;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -39,7 +42,7 @@ pub enum TensorSource {
     /// One or more memory-mapped safetensors files.
     Safetensors(candle_core::safetensors::MmapedSafetensors),
     /// A PyTorch zip checkpoint.
-    Pth(candle_core::pickle::PthTensors),
+    Pth(pth::PthReader),
     /// Tensors already in memory.
     Map(HashMap<String, Tensor>),
 }
@@ -71,13 +74,12 @@ pub fn open_safetensors(paths: &[PathBuf]) -> Result<TensorSource> {
 }
 
 /// Reads a PyTorch zip checkpoint; `key` selects a nested state dict such as `"model"`.
+/// Tensors that cannot be read are listed by [`TensorSource::unsupported`]; a state dict
+/// with no tensor at all is an error.
 pub fn open_pth(path: &Path, key: Option<&str>) -> Result<TensorSource> {
     check_file(path)?;
-    let pth = candle_core::pickle::PthTensors::new(path, key).map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        reason: format!("not a readable PyTorch zip checkpoint ({e})"),
-    })?;
-    if pth.tensor_infos().is_empty() {
+    let pth = pth::PthReader::open(path, key)?;
+    if pth.tensor_infos().is_empty() && pth.unsupported().is_empty() {
         return Err(Error::Checkpoint {
             path: path.to_path_buf(),
             reason: match key {
@@ -93,22 +95,12 @@ pub fn open_pth(path: &Path, key: Option<&str>) -> Result<TensorSource> {
 /// looked for.
 pub const NESTED_STATE_DICT_KEYS: &[&str] = &["model", "learnable", "state_dict", "module"];
 
-/// Lists the top-level keys of a PyTorch zip checkpoint whose value is a dict of tensors,
-/// among [`NESTED_STATE_DICT_KEYS`] and in their order. An empty result means the top level
-/// is a state dict.
+/// Lists the top-level keys of a PyTorch zip checkpoint whose value is a dict of tensors
+/// (readable or not), among [`NESTED_STATE_DICT_KEYS`] and in their order. An empty result
+/// means the top level is a state dict (or no dict at all). The file is parsed once.
 pub fn pth_top_level_keys(path: &Path) -> Result<Vec<String>> {
     check_file(path)?;
-    let mut found = Vec::new();
-    for &key in NESTED_STATE_DICT_KEYS {
-        if let Ok(p) = candle_core::pickle::PthTensors::new(path, Some(key)) {
-            // Without the key the loader would see the outer dict, whose values are dicts,
-            // not tensors, so a non-empty result really is a nested state dict.
-            if !p.tensor_infos().is_empty() {
-                found.push(key.to_string());
-            }
-        }
-    }
-    Ok(found)
+    pth::nested_state_dicts(path, NESTED_STATE_DICT_KEYS)
 }
 
 fn check_file(path: &Path) -> Result<()> {
@@ -155,7 +147,7 @@ impl TensorSource {
             TensorSource::Pth(p) => p
                 .tensor_infos()
                 .iter()
-                .map(|(k, v)| (k.clone(), v.layout.dims().to_vec()))
+                .map(|(k, v)| (k.clone(), v.shape.clone()))
                 .collect(),
             TensorSource::Map(m) => m
                 .iter()
@@ -164,16 +156,30 @@ impl TensorSource {
         }
     }
 
-    /// Whether a tensor of this name exists.
+    /// Whether a tensor of this name exists. A `.pth` tensor that cannot be read (see
+    /// [`TensorSource::unsupported`]) exists: loading it is an error that says why.
     pub fn contains(&self, name: &str) -> bool {
         match self {
             TensorSource::Safetensors(st) => st.get(name).is_ok(),
-            TensorSource::Pth(p) => p.tensor_infos().contains_key(name),
+            TensorSource::Pth(p) => {
+                p.tensor_infos().contains_key(name) || p.unsupported_reason(name).is_some()
+            }
             TensorSource::Map(m) => m.contains_key(name),
         }
     }
 
-    /// Loads one tensor onto the CPU in its stored dtype.
+    /// The tensors of a `.pth` that cannot be read, `(name, reason)`: a dtype candle has no
+    /// type for, a view beyond its storage, a quantized or sparse tensor. Empty for the
+    /// other sources. [`TensorSource::shapes`] leaves them out.
+    pub fn unsupported(&self) -> Vec<(String, String)> {
+        match self {
+            TensorSource::Pth(p) => p.unsupported().to_vec(),
+            TensorSource::Safetensors(_) | TensorSource::Map(_) => Vec::new(),
+        }
+    }
+
+    /// Loads one tensor onto the CPU in its stored dtype: `Ok(None)` when there is no
+    /// tensor of that name, an error naming it when it exists but cannot be read.
     pub fn load(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
         match self {
             TensorSource::Safetensors(st) => match st.get(name) {
@@ -183,7 +189,11 @@ impl TensorSource {
                 )?)),
                 Err(_) => Ok(None),
             },
-            TensorSource::Pth(p) => p.get(name),
+            TensorSource::Pth(p) => p.get(name).map_err(|e| match e {
+                // The reason names the tensor; the caller knows the file.
+                Error::Checkpoint { reason, .. } => candle_core::Error::Msg(reason),
+                other => candle_core::Error::Msg(other.to_string()),
+            }),
             TensorSource::Map(m) => Ok(m.get(name).cloned()),
         }
     }
@@ -264,10 +274,16 @@ impl Checked {
                 }))
             }
             Err(e) => {
+                let e = e.to_string();
+                // A `.pth` reader's reason already names the tensor.
+                let reason = match e.strip_prefix(&format!("tensor `{key}`: ")) {
+                    Some(why) => format!("cannot read tensor `{key}`: {why}"),
+                    None => format!("cannot read tensor `{key}`: {e}"),
+                };
                 return Err(self.record(Error::Checkpoint {
                     path: PathBuf::from(&self.source_name),
-                    reason: format!("cannot read tensor `{key}`: {e}"),
-                }))
+                    reason,
+                }));
             }
         };
         if let Some(shape) = shape {

@@ -107,6 +107,7 @@ fn brivl_tiny_safetensors_after_conversion() {
             key: None,
             dtype: TargetDtype::Keep,
             skip: vec!["_mom.".into()],
+            allow_unsupported: false,
         },
     )
     .unwrap();
