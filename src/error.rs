@@ -38,7 +38,7 @@ pub enum Error {
     Checkpoint { path: PathBuf, reason: String },
 
     /// A preset name that the registry does not know.
-    #[error("unknown model preset `{name}`; known presets: {known}")]
+    #[error("unknown model preset `{name}` (and no file or directory of that name exists); known presets: {known}")]
     UnknownPreset { name: String, known: String },
 
     /// A configuration that cannot be used as given.
@@ -124,6 +124,10 @@ pub enum Error {
     /// Training cannot go on for another reason (an internal invariant of the engine).
     #[error("training: {0}")]
     Training(String),
+
+    /// A model produced NaN or infinite values for an input (the message names it).
+    #[error("non-finite output: {0}")]
+    NonFinite(String),
 
     /// A training or evaluation data set that cannot be used (a malformed manifest line,
     /// an empty manifest, a batch that cannot be filled).

@@ -86,7 +86,16 @@ fn load_untuned(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> 
     if path.exists() {
         return load_path_untuned(path, opts);
     }
-    let p = preset(spec)?;
+    let p = match preset(spec) {
+        Ok(p) => p,
+        Err(_) if looks_like_path(spec) => {
+            return Err(Error::io(
+                format!("opening model {spec}"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
     if p.family == Family::Brivl {
         // The weights (a .pth) and the tokenizer live in different repositories.
         return Ok(Box::new(BrivlEncoder::from_preset(&p.name, opts)?));
@@ -116,13 +125,51 @@ fn load_path_untuned(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEnco
         Some(Family::Siglip | Family::Siglip2Naflex) => {
             Box::new(SiglipEncoder::from_dir(path, opts)?)
         }
-        None => {
-            return Err(Error::Config(format!(
-                "{} is neither a preset name nor a model directory with a config.json",
-                path.display()
-            )))
-        }
+        None => return Err(unrecognised(path)),
     })
+}
+
+/// Why a local path that [`discover::identify`] did not recognise cannot be loaded: the
+/// checkpoint's own read error (truncated, corrupt), or what it holds instead.
+fn unrecognised(path: &Path) -> Error {
+    if path.is_file() {
+        if !discover::is_safetensors(path) && !discover::is_pth(path) {
+            return Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "unknown checkpoint extension (expected one of {})",
+                    discover::CHECKPOINT_EXTENSIONS.join(", ")
+                ),
+            };
+        }
+        return match crate::checkpoint::TensorSource::open(path, None) {
+            Err(e) => e,
+            Ok(src) => {
+                let names: Vec<String> = src.shapes().into_keys().take(3).collect();
+                Error::WrongFamily {
+                    path: path.to_path_buf(),
+                    expected: "a BriVL, R2D2/PRD2 or SigLIP checkpoint".into(),
+                    found: format!("tensors of no known family ({}, ...)", names.join(", ")),
+                }
+            }
+        };
+    }
+    Error::Config(format!(
+        "{} is a directory with no config.json and no recognisable checkpoint",
+        path.display()
+    ))
+}
+
+/// Whether `spec` reads as a file-system path rather than a preset name.
+fn looks_like_path(spec: &str) -> bool {
+    spec.contains('/')
+        || spec.contains(std::path::MAIN_SEPARATOR)
+        || spec.starts_with('.')
+        || spec.starts_with('~')
+        || Path::new(spec)
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| discover::CHECKPOINT_EXTENSIONS.contains(&e))
 }
 
 /// Downloads (or finds in the cache) the files of a preset and returns the directory

@@ -642,6 +642,8 @@ pub struct BrivlEncoder {
     /// Grid used for images without boxes (0: the whole image only).
     pub box_grid: usize,
     device: Device,
+    /// The most inputs one forward pass takes ([`LoadOptions::max_batch`]).
+    max_batch: usize,
     dtype: DType,
     report: LoadReport,
 }
@@ -708,6 +710,9 @@ impl BrivlEncoder {
             IGNORED_KEYS,
             |vb| Brivl::new(cfg, vb),
         )?;
+        if opts.strict {
+            report.check_strict(source_name)?;
+        }
         Self::from_model(model, report, tokenizer, opts)
     }
 
@@ -729,6 +734,7 @@ impl BrivlEncoder {
             box_grid: opts.box_grid.unwrap_or(cfg.box_grid),
             model,
             device: opts.device.clone(),
+            max_batch: opts.max_batch.max(1),
             dtype: opts.dtype,
             report,
         })
@@ -944,6 +950,10 @@ impl BrivlEncoder {
 }
 
 impl DualEncoder for BrivlEncoder {
+    fn load_report(&self) -> &LoadReport {
+        &self.report
+    }
+
     fn family(&self) -> Family {
         Family::Brivl
     }
@@ -960,12 +970,16 @@ impl DualEncoder for BrivlEncoder {
         self.model.config().img_feature_dim
     }
 
-    fn embed_images(&self, images: &[ImageInput]) -> Result<Tensor> {
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn embed_image_batch(&self, images: &[ImageInput]) -> Result<Tensor> {
         let (pixels, boxes, mask) = self.preprocess_images(images)?;
         self.image_embeds_from_pixels(&pixels, &boxes, &mask)
     }
 
-    fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
+    fn embed_text_batch(&self, texts: &[&str]) -> Result<Tensor> {
         let batch = self.text_processor()?.encode_batch(texts, &self.device)?;
         self.text_embeds_with_mask(&batch.input_ids, &batch.attention_mask)
     }

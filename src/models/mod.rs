@@ -40,10 +40,38 @@ pub trait DualEncoder: Send + Sync {
     fn dtype(&self) -> DType;
     /// The width of the shared embedding space.
     fn embed_dim(&self) -> usize;
-    /// Decodes, preprocesses and embeds images.
-    fn embed_images(&self, images: &[ImageInput]) -> Result<Tensor>;
-    /// Tokenises and embeds texts. Texts longer than the model's maximum are truncated.
-    fn embed_texts(&self, texts: &[&str]) -> Result<Tensor>;
+    /// Decodes, preprocesses and embeds one batch of images in one forward pass.
+    fn embed_image_batch(&self, images: &[ImageInput]) -> Result<Tensor>;
+    /// Tokenises and embeds one batch of texts in one forward pass. Texts longer than the
+    /// model's maximum are truncated.
+    fn embed_text_batch(&self, texts: &[&str]) -> Result<Tensor>;
+    /// The most inputs [`DualEncoder::embed_images`] and [`DualEncoder::embed_texts`] put
+    /// in one forward pass ([`LoadOptions::max_batch`]).
+    fn max_batch(&self) -> usize {
+        DEFAULT_MAX_BATCH
+    }
+
+    /// Decodes, preprocesses and embeds images, [`DualEncoder::max_batch`] at a time, so
+    /// that peak memory does not grow with the number of images. An embedding that is not
+    /// finite (NaN weights, say) is an error naming the image.
+    fn embed_images(&self, images: &[ImageInput]) -> Result<Tensor> {
+        chunked(images.len(), self.max_batch(), |r| {
+            let e = self.embed_image_batch(&images[r.clone()])?;
+            check_finite(&e, |i| format!("image {}", images[r.start + i].origin()))?;
+            Ok(e)
+        })
+    }
+
+    /// Tokenises and embeds texts, [`DualEncoder::max_batch`] at a time. Texts longer than
+    /// the model's maximum are truncated. An embedding that is not finite is an error
+    /// naming the text.
+    fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        chunked(texts.len(), self.max_batch(), |r| {
+            let e = self.embed_text_batch(&texts[r.clone()])?;
+            check_finite(&e, |i| format!("text {:?}", short(texts[r.start + i])))?;
+            Ok(e)
+        })
+    }
     /// Similarity logits `[n_images, n_texts]` from embeddings.
     fn logits(&self, image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor>;
     /// How logits become probabilities.
@@ -64,6 +92,9 @@ pub trait DualEncoder: Send + Sync {
         None
     }
 
+    /// What loading found: tensors read, and checkpoint keys the model did not use.
+    fn load_report(&self) -> &crate::checkpoint::LoadReport;
+
     /// Cross-encoder image–text matching scores `[n_images, n_texts]` in `[0, 1]`, for
     /// families that have a cross encoder (R2D2); `Ok(None)` for the others.
     fn itm_scores(&self, images: &[ImageInput], texts: &[&str]) -> Result<Option<Tensor>> {
@@ -83,6 +114,53 @@ pub trait DualEncoder: Send + Sync {
         let txt = self.embed_texts(&refs)?;
         self.probabilities(&self.logits(&img, &txt)?)
     }
+}
+
+/// Runs `f` over `0..n` in ranges of at most `chunk` and concatenates the results along
+/// the first dimension. `n = 0` calls `f(0..0)` once, so the callee reports an empty input
+/// as it always has.
+pub fn chunked(
+    n: usize,
+    chunk: usize,
+    mut f: impl FnMut(std::ops::Range<usize>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let chunk = chunk.max(1);
+    if n <= chunk {
+        return f(0..n);
+    }
+    let mut parts = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        parts.push(f(start..(start + chunk).min(n))?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Fails with [`Error::NonFinite`] on the first row of `embeds` `[n, d]` that holds a NaN
+/// or an infinity; `name(i)` describes input `i`.
+pub fn check_finite(embeds: &Tensor, name: impl Fn(usize) -> String) -> Result<()> {
+    if embeds.rank() != 2 {
+        return Ok(());
+    }
+    // One reduction on the device: a row's sum is finite unless the row holds NaN or inf
+    // (or overflows, which is as unusable).
+    let sums = embeds.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?;
+    match sums.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::NonFinite(format!(
+            "the embedding of {} is not finite (NaN or infinite weights or inputs; check the \
+             checkpoint and the config's eps values)",
+            name(i)
+        ))),
+    }
+}
+
+/// The first 40 characters of `s`, for messages.
+fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(40).collect();
+    if s.chars().count() > 40 {
+        out.push('…');
+    }
+    out
 }
 
 /// Embeddings plus the states a cross encoder reads: image tokens `[n, L, w]`, or text
@@ -129,6 +207,9 @@ pub fn fill_template(template: &str, label: &str) -> String {
     }
 }
 
+/// The default [`LoadOptions::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 32;
+
 /// Options for loading a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -140,6 +221,13 @@ pub struct LoadOptions {
     pub box_grid: Option<usize>,
     /// On the CPU, apply [`crate::allocator::tune_allocator`] once the model is loaded (default true).
     pub tune_allocator: bool,
+    /// Make checkpoint keys that the model does not use (and no ignore rule expects) an
+    /// error instead of a [`crate::checkpoint::LoadReport`] entry (default false).
+    pub strict: bool,
+    /// The most images or texts one forward pass of `embed_images` / `embed_texts` takes;
+    /// longer inputs are encoded in chunks of this size, so peak memory does not grow
+    /// with the number of inputs (default 32, at least 1).
+    pub max_batch: usize,
 }
 
 impl Default for LoadOptions {
@@ -149,6 +237,8 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             box_grid: None,
             tune_allocator: true,
+            strict: false,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }

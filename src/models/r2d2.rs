@@ -741,6 +741,8 @@ pub struct R2d2Encoder {
     pub itm_batch_size: usize,
     tokenizer_problem: Option<String>,
     device: Device,
+    /// The most inputs one forward pass takes ([`LoadOptions::max_batch`]).
+    max_batch: usize,
     dtype: DType,
     report: LoadReport,
 }
@@ -870,6 +872,9 @@ impl R2d2Encoder {
             IGNORED_KEYS,
             |vb| R2d2::new(cfg, vb),
         )?;
+        if opts.strict {
+            report.check_strict(source_name)?;
+        }
         Ok(Self {
             model,
             image_processor: ImageProcessor::clip(cfg.vision_config.image_size),
@@ -881,6 +886,7 @@ impl R2d2Encoder {
             itm_batch_size: 64,
             tokenizer_problem: None,
             device: opts.device.clone(),
+            max_batch: opts.max_batch.max(1),
             dtype: opts.dtype,
             report,
         })
@@ -1044,6 +1050,10 @@ impl R2d2Encoder {
 }
 
 impl DualEncoder for R2d2Encoder {
+    fn load_report(&self) -> &LoadReport {
+        &self.report
+    }
+
     fn family(&self) -> Family {
         self.model.cfg.family()
     }
@@ -1060,11 +1070,15 @@ impl DualEncoder for R2d2Encoder {
         self.model.cfg.embed_dim
     }
 
-    fn embed_images(&self, images: &[ImageInput]) -> Result<Tensor> {
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn embed_image_batch(&self, images: &[ImageInput]) -> Result<Tensor> {
         Ok(self.image_features(images)?.embeds)
     }
 
-    fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
+    fn embed_text_batch(&self, texts: &[&str]) -> Result<Tensor> {
         Ok(self.text_features(texts)?.embeds)
     }
 

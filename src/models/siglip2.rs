@@ -557,6 +557,7 @@ impl TextTransformer {
         if len == 0 {
             candle_core::bail!("empty token sequence")
         }
+        crate::nn::ops::check_token_ids(input_ids, self.cfg.vocab_size)?;
         if len > self.cfg.max_position_embeddings {
             candle_core::bail!(
                 "text length {len} exceeds the {} positions of the model",
@@ -672,6 +673,8 @@ pub struct SiglipEncoder {
     pub image_processor: SiglipImageProcessor,
     pub text_processor: Option<TextProcessor>,
     device: Device,
+    /// The most inputs one forward pass takes ([`LoadOptions::max_batch`]).
+    max_batch: usize,
     dtype: DType,
     report: LoadReport,
 }
@@ -687,7 +690,7 @@ impl SiglipEncoder {
         let weights = safetensors_files(dir)?;
         let tokenizer = dir.join("tokenizer.json");
         let tokenizer = tokenizer.exists().then_some(tokenizer);
-        let max_patches = read_max_num_patches(dir);
+        let max_patches = read_max_num_patches(dir)?;
         Self::from_files(&cfg, &weights, tokenizer.as_deref(), max_patches, opts)
     }
 
@@ -724,13 +727,15 @@ impl SiglipEncoder {
         )?;
         let v = &cfg.vision_config;
         let image_processor = if cfg.is_naflex() {
-            SiglipImageProcessor::NaFlex(NaFlexProcessor::new(
-                v.patch_size,
-                max_num_patches.unwrap_or(v.num_patches),
-            ))
+            let p = NaFlexProcessor::new(v.patch_size, max_num_patches.unwrap_or(v.num_patches));
+            p.validate()?;
+            SiglipImageProcessor::NaFlex(p)
         } else {
             SiglipImageProcessor::Fixed(ImageProcessor::siglip2(v.image_size))
         };
+        if opts.strict {
+            report.check_strict(source_name)?;
+        }
         Ok(Self {
             model,
             image_processor,
@@ -740,6 +745,7 @@ impl SiglipEncoder {
                 cfg.text_config.max_position_embeddings,
             )?,
             device: opts.device.clone(),
+            max_batch: opts.max_batch.max(1),
             dtype: opts.dtype,
             report,
         })
@@ -783,6 +789,10 @@ impl SiglipEncoder {
 }
 
 impl DualEncoder for SiglipEncoder {
+    fn load_report(&self) -> &LoadReport {
+        &self.report
+    }
+
     fn family(&self) -> Family {
         if self.model.cfg.is_naflex() {
             Family::Siglip2Naflex
@@ -803,7 +813,11 @@ impl DualEncoder for SiglipEncoder {
         self.model.cfg.vision_config.hidden_size
     }
 
-    fn embed_images(&self, images: &[ImageInput]) -> Result<Tensor> {
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn embed_image_batch(&self, images: &[ImageInput]) -> Result<Tensor> {
         match &self.image_processor {
             SiglipImageProcessor::Fixed(p) => {
                 self.image_embeds_from_pixels(&p.process_batch(images, &self.device)?)
@@ -814,7 +828,7 @@ impl DualEncoder for SiglipEncoder {
         }
     }
 
-    fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
+    fn embed_text_batch(&self, texts: &[&str]) -> Result<Tensor> {
         let batch = self.text_processor()?.encode_batch(texts, &self.device)?;
         self.text_embeds_from_ids(&batch.input_ids)
     }

@@ -117,6 +117,11 @@ impl BertEmbeddings {
     /// `input_ids` `[batch, len]`; token types default to zeros, as HF does.
     pub fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
         let (_, len) = input_ids.dims2()?;
+        crate::nn::ops::check_token_ids(input_ids, self.word.embeddings().dim(0)?)?;
+        let max_len = self.position.embeddings().dim(0)?;
+        if len > max_len {
+            candle_core::bail!("{len} tokens are more than the model's {max_len} positions")
+        }
         let positions = Tensor::arange(0u32, len as u32, input_ids.device())?;
         let mut x = self
             .word

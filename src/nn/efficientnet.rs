@@ -282,6 +282,7 @@ pub struct BatchNorm {
 
 impl BatchNorm {
     pub fn new(channels: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<Self> {
+        crate::nn::ops::check_eps("batch norm", eps)?;
         Ok(Self {
             weight: vb.get(channels, "weight")?,
             bias: vb.get(channels, "bias")?,
@@ -833,6 +834,13 @@ pub struct EfficientNet {
 
 impl EfficientNet {
     pub fn new(cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
+        if vb.device().is_cpu() && vb.dtype() == DType::BF16 {
+            candle_core::bail!(
+                "EfficientNet (BriVL's image tower) cannot run in bf16 on the CPU: candle's \
+                 CPU convolutions have no bf16 product. Use f32 or f16 on the CPU, or bf16 on \
+                 CUDA or Metal"
+            )
+        }
         cfg.validate().map_err(candle_core::Error::Msg)?;
         let mode = Arc::new(BnMode::default());
         let bn = (cfg, &mode);

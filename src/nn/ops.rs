@@ -76,6 +76,39 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     xs.broadcast_div(&norm)
 }
 
+/// Checks a normalisation epsilon from a config: it must be finite and positive (a negative
+/// or NaN one turns every output into NaN).
+pub fn check_eps(what: &str, eps: f64) -> Result<()> {
+    if eps.is_finite() && eps > 0.0 {
+        Ok(())
+    } else {
+        Err(candle_core::Error::Msg(format!(
+            "invalid configuration: {what} epsilon is {eps}; it must be a positive finite number"
+        )))
+    }
+}
+
+/// Checks that every token id in `ids` indexes a row of an embedding table of `vocab`
+/// rows: a tokenizer whose vocabulary is larger than the checkpoint's would otherwise fail
+/// deep inside the lookup with an unnamed index error.
+pub fn check_token_ids(ids: &Tensor, vocab: usize) -> Result<()> {
+    if ids.elem_count() == 0 {
+        return Ok(());
+    }
+    let max = ids
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::I64)?
+        .to_scalar::<i64>()?;
+    if max < 0 || max as u64 >= vocab as u64 {
+        candle_core::bail!(
+            "token id {max} is beyond the model's vocabulary of {vocab} tokens (the tokenizer \
+             does not match the checkpoint)"
+        )
+    }
+    Ok(())
+}
+
 /// Layer normalisation over the last dimension with learned scale and shift.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -92,6 +125,7 @@ impl LayerNorm {
 
     /// Loads `weight` and `bias` of size `dim`.
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        check_eps("layer norm", eps)?;
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,

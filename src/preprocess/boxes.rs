@@ -32,21 +32,18 @@ pub fn boxes_from_json(path: &Path) -> Result<Vec<[f32; 4]>> {
     rows.iter()
         .enumerate()
         .map(|(i, r)| {
-            let nums: Vec<f32> = r
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_f64().map(|f| f as f32))
-                        .collect()
-                })
-                .unwrap_or_default();
-            match nums.as_slice() {
-                [a, b, c, d] => Ok([*a, *b, *c, *d]),
-                _ => Err(Error::parse(
-                    &origin,
-                    format!("box {i} is not four numbers: {r}"),
-                )),
+            let bad = || Error::parse(&origin, format!("box {i} is not four numbers: {r}"));
+            let a = r.as_array().ok_or_else(bad)?;
+            if a.len() != 4 {
+                return Err(bad());
             }
+            let mut b = [0f32; 4];
+            for (slot, x) in b.iter_mut().zip(a) {
+                // Every coordinate must be a JSON number: a string, null or nested value is
+                // an error, never skipped (which would shift the others into other slots).
+                *slot = x.as_f64().ok_or_else(bad)? as f32;
+            }
+            Ok(b)
         })
         .collect()
 }
@@ -122,6 +119,9 @@ pub fn prepare_boxes(
                 if x2 < x1 || y2 < y1 {
                     return Err(bad(i, *b, "inverted box (x2 < x1 or y2 < y1)".into()));
                 }
+                if x2 == x1 || y2 == y1 {
+                    return Err(bad(i, *b, "zero-area box (x2 = x1 or y2 = y1)".into()));
+                }
                 let far = x1 < -wf || y1 < -hf || x2 > 2.0 * wf || y2 > 2.0 * hf;
                 let outside = x1 >= wf || y1 >= hf || x2 <= 0.0 || y2 <= 0.0;
                 if far || outside {
@@ -146,11 +146,13 @@ pub fn prepare_boxes(
             }
         }
         None => {
-            if grid > 0 && grid * grid + 1 > max_img_len {
+            // Checked: a grid from a user or a config must not wrap around in release builds.
+            let needed = grid.checked_mul(grid).and_then(|g| g.checked_add(1));
+            if needed.is_none_or(|n| n > max_img_len) {
                 return Err(Error::Config(format!(
                     "a {grid}x{grid} box grid plus the whole image needs {} boxes, but \
                      MAX_IMG_LEN is {max_img_len}; pass boxes or choose a smaller box_grid",
-                    grid * grid + 1
+                    needed.map_or("more than 2^64".to_string(), |n| n.to_string())
                 )));
             }
             let step = s / grid.max(1) as f64;

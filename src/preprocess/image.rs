@@ -21,6 +21,137 @@ pub use super::processor::{NaFlexBatch, NaFlexProcessor};
 /// rejected with a clear error instead of exhausting memory.
 pub const MAX_IMAGE_PIXELS: u64 = 1 << 28;
 
+/// The largest image file, in bytes, that is read (256 MiB). Larger files, and anything
+/// that is not a regular file (a FIFO, a device, a directory), are refused before reading,
+/// so a path can never make a read run forever or exhaust memory.
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
+/// The total pixels of the images being decoded and preprocessed at once, over all
+/// threads (the size of one [`MAX_IMAGE_PIXELS`] image). A decode waits until its pixels
+/// fit, unless nothing else is in flight, so peak memory does not grow with the thread
+/// count; typical images (well under a megapixel) never wait.
+pub const MAX_PIXELS_IN_FLIGHT: u64 = MAX_IMAGE_PIXELS;
+
+static PIXELS_IN_FLIGHT: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+static PIXELS_RELEASED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A share of [`MAX_PIXELS_IN_FLIGHT`], held while an image's pixels are alive; it is
+/// given back when dropped.
+#[derive(Debug)]
+pub struct PixelPermit(u64);
+
+impl PixelPermit {
+    /// Waits until `pixels` more fit in the budget (or nothing else is in flight).
+    pub fn acquire(pixels: u64) -> Self {
+        let pixels = pixels.min(MAX_PIXELS_IN_FLIGHT);
+        let mut used = PIXELS_IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + pixels > MAX_PIXELS_IN_FLIGHT {
+            used = PIXELS_RELEASED
+                .wait(used)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        *used += pixels;
+        PixelPermit(pixels)
+    }
+
+    /// The pixels this permit holds.
+    pub fn pixels(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Drop for PixelPermit {
+    fn drop(&mut self) {
+        let mut used = PIXELS_IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(self.0);
+        PIXELS_RELEASED.notify_all();
+    }
+}
+
+/// The pixels of all images in flight now (see [`MAX_PIXELS_IN_FLIGHT`]).
+pub fn pixels_in_flight() -> u64 {
+    *PIXELS_IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads an image file: a regular file of at most [`MAX_IMAGE_BYTES`].
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let origin = path.display().to_string();
+    let bad = |reason: String| Error::Image {
+        origin: origin.clone(),
+        reason,
+    };
+    // Open first, then look at what was opened: a path swapped between a check and the
+    // open cannot slip a FIFO or a device through. O_NONBLOCK keeps the open of a FIFO
+    // from waiting for a writer.
+    let file = open_nonblocking(path).map_err(|e| bad(format!("cannot open file: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| bad(format!("cannot read file metadata: {e}")))?;
+    if !meta.is_file() {
+        return Err(bad(format!(
+            "not a regular file ({}); images are read from regular files only",
+            file_kind(&meta)
+        )));
+    }
+    if meta.len() > MAX_IMAGE_BYTES {
+        return Err(bad(format!(
+            "file is {} bytes, more than the {MAX_IMAGE_BYTES}-byte limit per image",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow while it is read: never read past the limit.
+    file.take(MAX_IMAGE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(format!("cannot read file: {e}")))?;
+    if bytes.len() as u64 > MAX_IMAGE_BYTES {
+        return Err(bad(format!(
+            "file grew past the {MAX_IMAGE_BYTES}-byte limit per image while it was read"
+        )));
+    }
+    Ok(bytes)
+}
+
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if meta.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Where an image comes from.
 #[derive(Debug, Clone)]
 pub enum ImageSource {
@@ -73,19 +204,34 @@ impl ImageInput {
         }
     }
 
-    /// Decodes to 8-bit RGB, rejecting empty, corrupt and oversized images.
+    /// Decodes to 8-bit RGB, rejecting empty, corrupt, truncated and oversized images.
     pub fn decode_rgb(&self) -> Result<RgbImage> {
+        Ok(self.decode_rgb_permit()?.0)
+    }
+
+    /// [`ImageInput::decode_rgb`], with the [`PixelPermit`] that holds the image's share of
+    /// [`MAX_PIXELS_IN_FLIGHT`]: keep it while the pixels (or their resized copies) are in
+    /// use, so that parallel preprocessing stays within the budget.
+    pub fn decode_rgb_permit(&self) -> Result<(RgbImage, PixelPermit)> {
         let origin = self.origin();
-        let img = match &self.source {
-            ImageSource::Path(p) => {
-                let bytes = std::fs::read(p).map_err(|e| Error::Image {
-                    origin: origin.clone(),
-                    reason: format!("cannot read file: {e}"),
-                })?;
-                decode_bytes(&bytes, &origin)?
+        let (img, permit) = match &self.source {
+            ImageSource::Path(p) => decode_bytes(&read_image_file(p)?, &origin)?,
+            ImageSource::Bytes(b) => {
+                if b.len() as u64 > MAX_IMAGE_BYTES {
+                    return Err(Error::Image {
+                        origin,
+                        reason: format!(
+                            "{} bytes, more than the {MAX_IMAGE_BYTES}-byte limit per image",
+                            b.len()
+                        ),
+                    });
+                }
+                decode_bytes(b, &origin)?
             }
-            ImageSource::Bytes(b) => decode_bytes(b, &origin)?,
-            ImageSource::Image(i) => i.clone(),
+            ImageSource::Image(i) => {
+                let permit = PixelPermit::acquire(i.width() as u64 * i.height() as u64);
+                (i.clone(), permit)
+            }
         };
         if img.width() == 0 || img.height() == 0 {
             return Err(Error::Image {
@@ -93,7 +239,7 @@ impl ImageInput {
                 reason: format!("image has zero size ({}x{})", img.width(), img.height()),
             });
         }
-        Ok(img.to_rgb8())
+        Ok((img.to_rgb8(), permit))
     }
 }
 
@@ -109,48 +255,88 @@ impl From<DynamicImage> for ImageInput {
     }
 }
 
-fn decode_bytes(bytes: &[u8], origin: &str) -> Result<DynamicImage> {
+fn decode_bytes(bytes: &[u8], origin: &str) -> Result<(DynamicImage, PixelPermit)> {
+    let bad = |reason: String| Error::Image {
+        origin: origin.to_string(),
+        reason,
+    };
     if bytes.is_empty() {
-        return Err(Error::Image {
-            origin: origin.to_string(),
-            reason: "empty file".into(),
-        });
+        return Err(bad("empty file".into()));
     }
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::Image {
-            origin: origin.to_string(),
-            reason: format!("cannot detect format: {e}"),
-        })?;
-    let (w, h) = reader.into_dimensions().map_err(|e| Error::Image {
-        origin: origin.to_string(),
-        reason: format!("corrupt or unsupported image: {e}"),
-    })?;
+        .map_err(|e| bad(format!("cannot detect format: {e}")))?;
+    let format = reader.format();
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| bad(format!("corrupt or unsupported image: {e}")))?;
     if w == 0 || h == 0 {
-        return Err(Error::Image {
-            origin: origin.to_string(),
-            reason: format!("image has zero size ({w}x{h})"),
-        });
+        return Err(bad(format!("image has zero size ({w}x{h})")));
     }
     if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
-        return Err(Error::Image {
-            origin: origin.to_string(),
-            reason: format!("image is too large ({w}x{h} pixels, limit {MAX_IMAGE_PIXELS})"),
-        });
+        return Err(bad(format!(
+            "image is too large ({w}x{h} pixels, limit {MAX_IMAGE_PIXELS})"
+        )));
+    }
+    let permit = PixelPermit::acquire(w as u64 * h as u64);
+    if format == Some(image::ImageFormat::Jpeg) {
+        if let Some(img) = decode_jpeg_strict(bytes, origin)? {
+            return Ok((img, permit));
+        }
     }
     let mut reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::Image {
-            origin: origin.to_string(),
-            reason: format!("cannot detect format: {e}"),
-        })?;
+        .map_err(|e| bad(format!("cannot detect format: {e}")))?;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
     reader.limits(limits);
-    reader.decode().map_err(|e| Error::Image {
-        origin: origin.to_string(),
-        reason: format!("corrupt or unsupported image: {e}"),
-    })
+    let img = reader
+        .decode()
+        .map_err(|e| bad(format!("corrupt or unsupported image: {e}")))?;
+    Ok((img, permit))
+}
+
+/// Decodes a JPEG with the decoder in strict mode, so that a file cut short is an error,
+/// as in PIL (the lenient decoder fills the missing rows with grey). `Ok(None)`: strict
+/// mode refused the file for another reason (a stray marker, say) that PIL only warns
+/// about; the caller then decodes it leniently.
+fn decode_jpeg_strict(bytes: &[u8], origin: &str) -> Result<Option<DynamicImage>> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    use zune_jpeg::errors::DecodeErrors;
+    let options = DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    match decoder.decode() {
+        Ok(pixels) => {
+            let Some((w, h)) = decoder.dimensions() else {
+                return Ok(None);
+            };
+            let rgb = decoder
+                .output_colorspace()
+                .is_some_and(|c| c == ColorSpace::RGB);
+            match RgbImage::from_raw(w as u32, h as u32, pixels) {
+                Some(img) if rgb => Ok(Some(DynamicImage::ImageRgb8(img))),
+                _ => Ok(None),
+            }
+        }
+        Err(e) => {
+            let truncated = matches!(e, DecodeErrors::ExhaustedData)
+                || e.to_string().to_ascii_lowercase().contains("premature end");
+            if truncated {
+                Err(Error::Image {
+                    origin: origin.to_string(),
+                    reason: format!("truncated JPEG: the file ends before the image does ({e})"),
+                })
+            } else {
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// Resampling filters, named as in PIL.

@@ -17,6 +17,6 @@ pub mod text;
 pub use self::image::{ImageInput, ImageSource, Resample};
 pub use self::processor::{
     read_max_num_patches, ImageProcessor, NaFlexBatch, NaFlexProcessor, ResizeKind, CLIP_MEAN,
-    CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD,
+    CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, MAX_NUM_PATCHES, SIGLIP_MEAN, SIGLIP_STD,
 };
 pub use self::text::{TextProcessor, TextStyle, TokenizedBatch};

@@ -176,16 +176,45 @@ pub fn map_decoded<T: Send>(
     }
     images
         .par_iter()
-        .map(|input| f(input, input.decode_rgb()?))
+        .map(|input| {
+            // The permit holds the image's pixels in the in-flight budget until `f` is done
+            // with them.
+            let (img, _permit) = input.decode_rgb_permit()?;
+            f(input, img)
+        })
         .collect()
 }
 
+/// The largest `max_num_patches` a NaFlex processor accepts (a 4096 × 4096 image at patch
+/// size 16): a larger value would upscale every image and allocate without bound.
+pub const MAX_NUM_PATCHES: usize = 65_536;
+
 /// The `max_num_patches` of a model directory's `preprocessor_config.json` (SigLIP 2
-/// NaFlex), if the file gives one.
-pub fn read_max_num_patches(dir: &Path) -> Option<usize> {
-    let s = std::fs::read_to_string(dir.join("preprocessor_config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&s).ok()?;
-    v.get("max_num_patches")?.as_u64().map(|n| n as usize)
+/// NaFlex), if the file gives one. A value that is not an integer in
+/// `1..=`[`MAX_NUM_PATCHES`], or a file that is not JSON, is an [`Error::Config`] naming the
+/// file.
+pub fn read_max_num_patches(dir: &Path) -> Result<Option<usize>> {
+    let path = dir.join("preprocessor_config.json");
+    let s = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&s).map_err(|e| Error::parse(path.display().to_string(), e))?;
+    let Some(n) = v.get("max_num_patches") else {
+        return Ok(None);
+    };
+    let n = n
+        .as_u64()
+        .filter(|&n| n >= 1 && n <= MAX_NUM_PATCHES as u64)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{}: max_num_patches is {n}; it must be an integer from 1 to {MAX_NUM_PATCHES}",
+                path.display()
+            ))
+        })?;
+    Ok(Some(n as usize))
 }
 
 /// The SigLIP 2 NaFlex processor: aspect-preserving resize to at most `max_num_patches`
@@ -248,10 +277,20 @@ impl NaFlexProcessor {
 
     /// One image to its patches `[rows·cols, 3·p·p]` and `(rows, cols)`.
     pub fn patchify(&self, img: &RgbImage) -> Result<(Vec<f32>, (usize, usize))> {
+        self.validate()?;
         let (th, tw) = self.target_size(img.height() as usize, img.width() as usize);
         let resized = resize_pil(img, tw as u32, th as u32, self.resample)?;
         let p = self.patch_size;
         let (rows, cols) = (th / p, tw / p);
+        if rows * cols > self.max_num_patches {
+            return Err(Error::Image {
+                origin: format!("<image {}x{}>", img.width(), img.height()),
+                reason: format!(
+                    "its aspect ratio needs {rows}x{cols} patches, more than max_num_patches {}",
+                    self.max_num_patches
+                ),
+            });
+        }
         let dim = 3 * p * p;
         let mut out = vec![0f32; rows * cols * dim];
         for r in 0..rows {
@@ -271,8 +310,26 @@ impl NaFlexProcessor {
         Ok((out, (rows, cols)))
     }
 
+    /// Checks the patch size (1 to 64) and `max_num_patches` (1 to [`MAX_NUM_PATCHES`]).
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=64).contains(&self.patch_size) {
+            return Err(Error::Config(format!(
+                "NaFlex patch_size is {}; it must be from 1 to 64",
+                self.patch_size
+            )));
+        }
+        if !(1..=MAX_NUM_PATCHES).contains(&self.max_num_patches) {
+            return Err(Error::Config(format!(
+                "NaFlex max_num_patches is {}; it must be from 1 to {MAX_NUM_PATCHES}",
+                self.max_num_patches
+            )));
+        }
+        Ok(())
+    }
+
     /// A batch of images of any aspect ratios, padded to `max_num_patches`.
     pub fn process_batch(&self, images: &[ImageInput], device: &Device) -> Result<NaFlexBatch> {
+        self.validate()?;
         let parts = map_decoded(images, |_, img| self.patchify(&img))?;
         let n = parts.len();
         let (m, dim) = (self.max_num_patches, 3 * self.patch_size * self.patch_size);
