@@ -40,6 +40,10 @@ enum Rerank {
 #[derive(Parser, Debug)]
 #[command(about = "Recall@K image-text retrieval evaluation for every tuwen model")]
 struct Args {
+    /// Fail when the checkpoint holds tensors the model does not use (by default they
+    /// are listed as a warning).
+    #[arg(long)]
+    strict: bool,
     /// Preset name, checkpoint file or model directory.
     #[arg(long)]
     model: String,
@@ -103,6 +107,7 @@ fn run(args: Args) -> tuwen::Result<()> {
         device: parse_device(&args.device)?,
         dtype: parse_dtype(&args.dtype)?,
         box_grid: args.grid,
+        strict: args.strict,
         ..LoadOptions::default()
     };
     let data = RetrievalDataset::open(&args.data, args.split.as_deref())?;
@@ -113,6 +118,12 @@ fn run(args: Args) -> tuwen::Result<()> {
         data.texts.len()
     );
     let model = tuwen::load(&args.model, &opts)?;
+    if let Some(w) = model.load_report().warning() {
+        eprintln!("warning: {w}");
+    }
+    if let Some(n) = model.load_report().note() {
+        eprintln!("note: {n}");
+    }
     let has_cross = model.cross_encoder().is_some();
     let rerank = match args.rerank {
         Rerank::On => true,

@@ -34,6 +34,10 @@ use tuwen::{Error, LoadOptions};
 #[derive(Parser, Debug)]
 #[command(about = "Zero-shot classification and ITM matching benchmarks")]
 struct Args {
+    /// Fail when the checkpoint holds tensors the model does not use (by default they
+    /// are listed as a warning).
+    #[arg(long)]
+    strict: bool,
     /// Preset name, checkpoint file or model directory.
     #[arg(long)]
     model: String,
@@ -92,6 +96,7 @@ fn run(args: Args) -> tuwen::Result<()> {
         device: parse_device(&args.device)?,
         dtype: parse_dtype(&args.dtype)?,
         box_grid: args.grid,
+        strict: args.strict,
         ..LoadOptions::default()
     };
     let zopts = ZeroShotOptions {
@@ -104,6 +109,12 @@ fn run(args: Args) -> tuwen::Result<()> {
         let data = MatchingDataset::from_jsonl(&args.data)?;
         eprintln!("{}: {} pairs", data.origin, data.images.len());
         let model = tuwen::load(&args.model, &opts)?;
+        if let Some(w) = model.load_report().warning() {
+            eprintln!("warning: {w}");
+        }
+        if let Some(n) = model.load_report().note() {
+            eprintln!("note: {n}");
+        }
         let r = evaluate_matching(model.as_ref(), &data, &zopts)?;
         let rec = EvalRecord {
             task: "matching".into(),
@@ -139,6 +150,12 @@ fn run(args: Args) -> tuwen::Result<()> {
             templates.len()
         );
         let model = tuwen::load(&args.model, &opts)?;
+        if let Some(w) = model.load_report().warning() {
+            eprintln!("warning: {w}");
+        }
+        if let Some(n) = model.load_report().note() {
+            eprintln!("note: {n}");
+        }
         let r = evaluate_zero_shot(model.as_ref(), &data, &templates, &zopts)?;
         let rec = EvalRecord {
             task: "zero-shot".into(),

@@ -20,6 +20,10 @@ use tuwen::{DualEncoder, ImageInput, LoadOptions};
 #[derive(Parser, Debug)]
 #[command(about = "R2D2 image-text matching scores for one image and many texts")]
 struct Args {
+    /// Fail when the checkpoint holds tensors the model does not use (by default they
+    /// are listed as a warning).
+    #[arg(long)]
+    strict: bool,
     /// Preset name, checkpoint file or model directory.
     #[arg(long)]
     model: String,
@@ -63,9 +67,16 @@ fn run(args: Args) -> tuwen::Result<()> {
     let opts = LoadOptions {
         device: parse_device(&args.device)?,
         dtype: parse_dtype(&args.dtype)?,
+        strict: args.strict,
         ..LoadOptions::default()
     };
     let model = R2d2Encoder::load(&args.model, &opts)?;
+    if let Some(w) = model.load_report().warning() {
+        eprintln!("warning: {w}");
+    }
+    if let Some(n) = model.load_report().note() {
+        eprintln!("note: {n}");
+    }
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let image = [ImageInput::path(&args.image)];
 

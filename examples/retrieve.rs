@@ -28,6 +28,10 @@ use tuwen::{Error, LoadOptions};
 #[derive(Parser, Debug)]
 #[command(about = "Text-to-image or image-to-text retrieval with a tuwen model")]
 struct Args {
+    /// Fail when the checkpoint holds tensors the model does not use (by default they
+    /// are listed as a warning).
+    #[arg(long)]
+    strict: bool,
     /// Preset name, checkpoint file or model directory.
     #[arg(long)]
     model: String,
@@ -117,9 +121,16 @@ fn run(args: Args) -> tuwen::Result<()> {
         device: parse_device(&args.device)?,
         dtype: parse_dtype(&args.dtype)?,
         box_grid: args.grid,
+        strict: args.strict,
         ..LoadOptions::default()
     };
     let model = tuwen::load(&args.model, &opts)?;
+    if let Some(w) = model.load_report().warning() {
+        eprintln!("warning: {w}");
+    }
+    if let Some(n) = model.load_report().note() {
+        eprintln!("note: {n}");
+    }
     let rerank = args.rerank_k > 0;
     let cross = match (rerank, model.cross_encoder()) {
         (false, _) => None,

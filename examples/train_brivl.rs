@@ -14,7 +14,9 @@
 //! written atomically, the last `--keep` kept), `metrics.jsonl`, and at the end `model/`
 //! (`model.safetensors` with the query and `_mom` encoders, `config.json`,
 //! `tokenizer.json`), which `zero_shot --model runs/brivl/model` and `embed` load.
-//! `--resume` continues from the newest checkpoint exactly as if never stopped.
+//! `--resume` continues from the newest checkpoint exactly as if never stopped; an OUT that
+//! already holds checkpoints needs `--resume` or `--overwrite`. OUT is locked for the run
+//! (`OUT/.lock`): a second run on it stops at once.
 
 use std::path::{Path, PathBuf};
 
@@ -27,7 +29,7 @@ use tuwen::models::{parse_device, parse_dtype};
 use tuwen::train::brivl::{all_trainable, BatchNormMode, BrivlMoco, MocoConfig};
 use tuwen::train::{
     open_validation, snapshot, validation_name, AdamWConfig, AugmentConfig, CheckpointManager,
-    DataConfig, DataLoader, EvalHook, Fit, Manifest, MetricsLog, Objective, RetrievalEval,
+    DataConfig, DataLoader, EvalHook, Fit, Manifest, MetricsLog, Objective, RetrievalEval, RunLock,
     Schedule, Trainer, TrainerConfig,
 };
 use tuwen::Error;
@@ -128,6 +130,10 @@ struct Args {
     /// Continue from the newest checkpoint in OUT/ckpt.
     #[arg(long)]
     resume: bool,
+    /// Delete the checkpoints already in OUT/ckpt and start over (without it, or --resume,
+    /// an OUT that holds checkpoints is an error).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Show a progress bar.
     #[arg(long)]
     progress: bool,
@@ -185,6 +191,7 @@ fn merge(cli: Args) -> tuwen::Result<Args> {
         keep: cli.keep.or(file.keep),
         eval_every: cli.eval_every.or(file.eval_every),
         resume: cli.resume || file.resume,
+        overwrite: cli.overwrite || file.overwrite,
         progress: cli.progress || file.progress,
         device: cli.device.or(file.device),
         dtype: cli.dtype.or(file.dtype),
@@ -201,6 +208,17 @@ fn run(args: Args) -> tuwen::Result<()> {
     let tokenizer = need(args.tokenizer.clone(), "--tokenizer")?;
     let train = need(args.train.clone(), "--train")?;
     let out = need(args.out.clone(), "--out")?;
+    if args.resume && args.overwrite {
+        return Err(Error::InvalidArgument(
+            "--resume and --overwrite exclude each other".into(),
+        ));
+    }
+    // Before anything else touches OUT: one run per folder, and no silent restart.
+    let _lock = RunLock::acquire(&out)?;
+    let ckpts = CheckpointManager::new(out.join("ckpt"), args.keep.unwrap_or(3))?;
+    for p in ckpts.prepare_start(args.resume, args.overwrite)? {
+        eprintln!("--overwrite: deleted {}", p.display());
+    }
     let cfg = match &args.model_config {
         Some(p) => BrivlConfig::from_file(p)?,
         None => {
@@ -294,7 +312,6 @@ fn run(args: Args) -> tuwen::Result<()> {
 
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
-    let ckpts = CheckpointManager::new(out.join("ckpt"), args.keep.unwrap_or(3))?;
     let mut log = MetricsLog::append(out.join("metrics.jsonl"))?;
     let mut hooks = Vec::new();
     if let Some(path) = &args.val {
@@ -305,6 +322,7 @@ fn run(args: Args) -> tuwen::Result<()> {
             dtype,
             box_grid: Some(args.box_grid.unwrap_or(cfg.box_grid)),
             tune_allocator: false,
+            ..LoadOptions::default()
         };
         let ropts = RetrievalOptions {
             image_batch_size: batch,

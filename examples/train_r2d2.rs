@@ -4,7 +4,8 @@
 //!
 //! ```sh
 //! # official fine-tuning recipe (GCPR + FGR, ViT frozen, lr 1e-5, wd 0.05, 500 warm-up
-//! # steps, cosine); run again with the same --out to resume
+//! # steps, cosine); run again with the same --out and --resume to resume (an --out that
+//! # holds checkpoints needs --resume or --overwrite; it is locked while a run uses it)
 //! cargo run --release --example train_r2d2 -- --init r2d2_pretrain_250m.pth \
 //!     --tokenizer tokenizer.json --manifest train.jsonl --out runs/r2d2 --steps 10000
 //! # PRD2: GCPR + TgD
@@ -28,7 +29,7 @@ use tuwen::train::r2d2::{finetune_trainer_config, image_keys, R2d2Inputs};
 use tuwen::train::{
     open_validation, snapshot, validation_name, CheckpointManager, DataConfig, DataLoader,
     EvalHook, Fit, ImagePipeline, Manifest, MetricsLog, Objective, R2d2LossConfig, R2d2Objective,
-    RetrievalEval, Schedule, Trainer,
+    RetrievalEval, RunLock, Schedule, Trainer,
 };
 use tuwen::LoadOptions;
 
@@ -97,6 +98,13 @@ struct Args {
     checkpoint_every: u64,
     #[arg(long, default_value_t = 2)]
     keep: usize,
+    /// Continue from the newest checkpoint in OUT/ckpt.
+    #[arg(long)]
+    resume: bool,
+    /// Delete the checkpoints already in OUT/ckpt and start over (without it, or --resume,
+    /// an OUT that holds checkpoints is an error).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// cpu, cuda[:N] or metal[:N].
@@ -118,6 +126,12 @@ fn weights_file(init: &Path) -> tuwen::Result<PathBuf> {
 }
 
 fn run(args: Args) -> tuwen::Result<()> {
+    // Before anything else touches OUT: one run per folder, and no silent restart.
+    let _lock = RunLock::acquire(&args.out)?;
+    let ckpts = CheckpointManager::new(args.out.join("ckpt"), args.keep)?;
+    for p in ckpts.prepare_start(args.resume, args.overwrite)? {
+        eprintln!("--overwrite: deleted {}", p.display());
+    }
     let device = parse_device(&args.device)?;
     let file = weights_file(&args.init)?;
     let (source, family) = open_checkpoint(&file)?;
@@ -201,7 +215,6 @@ fn run(args: Args) -> tuwen::Result<()> {
     let mut data = DataLoader::new(manifest, data_cfg)?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| tuwen::Error::io(format!("creating {}", args.out.display()), e))?;
-    let ckpts = CheckpointManager::new(args.out.join("ckpt"), args.keep)?;
     let mut log = MetricsLog::append(args.out.join("metrics.jsonl"))?;
     let run_config = serde_json::json!({
         "model": cfg,
@@ -250,7 +263,7 @@ fn run(args: Args) -> tuwen::Result<()> {
     }
     let mut fit = Fit::new(&mut trainer, &mut data, args.steps)
         .checkpoints(&ckpts, args.checkpoint_every)
-        .resume(true)
+        .resume(args.resume)
         .log(&mut log, 10)
         .objective_state(&objective)
         .config(run_config)

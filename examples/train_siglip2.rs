@@ -19,7 +19,8 @@
 //! `--model` is a local directory (`config.json`, `model.safetensors`, `tokenizer.json`,
 //! optionally `preprocessor_config.json`). The manifest is JSONL
 //! (`{"image": "a.jpg", "caption": "…"}` per line) or CSV. Training checkpoints go to
-//! `OUT/ckpt` (the run resumes from the newest one when restarted), metrics to
+//! `OUT/ckpt` (`--resume` continues from the newest one; an OUT that holds checkpoints
+//! needs `--resume` or `--overwrite`, and OUT is locked while a run uses it), metrics to
 //! `OUT/metrics.jsonl`, and the final model to `OUT/model`, a directory the inference API
 //! loads: `cargo run --release --example zero_shot -- --model OUT/model --image x.jpg`.
 //!
@@ -46,7 +47,7 @@ use tuwen::train::siglip::{
 use tuwen::train::{
     open_validation, snapshot, validation_name, AdamWConfig, CheckpointManager, DataConfig,
     DataLoader, EvalHook, Fit, ImagePipeline, Manifest, MetricsLog, Objective, ParamGroupConfig,
-    RetrievalEval, Schedule, Trainer, TrainerConfig,
+    RetrievalEval, RunLock, Schedule, Trainer, TrainerConfig,
 };
 use tuwen::{Error, LoadOptions};
 
@@ -126,6 +127,13 @@ struct Args {
     /// Training checkpoints kept.
     #[arg(long, default_value_t = 3)]
     keep: usize,
+    /// Continue from the newest checkpoint in OUT/ckpt.
+    #[arg(long)]
+    resume: bool,
+    /// Delete the checkpoints already in OUT/ckpt and start over (without it, or --resume,
+    /// an OUT that holds checkpoints is an error).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     #[arg(long, default_value_t = 10)]
     log_every: u64,
     #[arg(long, default_value_t = 0)]
@@ -163,6 +171,18 @@ fn group(args: &Args) -> tuwen::Result<(Option<Arc<dyn Collective>>, Device)> {
 fn run(args: Args) -> tuwen::Result<()> {
     let (comm, device) = group(&args)?;
     let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world_size()));
+    // Rank 0 writes OUT: it takes the folder's lock before anything touches it (one run per
+    // folder) and refuses to restart silently over existing checkpoints.
+    let ckpts = CheckpointManager::new(args.out.join("ckpt"), args.keep)?;
+    let _lock = if rank == 0 {
+        let lock = RunLock::acquire(&args.out)?;
+        for p in ckpts.prepare_start(args.resume, args.overwrite)? {
+            eprintln!("--overwrite: deleted {}", p.display());
+        }
+        Some(lock)
+    } else {
+        None
+    };
     let dtype = parse_dtype(&args.dtype)?;
     let distill = match args.distill.as_str() {
         "features" => DistillKind::Features,
@@ -175,6 +195,19 @@ fn run(args: Args) -> tuwen::Result<()> {
     };
 
     let h = Hyper::of(&args)?;
+    for (name, v) in [
+        ("--max-grad-norm", args.max_grad_norm),
+        ("--distill-weight", args.distill_weight),
+        ("--min-lr-ratio", args.min_lr_ratio),
+    ] {
+        // 0 turns clipping and distillation off; NaN or a negative value must not do so
+        // silently.
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "{name} {v} must be a finite number >= 0"
+            )));
+        }
+    }
     let mut m = load_trainable(&args.model, dtype, &device)?;
     if let Some(r) = &args.recipe {
         apply_recipe_sizes(r, &mut m)?;
@@ -248,7 +281,6 @@ fn run(args: Args) -> tuwen::Result<()> {
 
     // Rank 0's weights are broadcast (the start of data parallelism); `Fit` then resumes
     // every rank from rank 0's newest checkpoint, each at its own data position.
-    let ckpts = CheckpointManager::new(args.out.join("ckpt"), args.keep)?;
     if let Some(c) = &comm {
         trainer.set_collective(c.clone())?;
     }
@@ -319,7 +351,7 @@ fn run(args: Args) -> tuwen::Result<()> {
     let mut fit = Fit::new(&mut trainer, &mut loader, args.steps)
         .config(config)
         .checkpoints(&ckpts, args.checkpoint_every)
-        .resume(true)
+        .resume(args.resume)
         .progress(args.progress);
     if let Some(log) = metrics.as_mut() {
         fit = fit.log(log, args.log_every);

@@ -20,6 +20,10 @@ use tuwen::{LoadOptions, Scoring};
 #[derive(Parser, Debug)]
 #[command(about = "Zero-shot image classification with a tuwen dual encoder")]
 struct Args {
+    /// Fail when the checkpoint holds tensors the model does not use (by default they
+    /// are listed as a warning).
+    #[arg(long)]
+    strict: bool,
     /// Preset name or local model directory / checkpoint.
     #[arg(long, default_value = "siglip2-base-patch16-224")]
     model: String,
@@ -63,9 +67,16 @@ fn run(args: Args) -> tuwen::Result<()> {
         device: tuwen::models::parse_device(&args.device)?,
         dtype: tuwen::models::parse_dtype(&args.dtype)?,
         box_grid: args.grid,
+        strict: args.strict,
         ..LoadOptions::default()
     };
     let model = tuwen::load(&args.model, &opts)?;
+    if let Some(w) = model.load_report().warning() {
+        eprintln!("warning: {w}");
+    }
+    if let Some(n) = model.load_report().note() {
+        eprintln!("note: {n}");
+    }
     let probs = model.classify(&images, &labels, &args.template)?;
     let probs = probs.to_vec2::<f32>()?;
     let kind = match model.scoring() {

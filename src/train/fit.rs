@@ -283,6 +283,7 @@ impl<'a> Fit<'a> {
             config,
             bar: progress.then(|| Progress::new(total_steps, summary.start_step)),
             group: group.as_ref(),
+            named_skips: 0,
         };
         let needed = total_steps.saturating_sub(summary.start_step) as usize
             * parts.trainer.config().grad_accum;
@@ -333,7 +334,13 @@ struct RunState<'a, 'b> {
     config: serde_json::Value,
     bar: Option<Progress>,
     group: Option<&'b Group>,
+    /// Skipped samples named so far (at most [`NAMED_SKIPS`]).
+    named_skips: usize,
 }
+
+/// How many skipped samples a run names (path and reason, in the metrics log and on
+/// stderr); later ones are only counted, in every step record's `skipped_samples`.
+pub const NAMED_SKIPS: usize = 100;
 
 /// This rank's view of a data-parallel group of more than one rank.
 struct Group {
@@ -411,6 +418,44 @@ struct StepMeta {
 }
 
 impl RunState<'_, '_> {
+    /// Names the samples the loader skipped in these batches: the first [`NAMED_SKIPS`] of
+    /// the run go to the metrics log (event `skipped_sample`) and to stderr.
+    fn name_skipped(&mut self, batches: &[Batch]) -> Result<()> {
+        let step = self.trainer.global_step();
+        for s in batches.iter().flat_map(|b| &b.skipped) {
+            if self.named_skips >= NAMED_SKIPS {
+                return Ok(());
+            }
+            self.named_skips += 1;
+            let msg = format!(
+                "skipped sample {} ({}): {}",
+                s.index,
+                s.image.display(),
+                s.reason
+            );
+            match &self.bar {
+                Some(bar) => bar.println(&msg),
+                None => eprintln!("{msg}"),
+            }
+            if self.named_skips == NAMED_SKIPS {
+                eprintln!(
+                    "{NAMED_SKIPS} skipped samples named; later ones are only counted \
+                     (skipped_samples in the metrics log)"
+                );
+            }
+            if let Some(log) = self.log.as_deref_mut() {
+                log.write(&json!({
+                    "event": "skipped_sample",
+                    "step": step,
+                    "index": s.index,
+                    "image": s.image.display().to_string(),
+                    "reason": s.reason,
+                }))?;
+            }
+        }
+        Ok(())
+    }
+
     fn run<F>(
         &mut self,
         next: &mut dyn FnMut() -> Result<Batch>,
@@ -426,6 +471,7 @@ impl RunState<'_, '_> {
             for _ in 0..accum {
                 micro.push(next()?);
             }
+            self.name_skipped(&micro)?;
             let pos = match micro.last() {
                 Some(b) => b.position_after,
                 None => {

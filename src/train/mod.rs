@@ -81,7 +81,7 @@ pub use objectives::{LossTerms, Objective};
 pub use optim::{AdamW, AdamWConfig, Grads, GroupRule, ParamGroupConfig};
 pub use r2d2::{R2d2LossConfig, R2d2Objective};
 pub use schedule::Schedule;
-pub use state::{CheckpointManager, CheckpointMeta, TrainCheckpoint};
+pub use state::{CheckpointManager, CheckpointMeta, RunLock, TrainCheckpoint};
 pub use trainer::{
     ema_update, grad_coverage, BatchInfo, EmaPairs, GradCoverage, SkipReason, StepCtx, StepReport,
     Trainer, TrainerConfig,

@@ -54,6 +54,48 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// Checks every value: a learning rate in (0, 1], betas in [0, 1), a positive finite
+    /// epsilon and a weight decay in [0, 10]. NaN, infinities and negative values are
+    /// errors that name the option (they would export an all-NaN model or train upwards).
+    pub fn validate(&self) -> Result<()> {
+        let check = |name: &str, v: f64, ok: bool, range: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(Error::Config(format!(
+                    "optimizer {name} is {v}; it must be a finite number {range}"
+                )))
+            }
+        };
+        check("lr", self.lr, self.lr > 0.0 && self.lr <= 1.0, "in (0, 1]")?;
+        check(
+            "beta1",
+            self.beta1,
+            (0.0..1.0).contains(&self.beta1),
+            "in [0, 1)",
+        )?;
+        check(
+            "beta2",
+            self.beta2,
+            (0.0..1.0).contains(&self.beta2),
+            "in [0, 1)",
+        )?;
+        check(
+            "eps",
+            self.eps,
+            self.eps > 0.0 && self.eps < 1.0,
+            "in (0, 1)",
+        )?;
+        check(
+            "weight_decay",
+            self.weight_decay,
+            (0.0..=10.0).contains(&self.weight_decay),
+            "in [0, 10]",
+        )
+    }
+}
+
 /// Name patterns whose parameters get no weight decay by default: biases, normalisation
 /// weights (LayerNorm, BatchNorm `bn*`, `ln_*`, `*norm*`), and temperature / logit
 /// parameters (`temp`, `logit_scale`, `logit_bias`) and SigLIP's MAP-head `probe`.
@@ -299,6 +341,7 @@ impl AdamW {
         config: AdamWConfig,
         groups: &ParamGroupConfig,
     ) -> Result<Self> {
+        config.validate()?;
         let trainable = Patterns::new(&groups.trainable)?;
         let frozen_p = Patterns::new(&groups.frozen)?;
         let no_decay = Patterns::new(&groups.no_decay)?;

@@ -168,6 +168,92 @@ fn fsync_dir(dir: &Path) -> Result<()> {
     }
 }
 
+/// Prefix of a step directory being pruned: renamed first, then deleted, so an
+/// interrupted prune never leaves a half-deleted `step-…` directory that looks real.
+const PRUNE_PREFIX: &str = ".pruned-step-";
+
+/// The pid in a temporary directory name `{prefix}{step}-{pid}-{nonce}`.
+fn temp_owner(name: &str) -> Option<u32> {
+    let rest = [TMP_PREFIX, PRUNE_PREFIX, ".old-step-"]
+        .iter()
+        .find_map(|p| name.strip_prefix(p))?;
+    rest.split('-').nth(1)?.parse().ok()
+}
+
+/// Whether process `pid` is alive (another process than this one, on this machine).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return false;
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 sends nothing; it only checks that the pid exists.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        true
+    }
+}
+
+/// An exclusive advisory lock on a run directory (`<dir>/.lock`), held until dropped (or
+/// the process exits, however it exits). A second run on the same directory fails at once
+/// with an error naming the holder's pid, before it touches anything.
+#[derive(Debug)]
+pub struct RunLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// Takes the lock on `dir` (created if missing).
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(io_err("creating run folder", dir))?;
+        let path = dir.join(".lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("opening lock file", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                return Err(Error::Training(format!(
+                    "run directory {} is in use by another run (process {}; lock file {}); \
+                     wait for it to finish or choose another --out",
+                    dir.display(),
+                    if holder.is_empty() { "unknown" } else { holder },
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io(format!("locking {}", path.display()), e))
+            }
+        }
+        file.set_len(0)
+            .map_err(io_err("writing lock file", &path))?;
+        writeln!(file, "{}", std::process::id()).map_err(io_err("writing lock file", &path))?;
+        let _ = file.sync_all();
+        Ok(Self { file, path })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
 impl CheckpointManager {
     /// A manager for `dir` (created if missing) keeping the newest `keep_last` checkpoints
     /// (at least one).
@@ -252,7 +338,9 @@ impl CheckpointManager {
         if final_dir.exists() {
             // Saving the same step again (e.g. after a resume): move the old one aside
             // first; rename cannot replace a non-empty directory.
-            let old = self.dir.join(format!(".old-{name}-{}", std::process::id()));
+            let old = self
+                .dir
+                .join(format!(".old-{name}-{}-0", std::process::id()));
             std::fs::rename(&final_dir, &old).map_err(io_err("moving aside", &final_dir))?;
             std::fs::rename(tmp, &final_dir).map_err(io_err("renaming into", &final_dir))?;
             let _ = std::fs::remove_dir_all(&old);
@@ -286,18 +374,73 @@ impl CheckpointManager {
         Ok(out)
     }
 
-    /// Removes temporary directories left by interrupted saves; returns how many.
+    /// Removes temporary directories left by interrupted saves and prunes; returns how
+    /// many. A temporary directory is only removed when it is provably stale: the process
+    /// that made it (named in it) is no longer running.
     pub fn clean_temp(&self) -> Result<usize> {
         let mut n = 0;
         let rd = std::fs::read_dir(&self.dir).map_err(io_err("listing", &self.dir))?;
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with(TMP_PREFIX) || name.starts_with(".old-step-") {
-                std::fs::remove_dir_all(entry.path()).map_err(io_err("removing", &entry.path()))?;
-                n += 1;
+            let temporary = name.starts_with(TMP_PREFIX)
+                || name.starts_with(PRUNE_PREFIX)
+                || name.starts_with(".old-step-");
+            if !temporary || temp_owner(&name).is_some_and(process_alive) {
+                continue;
             }
+            std::fs::remove_dir_all(entry.path()).map_err(io_err("removing", &entry.path()))?;
+            n += 1;
         }
         Ok(n)
+    }
+
+    /// Makes sure a run that does not resume cannot silently mix with an earlier one in
+    /// the same folder: with checkpoints present, `resume` continues them, `overwrite`
+    /// deletes them (and the `latest` pointer) first, and neither is an error that says
+    /// so. Returns the checkpoints that were deleted.
+    pub fn prepare_start(&self, resume: bool, overwrite: bool) -> Result<Vec<PathBuf>> {
+        self.clean_temp()?;
+        let list = self.list()?;
+        if resume || list.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !overwrite {
+            let (step, path) = &list[list.len() - 1];
+            return Err(Error::Training(format!(
+                "{} already holds {} checkpoint(s) (newest: step {step}, {}); pass --resume \
+                 to continue that run or --overwrite to delete them and start over",
+                self.dir.display(),
+                list.len(),
+                path.display()
+            )));
+        }
+        let mut removed = Vec::new();
+        for (_, p) in &list {
+            self.remove_step_dir(p)?;
+            removed.push(p.clone());
+        }
+        let latest = self.dir.join(LATEST);
+        if latest.exists() {
+            std::fs::remove_file(&latest).map_err(io_err("removing", &latest))?;
+        }
+        Ok(removed)
+    }
+
+    /// Deletes a step directory atomically: it is renamed to a temporary name first (one
+    /// rename, so it is either a complete checkpoint or gone), then removed; a leftover of
+    /// an interrupted removal is cleaned by [`CheckpointManager::clean_temp`].
+    fn remove_step_dir(&self, p: &Path) -> Result<()> {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let step = name.strip_prefix("step-").unwrap_or(&name);
+        let aside = self
+            .dir
+            .join(format!("{PRUNE_PREFIX}{step}-{}-0", std::process::id()));
+        std::fs::rename(p, &aside).map_err(io_err("moving aside old checkpoint", p))?;
+        fsync_dir(&self.dir)?;
+        std::fs::remove_dir_all(&aside).map_err(io_err("removing old checkpoint", &aside))
     }
 
     /// The newest complete checkpoint directory, cleaning temporary directories first.
@@ -361,7 +504,7 @@ impl CheckpointManager {
         let mut removed = Vec::new();
         if list.len() > self.keep_last {
             for (_, p) in &list[..list.len() - self.keep_last] {
-                std::fs::remove_dir_all(p).map_err(io_err("removing old checkpoint", p))?;
+                self.remove_step_dir(p)?;
                 removed.push(p.clone());
             }
         }

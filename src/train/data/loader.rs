@@ -403,7 +403,7 @@ fn load_one(manifest: &Manifest, cfg: &DataConfig, index: usize, epoch: u64) -> 
     // A decoder bug on a hostile file must not bring training down: treat a panic like
     // any other unusable sample.
     let work = std::panic::AssertUnwindSafe(|| -> Result<Loaded> {
-        let img = ImageInput::path(&sample.image).decode_rgb()?;
+        let (img, _permit) = ImageInput::path(&sample.image).decode_rgb_permit()?;
         let mut rng = derive_rng(cfg.seed, &[streams::AUGMENT, epoch, index as u64]);
         let pixels = cfg.pipeline.process(&img, &mut rng)?;
         let caption = if sample.captions.len() == 1 {

@@ -1200,7 +1200,7 @@ fn decode_item(
         .ok_or_else(|| format!("no image member (expected one of {IMAGE_EXTENSIONS:?})"))?;
     let (shard, ordinal) = (it.shard as u64, it.ordinal as u64);
     let work = std::panic::AssertUnwindSafe(|| -> Result<(Vec<f32>, (u32, u32))> {
-        let img = ImageInput::bytes(image).decode_rgb()?;
+        let (img, _permit) = ImageInput::bytes(image).decode_rgb_permit()?;
         let mut rng = derive_rng(cfg.seed, &[streams::AUGMENT, epoch, shard, ordinal]);
         let pixels = cfg.pipeline.process(&img, &mut rng)?;
         Ok((pixels, (img.width(), img.height())))

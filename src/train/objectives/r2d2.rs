@@ -179,7 +179,7 @@ impl R2d2LossConfig {
                 "objective weights {ws:?} must be finite, non-negative and not all zero"
             )));
         }
-        if !(self.temp_min > 0.0 && self.temp_min <= self.temp_max) {
+        if !(self.temp_min > 0.0 && self.temp_min <= self.temp_max && self.temp_max.is_finite()) {
             return Err(Error::Config(format!(
                 "temp range [{}, {}] is empty or not positive",
                 self.temp_min, self.temp_max

@@ -439,10 +439,12 @@ pub fn load_trainable(dir: &Path, dtype: DType, device: &Device) -> Result<Train
     let report = loader.finish(&["position_ids"]);
     let v = &config.vision_config;
     let image_processor = if config.is_naflex() {
-        SiglipImageProcessor::NaFlex(NaFlexProcessor::new(
+        let p = NaFlexProcessor::new(
             v.patch_size,
-            read_max_num_patches(dir).unwrap_or(v.num_patches),
-        ))
+            read_max_num_patches(dir)?.unwrap_or(v.num_patches),
+        );
+        p.validate()?;
+        SiglipImageProcessor::NaFlex(p)
     } else {
         SiglipImageProcessor::Fixed(ImageProcessor::siglip2(v.image_size))
     };
