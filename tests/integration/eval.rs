@@ -823,6 +823,7 @@ fn train_siglip2_validates_with_the_evaluation_code() {
     let (ok, s) = run_example("train_siglip2", &args);
     assert!(!ok && s.contains("256 px"), "{s}");
     let mut args = common.to_vec();
+    args[5] = out2.to_str().unwrap();
     args.extend(["--recipe", "nope"]);
     let (ok, s) = run_example("train_siglip2", &args);
     assert!(!ok && s.contains("unknown --recipe"), "{s}");

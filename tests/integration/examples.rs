@@ -151,7 +151,7 @@ fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
     let o = Command::new(example("train_brivl"))
         .args(["--config", toml.to_str().unwrap()])
         .args(["--train", data.manifest_path.to_str().unwrap()])
-        .args(["--out", out.to_str().unwrap(), "--queue-size", "10"])
+        .args(["--out", out.to_str().unwrap(), "--queue-size", "10", "--resume"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -218,38 +218,37 @@ fn train_siglip2_resumes_exactly() {
         &tuwen::train::synthetic::ShapesConfig::new(24, 5),
     )
     .unwrap();
-    let train = |out: &std::path::Path, steps: &str| {
-        run_ok(
-            "train_siglip2",
-            &[
-                "--model",
-                model.path().to_str().unwrap(),
-                "--train",
-                data.manifest_path.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--steps",
-                steps,
-                "--batch-size",
-                "4",
-                "--lr",
-                "1e-3",
-                "--warmup",
-                "1",
-                "--checkpoint-every",
-                "2",
-            ],
-        )
+    let train = |out: &std::path::Path, steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            model.path().to_str().unwrap(),
+            "--train",
+            data.manifest_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            steps,
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "1",
+            "--checkpoint-every",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        run_ok("train_siglip2", &args)
     };
     let (split, whole) = (dir.path().join("split"), dir.path().join("whole"));
-    let s = train(&split, "2");
+    let s = train(&split, "2", &[]);
     assert!(!s.contains("resumed from"), "{s}");
-    let s = train(&split, "4");
+    let s = train(&split, "4", &["--resume"]);
     assert!(
         s.contains("resumed from") && s.contains("2 steps run"),
         "{s}"
     );
-    train(&whole, "4");
+    train(&whole, "4", &[]);
     assert_same_weights(
         &split.join("model/model.safetensors"),
         &whole.join("model/model.safetensors"),
@@ -305,7 +304,7 @@ fn train_r2d2_augments_and_resumes_exactly() {
         dir.path().join("plain"),
     );
     train(&split, "2", &[]);
-    let s = train(&split, "4", &[]);
+    let s = train(&split, "4", &["--resume"]);
     assert!(
         s.contains("resumed from") && s.contains("2 steps run"),
         "{s}"

@@ -7,10 +7,13 @@ mod brivl_train;
 mod common;
 mod eval;
 mod examples;
+mod fuzz;
 #[cfg(feature = "hub")]
 mod hub;
+mod pth_reader;
 mod r2d2;
 mod r2d2_train;
+mod reliability;
 mod siglip2;
 mod siglip_train;
 mod train;

@@ -1403,7 +1403,12 @@ fn train_checkpoint_interrupted_write_keeps_previous() {
 
     // A crash mid-save leaves a temporary directory; a damaged step directory has a meta
     // whose sizes do not match; a copied one has no meta at all.
-    let tmp = dir.path().join(".tmp-step-000000003-1-2");
+    // The temporary names its writer's pid: one of a process that has exited, so it is
+    // provably stale (a live writer's temporary is never removed).
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let tmp = dir.path().join(format!(".tmp-step-000000003-{gone_pid}-2"));
     std::fs::create_dir(&tmp).unwrap();
     std::fs::write(tmp.join("model.safetensors"), b"partial").unwrap();
     let damaged = dir.path().join("step-000000004");
