@@ -151,7 +151,13 @@ fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
     let o = Command::new(example("train_brivl"))
         .args(["--config", toml.to_str().unwrap()])
         .args(["--train", data.manifest_path.to_str().unwrap()])
-        .args(["--out", out.to_str().unwrap(), "--queue-size", "10", "--resume"])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--queue-size",
+            "10",
+            "--resume",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
