@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::discover;
 use crate::error::{Error, Result};
 use crate::models::brivl::{self, BrivlEncoder};
+use crate::models::cnclip::{self, ChineseClipEncoder};
 use crate::models::r2d2::{self, R2d2Encoder};
 use crate::models::siglip2::{self, SiglipEncoder};
 use crate::models::{DualEncoder, Family, LoadOptions};
@@ -45,6 +46,11 @@ pub fn presets() -> Vec<Preset> {
         name: p.name.to_string(),
         family: p.family,
         repo: p.url.to_string(),
+    }));
+    out.extend(cnclip::PRESETS.iter().map(|p| Preset {
+        name: p.name.to_string(),
+        family: Family::ChineseClip,
+        repo: p.repo.to_string(),
     }));
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -125,6 +131,7 @@ fn load_path_untuned(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEnco
         Some(Family::Siglip | Family::Siglip2Naflex) => {
             Box::new(SiglipEncoder::from_dir(path, opts)?)
         }
+        Some(Family::ChineseClip) => Box::new(ChineseClipEncoder::from_dir(path, opts)?),
         None => return Err(unrecognised(path)),
     })
 }
@@ -198,6 +205,18 @@ pub fn download_preset(p: &Preset) -> Result<PathBuf> {
                         .unwrap_or_default();
                     hub::fetch(&p.repo, &name, true)?;
                 }
+            }
+            Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+        }
+        Family::ChineseClip => {
+            let config = hub::fetch(&p.repo, "config.json", true)?;
+            cnclip::ChineseClipConfig::from_json_file(&config)?;
+            for f in ["vocab.txt", "preprocessor_config.json"] {
+                hub::fetch(&p.repo, f, false)?;
+            }
+            hub::fetch_optional(&p.repo, "tokenizer_config.json", false)?;
+            if hub::fetch_optional(&p.repo, "model.safetensors", true)?.is_none() {
+                hub::fetch(&p.repo, "pytorch_model.bin", true)?;
             }
             Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
         }

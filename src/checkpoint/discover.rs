@@ -32,6 +32,8 @@ pub enum Family {
     R2d2,
     /// PRD2 (R2D2's dual encoder without joint layers).
     Prd2,
+    /// Chinese-CLIP (HF `ChineseCLIPModel`).
+    ChineseClip,
 }
 
 impl std::fmt::Display for Family {
@@ -42,6 +44,7 @@ impl std::fmt::Display for Family {
             Family::Brivl => "BriVL",
             Family::R2d2 => "R2D2",
             Family::Prd2 => "PRD2",
+            Family::ChineseClip => "Chinese-CLIP",
         })
     }
 }
@@ -376,10 +379,11 @@ pub fn identify(path: &Path) -> Result<Option<Family>> {
         return match read_model_type(&config)?.as_str() {
             "siglip" => Ok(Some(Family::Siglip)),
             "siglip2" => Ok(Some(Family::Siglip2Naflex)),
+            "chinese_clip" => Ok(Some(Family::ChineseClip)),
             other => Err(Error::WrongFamily {
                 found: format!("model_type `{other}`"),
                 path: config,
-                expected: "a supported model_type (siglip, siglip2)".into(),
+                expected: "a supported model_type (siglip, siglip2, chinese_clip)".into(),
             }),
         };
     }

@@ -7,6 +7,7 @@
 //! [`crate::nn`].
 
 pub mod brivl;
+pub mod cnclip;
 pub mod r2d2;
 pub mod siglip2;
 

@@ -58,6 +58,11 @@ pub struct ImageProcessor {
     pub resize: ResizeKind,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// When set, the image is first resized (aspect kept, with [`ImageProcessor::resize`])
+    /// so that its shorter side is this long, then center-cropped to `size` (HF's
+    /// `{"shortest_edge": …}` with `do_center_crop`); when `None`, it is resized to `size`.
+    #[serde(default)]
+    pub shortest_edge: Option<usize>,
 }
 
 impl ImageProcessor {
@@ -68,6 +73,7 @@ impl ImageProcessor {
             resize,
             mean,
             std,
+            shortest_edge: None,
         }
     }
 
@@ -120,6 +126,9 @@ impl ImageProcessor {
         if h == 0 || w == 0 {
             return Err(Error::InvalidArgument(format!("cannot resize to {w}x{h}")));
         }
+        if let Some(edge) = self.shortest_edge {
+            return self.resize_shortest_edge_and_crop(img, edge);
+        }
         let src = (3, img.height() as usize, img.width() as usize);
         match self.resize {
             ResizeKind::Pil(filter) => Ok(to_planes(&resize_pil(img, w as u32, h as u32, filter)?)),
@@ -133,6 +142,44 @@ impl ImageProcessor {
                     .to_vec1::<f32>()?)
             }
         }
+    }
+
+    /// HF's `resize(size={"shortest_edge": edge})` then `center_crop(size)`: the shorter
+    /// side becomes `edge` and the longer `⌊edge · long / short⌋`, then the central
+    /// `size` window is kept (top-left at `⌊(dim − crop) / 2⌋`).
+    fn resize_shortest_edge_and_crop(&self, img: &RgbImage, edge: usize) -> Result<Vec<f32>> {
+        let (ch, cw) = self.size;
+        let (iw, ih) = (img.width() as usize, img.height() as usize);
+        if edge == 0 || iw == 0 || ih == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "cannot resize a {iw}x{ih} image to a shortest edge of {edge}"
+            )));
+        }
+        let (rh, rw) = if iw <= ih {
+            (edge * ih / iw, edge)
+        } else {
+            (edge, edge * iw / ih)
+        };
+        if rh < ch || rw < cw {
+            return Err(Error::InvalidArgument(format!(
+                "a shortest edge of {edge} is smaller than the {cw}x{ch} crop"
+            )));
+        }
+        let inner = ImageProcessor {
+            size: (rh, rw),
+            shortest_edge: None,
+            ..*self
+        };
+        let planes = inner.resize_planes(img)?;
+        let (top, left) = ((rh - ch) / 2, (rw - cw) / 2);
+        let mut out = Vec::with_capacity(3 * ch * cw);
+        for c in 0..3 {
+            let plane = &planes[c * rh * rw..(c + 1) * rh * rw];
+            for y in top..top + ch {
+                out.extend_from_slice(&plane[y * rw + left..y * rw + left + cw]);
+            }
+        }
+        Ok(out)
     }
 
     /// Normalises planar `[3 · n]` floats in place: `(x − mean) / std` per channel.

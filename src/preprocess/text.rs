@@ -60,6 +60,62 @@ impl TextProcessor {
         Self::new(tok, style, max_len, path.display().to_string())
     }
 
+    /// Builds BERT's WordPiece tokenizer from a `vocab.txt` (one token per line), as HF's
+    /// `BertTokenizerFast` does from the same file: text cleaning, Chinese characters split
+    /// one per token, lower-casing and accent stripping when `lowercase`, BERT's
+    /// whitespace-and-punctuation pre-tokenizer, `##` continuation pieces, `[UNK]` for
+    /// words longer than 100 characters, and `[CLS] … [SEP]` around every text. Chinese-CLIP
+    /// publishes its tokenizer this way (no `tokenizer.json`).
+    pub fn bert_from_vocab(vocab: &Path, lowercase: bool, max_len: usize) -> Result<Self> {
+        use tokenizers::models::wordpiece::WordPiece;
+        use tokenizers::normalizers::bert::BertNormalizer;
+        use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+        use tokenizers::processors::bert::BertProcessing;
+        use tokenizers::AddedToken;
+        let origin = vocab.display().to_string();
+        let bad = |reason: String| Error::Tokenizer {
+            origin: origin.clone(),
+            reason,
+        };
+        let meta =
+            std::fs::metadata(vocab).map_err(|e| bad(format!("cannot read vocab.txt: {e}")))?;
+        if !meta.is_file() || meta.len() == 0 {
+            return Err(bad("vocab.txt is empty or not a regular file".into()));
+        }
+        let path = vocab
+            .to_str()
+            .ok_or_else(|| bad("the path is not valid UTF-8".into()))?;
+        let model = WordPiece::from_file(path)
+            .unk_token("[UNK]".into())
+            .continuing_subword_prefix("##".into())
+            .max_input_chars_per_word(100)
+            .build()
+            .map_err(|e| bad(format!("not a WordPiece vocabulary: {e}")))?;
+        let mut tok = tokenizers::Tokenizer::new(model);
+        let id = |t: &str| {
+            tok.token_to_id(t)
+                .ok_or_else(|| bad(format!("vocab.txt has no {t} token")))
+        };
+        let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+        id("[PAD]")?;
+        id("[UNK]")?;
+        tok.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+            .map_err(|e| bad(e.to_string()))?;
+        tok.with_pre_tokenizer(Some(BertPreTokenizer));
+        tok.with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )));
+        let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            .iter()
+            .filter(|t| tok.token_to_id(t).is_some())
+            .map(|t| AddedToken::from(*t, true))
+            .collect();
+        tok.add_special_tokens(specials)
+            .map_err(|e| bad(e.to_string()))?;
+        Self::new(tok, TextStyle::Bert, max_len, origin)
+    }
+
     /// Loads a `tokenizer.json` when there is one: `Ok(None)` for `None`.
     pub fn from_optional_file(
         path: Option<&Path>,

@@ -68,7 +68,7 @@ pub mod trainer;
 // The objectives and the data pipeline at their earlier paths (`tuwen::train::r2d2`,
 // `tuwen::train::webdataset`, ...), which programs written against them keep using.
 pub use data::{augment, synthetic, webdataset};
-pub use objectives::{brivl, r2d2, siglip};
+pub use objectives::{brivl, cnclip, r2d2, siglip};
 
 pub use crate::checkpoint::pattern::{self, Patterns};
 pub use augment::AugmentConfig;

@@ -4,6 +4,8 @@
 mod architecture;
 mod brivl;
 mod brivl_train;
+mod cnclip;
+mod cnclip_train;
 mod common;
 mod eval;
 mod examples;

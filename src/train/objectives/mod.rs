@@ -20,11 +20,13 @@
 //! | [`siglip::SiglipObjective`] | SigLIP / SigLIP 2 | sigmoid loss, optional distillation |
 //! | [`r2d2::R2d2Objective`] | R2D2 / PRD2 | GCPR, FGR, TgD, FgD |
 //! | [`brivl::BrivlMoco`] | BriVL | cross-modal MoCo with two queues |
+//! | [`cnclip::CnClipObjective`] | Chinese-CLIP | symmetric InfoNCE, clamped temperature, image-tower locking |
 //!
 //! A new objective is a file here with a type that implements [`Objective`] (and a
 //! [`LossTerms`] result), plus a line in the table above.
 
 pub mod brivl;
+pub mod cnclip;
 pub mod r2d2;
 pub mod siglip;
 

@@ -470,7 +470,9 @@ pub fn load_trainable(dir: &Path, dtype: DType, device: &Device) -> Result<Train
 
 /// Writes a model directory the inference API loads (`tuwen::load`, the `zero_shot`
 /// example): `model.safetensors` from `weights` (cast to `dtype`) and every other file of
-/// `src_dir` (config, tokenizer, preprocessor config) copied. Returns the weights file.
+/// `src_dir` (config, tokenizer, preprocessor config) copied; the source's own weights
+/// (`*.safetensors`, `pytorch_model.bin`, `*.pth`) are not. Returns the weights file. Any
+/// family whose folders keep HF's layout uses it (SigLIP, Chinese-CLIP).
 pub fn export_model_dir(
     src_dir: &Path,
     out_dir: &Path,
@@ -485,7 +487,10 @@ pub fn export_model_dir(
         let entry = entry.map_err(|e| Error::io(format!("reading {}", src_dir.display()), e))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().to_string();
-        let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        let is_weights = name.ends_with(".safetensors")
+            || name == "model.safetensors.index.json"
+            || name == "pytorch_model.bin"
+            || name.ends_with(".pth");
         if path.is_file() && !is_weights {
             std::fs::copy(&path, out_dir.join(&name))
                 .map_err(|e| Error::io(format!("copying {}", path.display()), e))?;
