@@ -29,6 +29,9 @@ The PyTorch side of each workload:
   applied after averaging the samples (as tuwen does; the original applies it before, which
   gives the same numbers at 16 times the cost), 4 `nn.TransformerEncoderLayer`s and `imgFC`
   (as in tests/fixtures/gen_brivl.py);
+* `cnclip-b16-image` / `cnclip-b16-text`: transformers `ChineseCLIPModel` (ViT-B/16 at
+  224 px; RoBERTa-wwm-ext base on 52 tokens with the padding mask), `get_image_features` /
+  `get_text_features` and L2 normalisation;
 * `brivl-text`: transformers `BertModel` on 80 tokens without a mask, 4
   `nn.TransformerEncoderLayer`s with the padding mask, `textFC`.
 
@@ -140,6 +143,25 @@ def torch_workload(name, batch):
         ids = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         mask = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         return lambda: F.normalize(proj(bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]), dim=-1)
+    if name in ("cnclip-b16-image", "cnclip-b16-text"):
+        from transformers import ChineseCLIPConfig, ChineseCLIPModel
+
+        cfg = ChineseCLIPConfig(
+            text_config=dict(vocab_size=21128, hidden_size=768, num_hidden_layers=12,
+                             num_attention_heads=12, intermediate_size=3072),
+            vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12, image_size=224, patch_size=16,
+                               projection_dim=512),
+            projection_dim=512,
+        )
+        m = ChineseCLIPModel(cfg).eval()
+        if name.endswith("image"):
+            px = torch.randn(batch, 3, 224, 224)
+            return lambda: F.normalize(m.get_image_features(pixel_values=px).pooler_output, dim=-1)
+        ids = torch.ones(batch, 52, dtype=torch.long)
+        mask = torch.ones(batch, 52, dtype=torch.long)
+        return lambda: F.normalize(
+            m.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
     if name == "r2d2-itm-rerank":
         return itm_workload(batch)
     if name == "brivl-image":

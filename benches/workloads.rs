@@ -8,6 +8,7 @@ use tuwen::checkpoint::random_var_builder;
 use tuwen::models::brivl::{
     pad_boxes, prepare_boxes, BrivlConfig, BrivlImageEncoder, BrivlTextEncoder,
 };
+use tuwen::models::cnclip::{ChineseClip, ChineseClipConfig, DEFAULT_CONTEXT_LENGTH};
 use tuwen::models::r2d2::{JointConfig, R2d2, R2d2Config, CROSS_MASK_VALUE};
 use tuwen::models::siglip2::{Siglip, SiglipConfig};
 use tuwen::nn::linear::linear;
@@ -33,6 +34,8 @@ pub const WORKLOADS: &[&str] = &[
     "r2d2-itm-rerank",
     "brivl-image",
     "brivl-text",
+    "cnclip-b16-image",
+    "cnclip-b16-text",
     "siglip-train-small",
     "r2d2-train-small",
     "brivl-train-small",
@@ -160,6 +163,22 @@ fn build(name: &str, batch: usize, dev: &Device, dtype: DType) -> Result<Run, St
                 }
                 Ok(())
             })
+        }
+        "cnclip-b16-image" | "cnclip-b16-text" => {
+            // Chinese-CLIP ViT-B/16: the image side (224 px, post_layernorm, projection, L2)
+            // or the text side (RoBERTa-wwm-ext base, 52 tokens with the padding mask).
+            let cfg = ChineseClipConfig::preset("chinese-clip-vit-base-patch16").ok_or("preset")?;
+            let m = ChineseClip::new(&cfg, vb.clone()).map_err(e)?;
+            if name.ends_with("image") {
+                let px = randn(&[batch, 3, 224, 224])?;
+                Box::new(move || l2_normalize(&m.image_features(&px)?).map(|_| ()))
+            } else {
+                let ids =
+                    Tensor::ones((batch, DEFAULT_CONTEXT_LENGTH), DType::U32, &dev).map_err(e)?;
+                let mask =
+                    Tensor::ones((batch, DEFAULT_CONTEXT_LENGTH), DType::U32, &dev).map_err(e)?;
+                Box::new(move || l2_normalize(&m.text_features(&ids, &mask)?).map(|_| ()))
+            }
         }
         "brivl-image" => {
             // BriVL 1.0's image tower at 380 px: EfficientNet-b5 features, 37 boxes (a 6x6
