@@ -2,42 +2,11 @@
 //! against HF `ChineseCLIPModel(return_loss=True)` (`tests/fixtures/gen_cnclip.py`),
 //! gradient coverage, the clamped temperature and image-tower locking.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use tuwen::train::cnclip::{load_trainable, CnClipInputs, CnClipLossConfig, CnClipObjective};
 use tuwen::train::{grad_coverage, Objective, StepCtx, Trainer, TrainerConfig};
 
-use crate::common::{fixture, get, load_st};
-
-fn named_vars(vars: &candle_nn::VarMap) -> Vec<(String, Var)> {
-    let data = vars.data().lock().unwrap();
-    let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// max |a − b| / max |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    rel_diff_floor(a, b, 0.0)
-}
-
-/// max |a − b| / max(max |b|, floor): a gradient that is zero in exact arithmetic (the
-/// key biases of attention, whose softmax ignores a per-query constant) is compared
-/// absolutely.
-fn rel_diff_floor(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let d = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let s = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    d / s.max(floor).max(1e-12)
-}
+use crate::common::{fixture, get, load_st, named_vars, rel_diff, rel_diff_floor};
 
 #[test]
 fn cnclip_loss_and_gradients_match_hf() {

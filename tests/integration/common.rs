@@ -100,3 +100,40 @@ pub fn tiny_siglip_dir() -> tempfile::TempDir {
     .unwrap();
     dir
 }
+
+/// The vars of a map, sorted by name.
+pub fn named_vars(vars: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    let mut v: Vec<_> = vars
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// max |a − b| / max(max |b|, floor): a floor compares tensors that are zero in exact
+/// arithmetic (the key biases of attention, whose softmax ignores a per-query constant)
+/// absolutely.
+pub fn rel_diff_floor(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let d = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let s = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    d / s.max(floor).max(1e-12)
+}
+
+/// max |a − b| / max |b|.
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    rel_diff_floor(a, b, 0.0)
+}

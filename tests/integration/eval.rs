@@ -16,7 +16,7 @@ use tuwen::eval::{
 use tuwen::{DualEncoder, Error, LoadOptions};
 
 use crate::common::{fixture, get, load_st};
-use crate::examples::example;
+use crate::examples::{example, run_example};
 
 const TOKENIZER_BERT: &str = "data/hfl-roberta-wwm-ext/tokenizer.json";
 
@@ -709,16 +709,6 @@ fn eval_examples_print_tables_and_write_records() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout.matches("cosine").count(), 2, "{stdout}");
-}
-
-fn run_example(name: &str, args: &[&str]) -> (bool, String) {
-    let o = Command::new(example(name)).args(args).output().unwrap();
-    let s = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.success(), s)
 }
 
 fn eval_events(log: &Path) -> Vec<serde_json::Value> {

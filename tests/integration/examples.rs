@@ -192,15 +192,21 @@ fn train_brivl_trains_resumes_and_exports_a_loadable_model() {
     assert!(!load_st(&emb).is_empty());
 }
 
-/// Runs an example to success and returns its stdout and stderr together.
-fn run_ok(name: &str, args: &[&str]) -> String {
+/// Runs an example; returns whether it succeeded, and its stdout and stderr together.
+pub(crate) fn run_example(name: &str, args: &[&str]) -> (bool, String) {
     let o = Command::new(example(name)).args(args).output().unwrap();
     let s = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(o.status.success(), "{name} {args:?}:\n{s}");
+    (o.status.success(), s)
+}
+
+/// Runs an example to success and returns its stdout and stderr together.
+fn run_ok(name: &str, args: &[&str]) -> String {
+    let (ok, s) = run_example(name, args);
+    assert!(ok, "{name} {args:?}:\n{s}");
     s
 }
 

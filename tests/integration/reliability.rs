@@ -12,18 +12,7 @@ use tuwen::{Error, LoadOptions};
 
 use crate::common::{fixture, load_st};
 use crate::eval::family_dir;
-use crate::examples::example;
-
-/// Runs an example; returns (success, stdout + stderr).
-fn run(name: &str, args: &[&str]) -> (bool, String) {
-    let o = Command::new(example(name)).args(args).output().unwrap();
-    let s = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.success(), s)
-}
+use crate::examples::run_example as run;
 
 fn no_tune() -> LoadOptions {
     LoadOptions {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use tuwen::checkpoint::parameter_shapes;
 use tuwen::models::siglip2::{Siglip, SiglipConfig, SiglipEncoder};
@@ -24,42 +24,9 @@ use tuwen::train::{
 use tuwen::LoadOptions;
 
 use crate::common::test_device;
-use crate::common::{fixture, get, load_st};
+use crate::common::{fixture, get, load_st, named_vars, rel_diff, rel_diff_floor};
 
 const REL_TOL: f32 = 1e-4;
-
-fn named_vars(vars: &candle_nn::VarMap) -> Vec<(String, Var)> {
-    let mut v: Vec<(String, Var)> = vars
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// max |a − b| / max(max |b|, floor).
-fn rel_diff_floor(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let d = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let s = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    d / s.max(floor).max(1e-12)
-}
-
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    rel_diff_floor(a, b, 0.0)
-}
 
 fn max_abs(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32)
