@@ -273,6 +273,30 @@ fn cnclip_bad_folders_are_named_errors() {
     .unwrap();
     let e = load_err(d.path());
     assert!(e.to_string().contains("center crop"), "{e}");
+    // Out-of-range preprocessor values name the file and the field.
+    for (bad, field) in [
+        (r#"{"size": {"height": 0, "width": 32}}"#, "size"),
+        (r#"{"size": {"shortest_edge": 1000000}}"#, "shortest_edge"),
+        (r#"{"resample": 7}"#, "resample"),
+        (r#"{"image_std": [0.5, 0.0, 0.5]}"#, "image_std"),
+        (r#"{"image_mean": [0.5, "x", 0.5]}"#, "image_mean"),
+    ] {
+        std::fs::write(d.path().join("preprocessor_config.json"), bad).unwrap();
+        let e = load_err(d.path()).to_string();
+        assert!(
+            e.contains(field) && e.contains("preprocessor_config.json"),
+            "{bad}: {e}"
+        );
+    }
+    // A context length beyond the model's positions.
+    let mut m = ChineseClipEncoder::from_dir(&fixture("cnclip/vit_tiny"), &opts()).unwrap();
+    assert!(m.set_context_length(65).is_err() && m.set_context_length(1).is_err());
+    m.set_context_length(16).unwrap();
+    let b = m
+        .text_processor()
+        .encode_batch(&["一只猫"], &Device::Cpu)
+        .unwrap();
+    assert_eq!(b.input_ids.dims(), &[1, 16]);
 }
 
 /// The parameter list of every published ViT checkpoint, built from its preset, equals the
