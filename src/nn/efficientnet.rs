@@ -36,11 +36,12 @@
 //! epilogue as ops with their own backward passes.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_nn::{Linear, VarBuilder};
 
+pub use crate::nn::batch_norm::BatchNorm;
+use crate::nn::batch_norm::{BnMode, FoldedConvBn};
 use crate::nn::kernels::gemm::conv1x1;
 use crate::nn::kernels::{cpu_f32, cpu_f32_no_grad, depthwise, epilogue};
 use serde::{Deserialize, Serialize};
@@ -267,86 +268,6 @@ pub fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
         .pad_with_zeros(3, left, right)
 }
 
-/// BatchNorm with trainable affine parameters. In inference mode the statistics are the
-/// running ones (constants); in train mode ([`BatchNorm::forward_train`]) they are the
-/// batch's, and the running ones move towards them.
-#[derive(Debug, Clone)]
-pub struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: f64,
-    momentum: f64,
-}
-
-impl BatchNorm {
-    pub fn new(channels: usize, eps: f64, momentum: f64, vb: VarBuilder) -> Result<Self> {
-        crate::nn::ops::check_eps("batch norm", eps)?;
-        Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
-            running_mean: vb.get(channels, "running_mean")?,
-            running_var: vb.get(channels, "running_var")?,
-            eps,
-            momentum,
-        })
-    }
-
-    /// The BN as a per-channel affine map `x · scale + shift` (both `[c]`).
-    pub fn scale_shift(&self) -> Result<(Tensor, Tensor)> {
-        let var = self.running_var.detach();
-        let mean = self.running_mean.detach();
-        let scale = self.weight.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let shift = (&self.bias - mean.mul(&scale)?)?;
-        Ok((scale, shift))
-    }
-
-    /// The running mean and variance (`[c]`).
-    pub fn running_stats(&self) -> (&Tensor, &Tensor) {
-        (&self.running_mean, &self.running_var)
-    }
-
-    /// Train mode on `x` `[b, c, h, w]`: normalises with the batch mean and biased variance
-    /// (gradients flow through both), then updates the running statistics in place with the
-    /// batch mean and the unbiased variance. Fails, like PyTorch, when a channel has a
-    /// single value.
-    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = x.dims4()?;
-        let n = b * h * w;
-        if n < 2 {
-            candle_core::bail!(
-                "BatchNorm in train mode needs more than one value per channel, got input \
-                 {:?}",
-                x.dims()
-            )
-        }
-        // `y` in x's dtype; `mean` and `var` detached, `[c]`, f32.
-        let (y, mean, var) =
-            crate::nn::ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
-        let m = self.momentum;
-        let unbiased = (var * (n as f64 / (n - 1) as f64))?;
-        for (running, batch) in [(&self.running_mean, mean), (&self.running_var, unbiased)] {
-            let rd = running.dtype();
-            let new =
-                ((running.to_dtype(DType::F32)? * (1.0 - m))? + (batch * m)?)?.to_dtype(rd)?;
-            // Written into the buffer's own storage: the var map (and so checkpoints) and
-            // every clone of the model see the new statistics.
-            running.slice_set(&new, 0, 0)?;
-        }
-        Ok(y)
-    }
-}
-
-impl Module for BatchNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (scale, shift) = self.scale_shift()?;
-        let c = scale.dim(0)?;
-        x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&shift.reshape((1, c, 1, 1))?)
-    }
-}
-
 /// How a [`ConvBn`] convolves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ConvKind {
@@ -365,22 +286,9 @@ enum ConvKind {
 /// weight and the BN weight and bias all get their gradients).
 #[derive(Debug, Clone)]
 struct ConvBn {
-    weight: Tensor,
-    bn: BatchNorm,
+    conv: FoldedConvBn,
     kind: ConvKind,
     act: bool,
-    folded: Option<(Tensor, Tensor)>,
-    mode: Arc<BnMode>,
-}
-
-/// The BatchNorm mode of one network, shared by its layers.
-#[derive(Debug, Default)]
-struct BnMode {
-    /// Batch statistics (PyTorch's train mode).
-    training: AtomicBool,
-    /// Train mode was on at some point: the running statistics may have moved, so the
-    /// BN folded at construction is stale.
-    stats_moved: AtomicBool,
 }
 
 impl ConvBn {
@@ -404,46 +312,24 @@ impl ConvBn {
                 vb.get((out_chs, in_chs, kernel, kernel), &format!("{conv}.weight"))?
             }
         };
-        let mut this = Self {
-            weight,
-            bn: BatchNorm::new(out_chs, cfg.bn_eps, cfg.bn_momentum, vb.pp(bn))?,
+        let bn = BatchNorm::new(out_chs, cfg.bn_eps, cfg.bn_momentum, vb.pp(bn))?;
+        Ok(Self {
+            conv: FoldedConvBn::new(weight, bn, mode)?,
             kind,
             act,
-            folded: None,
-            mode: mode.clone(),
-        };
-        let frozen = ![&this.weight, &this.bn.weight, &this.bn.bias]
-            .iter()
-            .any(|t| t.track_op());
-        if frozen {
-            this.folded = Some(this.fold()?);
-        }
-        Ok(this)
+        })
     }
 
     /// The BN-scaled weights (`[out, in]`, `[out, k·k]` or `[out, in, k, k]`) and the shift.
-    fn fold(&self) -> Result<(Tensor, Tensor)> {
-        let (scale, shift) = self.bn.scale_shift()?;
-        let o = scale.dim(0)?;
+    fn folded(&self) -> Result<(Tensor, Tensor)> {
+        let (w, shift) = self.conv.folded()?;
+        let o = w.dim(0)?;
         let w = match self.kind {
-            ConvKind::Pointwise => self
-                .weight
-                .flatten_from(1)?
-                .broadcast_mul(&scale.unsqueeze(1)?)?,
-            ConvKind::Depthwise { kernel, .. } => self
-                .weight
-                .reshape((o, kernel * kernel))?
-                .broadcast_mul(&scale.unsqueeze(1)?)?,
-            ConvKind::Dense { .. } => self.weight.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?,
+            ConvKind::Pointwise => w.flatten_from(1)?,
+            ConvKind::Depthwise { kernel, .. } => w.reshape((o, kernel * kernel))?,
+            ConvKind::Dense { .. } => w,
         };
         Ok((w, shift))
-    }
-
-    fn folded(&self) -> Result<(Tensor, Tensor)> {
-        match &self.folded {
-            Some(f) if !self.mode.stats_moved.load(Ordering::Relaxed) => Ok(f.clone()),
-            _ => self.fold(),
-        }
     }
 
     /// Train mode: the convolution with the unscaled weights, BN with batch statistics,
@@ -455,7 +341,8 @@ impl ConvBn {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, c, h, wd) = x.dims4()?;
-        let out_chs = self.weight.dim(0)?;
+        let weight = self.conv.weight();
+        let out_chs = weight.dim(0)?;
         let y = match self.kind {
             ConvKind::Pointwise => {
                 let xr = x.reshape((b, c, h * wd))?;
@@ -463,22 +350,22 @@ impl ConvBn {
                     Some(g) => xr.broadcast_mul(&g.unsqueeze(2)?)?,
                     None => xr,
                 };
-                conv1x1(&self.weight.flatten_from(1)?, &xr)?.reshape((b, out_chs, h, wd))?
+                conv1x1(&weight.flatten_from(1)?, &xr)?.reshape((b, out_chs, h, wd))?
             }
             ConvKind::Depthwise { kernel, stride } => depthwise_conv2d_same(
                 x,
-                &self.weight.reshape((out_chs, kernel * kernel))?,
+                &weight.reshape((out_chs, kernel * kernel))?,
                 kernel,
                 stride,
             )?,
             ConvKind::Dense { kernel, stride } => {
-                pad_same(x, kernel, stride)?.conv2d(&self.weight, 0, stride, 1, 1)?
+                pad_same(x, kernel, stride)?.conv2d(weight, 0, stride, 1, 1)?
             }
         };
         if gate.is_some() && self.kind != ConvKind::Pointwise {
             candle_core::bail!("only 1×1 convolutions take a gate")
         }
-        let y = self.bn.forward_train(&y)?;
+        let y = self.conv.bn().forward_train(&y)?;
         let y = match residual {
             Some(r) => (y + r)?,
             None => y,
@@ -502,7 +389,7 @@ impl ConvBn {
         gate: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if self.mode.training.load(Ordering::Relaxed) {
+        if self.conv.training() {
             return self.forward_train(x, gate, residual);
         }
         let (w, shift) = self.folded()?;
@@ -897,15 +784,12 @@ impl EfficientNet {
     /// and PyTorch's train mode (batch statistics; each forward moves the running
     /// statistics). Clones of this network share the setting.
     pub fn set_batch_norm_training(&self, on: bool) {
-        if on {
-            self.mode.stats_moved.store(true, Ordering::Relaxed);
-        }
-        self.mode.training.store(on, Ordering::Relaxed);
+        self.mode.set_training(on);
     }
 
     /// Whether BatchNorm uses batch statistics.
     pub fn batch_norm_training(&self) -> bool {
-        self.mode.training.load(Ordering::Relaxed)
+        self.mode.training()
     }
 
     pub fn config(&self) -> &EfficientNetConfig {
@@ -931,7 +815,8 @@ impl EfficientNet {
         if c != 3 {
             candle_core::bail!("EfficientNet expects 3 input channels, got {c}")
         }
-        self.stem.forward(&x.to_dtype(self.stem.weight.dtype())?)
+        self.stem
+            .forward(&x.to_dtype(self.stem.conv.weight().dtype())?)
     }
 
     /// The blocks of stage `i` (timm `blocks[i]`).

@@ -6,12 +6,15 @@
 //! which is internal to the crate.
 
 pub mod attention;
+pub mod batch_norm;
 pub mod bert;
+pub mod conv;
 pub mod efficientnet;
 pub mod grid_sample;
 pub(crate) mod kernels;
 pub mod linear;
 pub mod ops;
+pub mod resnet;
 pub mod transformer;
 pub mod vit;
 

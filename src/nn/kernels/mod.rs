@@ -39,13 +39,15 @@
 //! * [`gemm`]: matrix products (linear layers, 1×1 convolutions) split across the pool;
 //! * [`attention`]: fused multi-head attention reading the heads in place;
 //! * [`epilogue`]: EfficientNet's per-channel shift + SiLU (+ residual) after a convolution;
-//! * [`depthwise`]: EfficientNet's depthwise convolutions, both directions.
+//! * [`depthwise`]: EfficientNet's depthwise convolutions, both directions;
+//! * [`im2col`]: the 3×3 convolutions of CLIP's modified ResNet as im2col (col2im backward).
 
 pub(crate) mod act;
 pub(crate) mod attention;
 pub(crate) mod depthwise;
 pub(crate) mod epilogue;
 pub(crate) mod gemm;
+pub(crate) mod im2col;
 pub(crate) mod math;
 pub(crate) mod norm;
 pub(crate) mod softmax;
