@@ -8,7 +8,8 @@
 //! ```
 //!
 //! `--model` is a Chinese-CLIP folder as published (`config.json`, `pytorch_model.bin` or
-//! `model.safetensors`, `vocab.txt`, `preprocessor_config.json`). `--lock-image` freezes the
+//! `model.safetensors`, `vocab.txt`, `preprocessor_config.json`), or a cn_clip checkpoint
+//! (`clip_cn_rn50.pt`, `clip_cn_vit-b-16.pt`, …) with `vocab.txt` beside it. `--lock-image` freezes the
 //! image tower (`--unlocked-layers N` keeps its last N layers trainable), as Chinese-CLIP's
 //! fine-tuning does; `logit_scale` trains and is clamped at ln 100. Training checkpoints go
 //! to `OUT/ckpt` (`--resume` continues from the newest one; an OUT that holds checkpoints
@@ -23,8 +24,9 @@ use clap::Parser;
 use tuwen::eval::RetrievalOptions;
 use tuwen::models::cnclip::ChineseClipEncoder;
 use tuwen::models::{parse_device, parse_dtype};
-use tuwen::train::cnclip::{load_trainable, CnClipInputs, CnClipLossConfig, CnClipObjective};
-use tuwen::train::siglip::export_model_dir;
+use tuwen::train::cnclip::{
+    export_model_dir, load_trainable, CnClipInputs, CnClipLossConfig, CnClipObjective,
+};
 use tuwen::train::{
     open_validation, snapshot, validation_name, AdamWConfig, CheckpointManager, DataConfig,
     DataLoader, EvalHook, Fit, ImagePipeline, Manifest, MetricsLog, Objective, RetrievalEval,
@@ -35,7 +37,7 @@ use tuwen::{Error, LoadOptions};
 #[derive(Parser, Debug, serde::Serialize)]
 #[command(about = "Fine-tune Chinese-CLIP with the CLIP loss on your image–caption pairs")]
 struct Args {
-    /// The Chinese-CLIP folder to start from.
+    /// The Chinese-CLIP folder (or cn_clip `.pt` with `vocab.txt` beside it) to start from.
     #[arg(long)]
     model: PathBuf,
     /// JSONL or CSV manifest of image–caption pairs.
@@ -231,7 +233,13 @@ fn run(args: Args) -> tuwen::Result<()> {
     }
     objective.clamp_logit_scale()?;
     let weights = trainer.optimizer().weights()?;
-    let out = export_model_dir(&args.model, &args.out.join("model"), &weights, dtype)?;
+    let out = export_model_dir(
+        &args.model,
+        &args.out.join("model"),
+        &weights,
+        dtype,
+        &m.config,
+    )?;
     eprintln!("model written to {}", out.display());
     Ok(())
 }

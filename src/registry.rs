@@ -106,6 +106,10 @@ fn load_untuned(spec: &str, opts: &LoadOptions) -> Result<Box<dyn DualEncoder>> 
         // The weights (a .pth) and the tokenizer live in different repositories.
         return Ok(Box::new(BrivlEncoder::from_preset(&p.name, opts)?));
     }
+    if p.family == Family::ChineseClip {
+        // The RN50's checkpoint and vocabulary live in different repositories.
+        return Ok(Box::new(ChineseClipEncoder::from_preset(&p.name, opts)?));
+    }
     if matches!(p.family, Family::R2d2 | Family::Prd2) {
         return load_path_untuned(&r2d2::locate_preset(&p.name)?, opts);
     }
@@ -131,7 +135,7 @@ fn load_path_untuned(path: &Path, opts: &LoadOptions) -> Result<Box<dyn DualEnco
         Some(Family::Siglip | Family::Siglip2Naflex) => {
             Box::new(SiglipEncoder::from_dir(path, opts)?)
         }
-        Some(Family::ChineseClip) => Box::new(ChineseClipEncoder::from_dir(path, opts)?),
+        Some(Family::ChineseClip) => Box::new(ChineseClipEncoder::from_path(path, opts)?),
         None => return Err(unrecognised(path)),
     })
 }
@@ -155,7 +159,7 @@ fn unrecognised(path: &Path) -> Error {
                 let names: Vec<String> = src.shapes().into_keys().take(3).collect();
                 Error::WrongFamily {
                     path: path.to_path_buf(),
-                    expected: "a BriVL, R2D2/PRD2 or SigLIP checkpoint".into(),
+                    expected: "a BriVL, R2D2/PRD2, SigLIP or Chinese-CLIP checkpoint".into(),
                     found: format!("tensors of no known family ({}, ...)", names.join(", ")),
                 }
             }
@@ -208,18 +212,14 @@ pub fn download_preset(p: &Preset) -> Result<PathBuf> {
             }
             Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
         }
-        Family::ChineseClip => {
-            let config = hub::fetch(&p.repo, "config.json", true)?;
-            cnclip::ChineseClipConfig::from_json_file(&config)?;
-            for f in ["vocab.txt", "preprocessor_config.json"] {
-                hub::fetch(&p.repo, f, false)?;
-            }
-            hub::fetch_optional(&p.repo, "tokenizer_config.json", false)?;
-            if hub::fetch_optional(&p.repo, "model.safetensors", true)?.is_none() {
-                hub::fetch(&p.repo, "pytorch_model.bin", true)?;
-            }
-            Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+        Family::ChineseClip if p.name == cnclip::RN50_PRESET => {
+            let (checkpoint, _vocab) = cnclip::download_rn50()?;
+            Ok(checkpoint
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default())
         }
+        Family::ChineseClip => cnclip::download_folder(&p.repo),
         other => Err(Error::Config(format!(
             "no download recipe for the {other} family"
         ))),

@@ -66,11 +66,16 @@ pub fn is_safetensors(path: &Path) -> bool {
 }
 
 /// The family that checkpoint tensor names belong to: R2D2 / PRD2 (`visual_encoder.*`,
-/// `text_encoder.*` and `vision_proj.*`, with `text_joint_layer.*` for R2D2) or BriVL
-/// (`imgencoder.backbone.*` / `textencoder.backbone.*`); `None` for anything else.
+/// `text_encoder.*` and `vision_proj.*`, with `text_joint_layer.*` for R2D2), BriVL
+/// (`imgencoder.backbone.*` / `textencoder.backbone.*`) or a cn_clip Chinese-CLIP
+/// (`module.visual.*`, `module.bert.*`, `module.text_projection`); `None` for anything else.
 pub fn family_of_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<Family> {
     let (mut vision, mut text, mut proj, mut joint, mut brivl) =
         (false, false, false, false, false);
+    let keys: Vec<&str> = keys.into_iter().collect();
+    if is_cn_clip_keys(keys.iter().copied()) {
+        return Some(Family::ChineseClip);
+    }
     for k in keys {
         vision |= k.starts_with("visual_encoder.embeddings.");
         text |= k.starts_with("text_encoder.embeddings.");
@@ -84,6 +89,18 @@ pub fn family_of_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<Fam
         _ if brivl => Some(Family::Brivl),
         _ => None,
     }
+}
+
+/// Whether `keys` are a cn_clip `CLIP` state dict (with or without `module.`).
+pub fn is_cn_clip_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> bool {
+    let (mut visual, mut bert, mut proj) = (false, false, false);
+    for k in keys {
+        let k = k.strip_prefix("module.").unwrap_or(k);
+        visual |= k.starts_with("visual.");
+        bert |= k.starts_with("bert.embeddings.");
+        proj |= k == "text_projection";
+    }
+    visual && bert && proj
 }
 
 /// What a set of tensor names held in `container` (e.g. `"a safetensors file"`) looks
@@ -146,6 +163,16 @@ pub const R2D2: Layout = Layout {
     extensions: &["safetensors", "pth"],
     expected: "R2D2 or PRD2 (a 'model' state dict with visual_encoder.*, text_encoder.*, \
                vision_proj.*)",
+};
+
+/// Chinese-CLIP as cn_clip releases it: `{'state_dict': {'module.visual.…', …}, …}` in a
+/// `.pt`.
+pub const CN_CLIP: Layout = Layout {
+    families: &[Family::ChineseClip],
+    pth_key: "state_dict",
+    extensions: &["pt", "pth"],
+    expected: "Chinese-CLIP as cn_clip saves it (a 'state_dict' with module.visual.*, \
+               module.bert.*, module.text_projection)",
 };
 
 /// Opens a checkpoint of the family `layout` describes: a `.safetensors` file, or a `.pth`
@@ -364,7 +391,8 @@ pub fn r2d2_family_of_path(path: &Path) -> Result<Option<Family>> {
 }
 
 /// The family a local path holds, tried in this order: BriVL ([`is_brivl_path`]), R2D2 /
-/// PRD2 ([`r2d2_family_of_path`]), then a directory whose `config.json` has model_type
+/// PRD2 ([`r2d2_family_of_path`]), a cn_clip checkpoint (or a directory holding one and no
+/// `config.json`), then a directory whose `config.json` has model_type
 /// `siglip` or `siglip2` (any other model_type is [`Error::WrongFamily`]). `Ok(None)`: none
 /// of these.
 pub fn identify(path: &Path) -> Result<Option<Family>> {
@@ -375,6 +403,18 @@ pub fn identify(path: &Path) -> Result<Option<Family>> {
         return Ok(Some(f));
     }
     let config = path.join("config.json");
+    if !config.exists() {
+        let file = if path.is_dir() {
+            only_checkpoint(path, CN_CLIP.extensions).ok().flatten()
+        } else {
+            Some(path.to_path_buf())
+        };
+        if let Some(f) = file.filter(|f| is_pth(f)) {
+            if sniff(&f, &CN_CLIP)?.is_some() {
+                return Ok(Some(Family::ChineseClip));
+            }
+        }
+    }
     if path.is_dir() && config.exists() {
         return match read_model_type(&config)?.as_str() {
             "siglip" => Ok(Some(Family::Siglip)),

@@ -300,11 +300,12 @@ fn cnclip_bad_folders_are_named_errors() {
 }
 
 /// The parameter list of every published ViT checkpoint, built from its preset, equals the
-/// tensor list of HF's modeling code for the same configuration (no weights needed).
+/// tensor list of HF's modeling code for the same configuration (no weights needed). The
+/// RN50, which HF does not have, is checked against cn_clip's list in `cnclip_original.rs`.
 #[test]
 fn cnclip_parameter_lists_equal_published_checkpoints() {
-    use tuwen::models::cnclip::{ChineseClip, PRESETS};
-    for p in PRESETS {
+    use tuwen::models::cnclip::{ChineseClip, PRESETS, RN50_PRESET};
+    for p in PRESETS.iter().filter(|p| p.name != RN50_PRESET) {
         let cfg = ChineseClipConfig::preset(p.name).unwrap();
         let ours = tuwen::checkpoint::parameter_shapes(|vb| ChineseClip::new(&cfg, vb)).unwrap();
         let v: serde_json::Value = serde_json::from_str(

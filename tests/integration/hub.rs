@@ -13,9 +13,8 @@ use crate::common::{fixture, get, load_st};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// Serves `files` (name -> bytes) for `repo` until `stop` is set. Counts requests.
+/// Serves `files` (`{repo}/{name}` -> bytes) until `stop` is set. Counts requests.
 fn serve(
-    repo: &str,
     files: HashMap<String, Vec<u8>>,
     stop: Arc<AtomicBool>,
     hits: Arc<AtomicUsize>,
@@ -25,7 +24,6 @@ fn serve(
         "http://{}",
         server.server_addr().to_ip().expect("ip address")
     );
-    let prefix = format!("/{repo}/resolve/main/");
     let handle = std::thread::spawn(move || {
         // Bounded: the loop ends when told to, or after two minutes at most.
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -35,7 +33,11 @@ fn serve(
             };
             hits.fetch_add(1, Ordering::SeqCst);
             let url = req.url().to_string();
-            let Some(body) = url.strip_prefix(&prefix).and_then(|name| files.get(name)) else {
+            let key = url
+                .strip_prefix('/')
+                .and_then(|u| u.split_once("/resolve/main/"))
+                .map(|(repo, name)| format!("{repo}/{name}"));
+            let Some(body) = key.and_then(|k| files.get(&k)) else {
                 let _ = req
                     .respond(tiny_http::Response::from_string("not found").with_status_code(404));
                 continue;
@@ -90,17 +92,28 @@ fn preset_download_then_offline_from_cache() {
     let mut files = HashMap::new();
     for f in ["config.json", "model.safetensors"] {
         files.insert(
-            f.to_string(),
+            format!("{repo}/{f}"),
             std::fs::read(fixture(&format!("siglip2/siglip_tiny/{f}"))).unwrap(),
         );
     }
+    // Chinese-CLIP RN50: the checkpoint and the vocabulary live in two repositories.
+    let (rn50_repo, vocab_repo) = (
+        "OFA-Sys/chinese-clip-rn50",
+        tuwen::models::cnclip::VOCAB_REPO,
+    );
+    let rn50_pt = std::fs::read(fixture("cnclip/cn_clip_rn50_tiny.pt")).unwrap();
+    files.insert(format!("{rn50_repo}/clip_cn_rn50.pt"), rn50_pt.clone());
     files.insert(
-        "tokenizer.json".to_string(),
+        format!("{vocab_repo}/vocab.txt"),
+        std::fs::read(fixture("cnclip/vit_tiny/vocab.txt")).unwrap(),
+    );
+    files.insert(
+        format!("{repo}/tokenizer.json"),
         std::fs::read(fixture("siglip2/tokenizer/tokenizer.json")).unwrap(),
     );
     let stop = Arc::new(AtomicBool::new(false));
     let hits = Arc::new(AtomicUsize::new(0));
-    let (endpoint, handle) = serve(repo, files, stop.clone(), hits.clone());
+    let (endpoint, handle) = serve(files, stop.clone(), hits.clone());
     let home = tempfile::tempdir().unwrap();
 
     // This is the only test that touches these variables.
@@ -115,6 +128,23 @@ fn preset_download_then_offline_from_cache() {
     assert!(
         cached.iter().any(|p| p.ends_with("model.safetensors")),
         "weights are in the cache: {cached:?}"
+    );
+
+    // The RN50 preset fetches its checkpoint and the ViT-B/16 vocabulary, then checks the
+    // weights against the full-size preset configuration: the tiny checkpoint is refused
+    // with a shape error that names a tensor.
+    let (pt, vocab) = tuwen::models::cnclip::download_rn50().expect("RN50 files");
+    assert_eq!(std::fs::read(&pt).unwrap(), rn50_pt);
+    assert!(std::fs::read_to_string(&vocab)
+        .unwrap()
+        .starts_with("[PAD]"));
+    let err = match tuwen::load("chinese-clip-rn50", &LoadOptions::default()) {
+        Ok(_) => panic!("the tiny checkpoint passed for the full-size RN50"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("clip_cn_rn50.pt") && err.contains("shape"),
+        "{err}"
     );
 
     // Stop the server; a second load works offline from the cache.

@@ -5,6 +5,8 @@ mod architecture;
 mod brivl;
 mod brivl_train;
 mod cnclip;
+mod cnclip_original;
+mod cnclip_rn50;
 mod cnclip_train;
 mod common;
 mod eval;

@@ -20,9 +20,12 @@ use super::{DualEncoder, Family, LoadOptions, Scoring};
 use crate::checkpoint::{LoadReport, Loader, TensorSource};
 use crate::error::{Error, Result};
 use crate::nn::linear::linear_no_bias;
+use crate::nn::resnet::{ModifiedResNet, ModifiedResNetConfig};
 use crate::nn::{
     ops, Activation, Bert, BertConfig, ClipVisionConfig, ClipVisionTransformer, Linear,
 };
+pub mod original;
+
 use crate::preprocess::{
     ImageInput, ImageProcessor, Resample, ResizeKind, TextProcessor, CLIP_MEAN, CLIP_STD,
 };
@@ -57,10 +60,33 @@ pub const PRESETS: &[CnClipPreset] = &[
         name: "chinese-clip-vit-huge-patch14",
         repo: "OFA-Sys/chinese-clip-vit-huge-patch14",
     },
+    // Only cn_clip's release checkpoint (`clip_cn_rn50.pt`): no config, no vocabulary.
+    CnClipPreset {
+        name: RN50_PRESET,
+        repo: "OFA-Sys/chinese-clip-rn50",
+    },
 ];
 
-/// Checkpoint keys the model never reads: HF's buffers.
-pub const IGNORED_KEYS: &[&str] = &["position_ids", "token_type_ids", "text_model.pooler."];
+/// The RN50 preset: cn_clip's modified ResNet-50 and RBT3, published only as
+/// [`RN50_CHECKPOINT`] (configuration from [`ChineseClipConfig::preset`], vocabulary from
+/// [`VOCAB_REPO`]).
+pub const RN50_PRESET: &str = "chinese-clip-rn50";
+
+/// The file of `OFA-Sys/chinese-clip-rn50`.
+pub const RN50_CHECKPOINT: &str = "clip_cn_rn50.pt";
+
+/// The repository whose `vocab.txt` the RN50 preset uses (every Chinese-CLIP shares the
+/// chinese-roberta-wwm-ext vocabulary).
+pub const VOCAB_REPO: &str = "OFA-Sys/chinese-clip-vit-base-patch16";
+
+/// Checkpoint keys the model never reads: HF's buffers, the unused BERT pooler, and
+/// BatchNorm's `num_batches_tracked` counters (RN50).
+pub const IGNORED_KEYS: &[&str] = &[
+    "position_ids",
+    "token_type_ids",
+    "text_model.pooler.",
+    "num_batches_tracked",
+];
 
 fn d_vocab() -> usize {
     30522
@@ -168,6 +194,11 @@ pub struct ChineseClipConfig {
     pub projection_dim: usize,
     #[serde(default = "d_logit_scale")]
     pub logit_scale_init_value: f64,
+    /// cn_clip's modified ResNet image tower (RN50), which HF does not have. When set,
+    /// `vision_config` is unused, the tower's tensors are `visual.*` (cn_clip's names) and
+    /// its attention pool projects straight to `projection_dim` (no `visual_projection`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_resnet: Option<ModifiedResNetConfig>,
 }
 
 impl ChineseClipConfig {
@@ -233,6 +264,18 @@ impl ChineseClipConfig {
                 vision(1280, 32, 16, 5120, 224, 14),
                 1024,
             ),
+            // cn_clip's `RN50.json` and `RBT3-chinese.json`.
+            RN50_PRESET => {
+                let resnet = ModifiedResNetConfig::rn50();
+                return Some(Self {
+                    model_type: d_model_type(),
+                    text_config: text(768, 3, 12, 3072),
+                    vision_config: vision(768, 12, 12, 3072, resnet.image_size, 16),
+                    projection_dim: resnet.output_dim,
+                    logit_scale_init_value: d_logit_scale(),
+                    vision_resnet: Some(resnet),
+                });
+            }
             _ => return None,
         };
         Some(Self {
@@ -241,6 +284,7 @@ impl ChineseClipConfig {
             vision_config,
             projection_dim,
             logit_scale_init_value: d_logit_scale(),
+            vision_resnet: None,
         })
     }
 
@@ -277,9 +321,28 @@ impl ChineseClipConfig {
         }
     }
 
+    /// The side of the square images the image tower takes.
+    pub fn image_size(&self) -> usize {
+        match &self.vision_resnet {
+            Some(r) => r.image_size,
+            None => self.vision_config.image_size,
+        }
+    }
+
     /// Checks that the dimensions fit together.
     pub fn validate(&self) -> Result<()> {
-        self.vit().validate().map_err(Error::Config)?;
+        match &self.vision_resnet {
+            Some(r) => {
+                r.validate().map_err(Error::Config)?;
+                if r.output_dim != self.projection_dim {
+                    return Err(Error::Config(format!(
+                        "the ResNet's attention pool gives {} values, projection_dim is {}",
+                        r.output_dim, self.projection_dim
+                    )));
+                }
+            }
+            None => self.vit().validate().map_err(Error::Config)?,
+        }
         let t = &self.text_config;
         if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return Err(Error::Config(format!(
@@ -301,12 +364,24 @@ impl ChineseClipConfig {
     }
 }
 
-/// The network, with HF's tensor names.
+/// The image tower of a [`ChineseClip`].
+#[derive(Debug, Clone)]
+pub enum ImageTower {
+    /// HF's `vision_model` (a CLIP ViT) and `visual_projection`.
+    Vit {
+        vision_model: ClipVisionTransformer,
+        visual_projection: Linear,
+    },
+    /// cn_clip's `visual` (the modified ResNet of RN50), whose attention pool projects to
+    /// the shared space.
+    ResNet(Box<ModifiedResNet>),
+}
+
+/// The network, with HF's tensor names (and cn_clip's `visual.*` for the RN50 tower).
 #[derive(Debug, Clone)]
 pub struct ChineseClip {
     pub text_model: Bert,
-    pub vision_model: ClipVisionTransformer,
-    visual_projection: Linear,
+    pub image_tower: ImageTower,
     text_projection: Linear,
     /// The 0-d log of the logit scale: logits are `logit_scale.exp() · cos`.
     pub logit_scale: Tensor,
@@ -318,13 +393,23 @@ impl ChineseClip {
         cfg.validate()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (tw, vw) = (cfg.text_config.hidden_size, cfg.vision_config.hidden_size);
+        let image_tower = match &cfg.vision_resnet {
+            Some(r) => ImageTower::ResNet(Box::new(ModifiedResNet::new(r, vb.pp("visual"))?)),
+            None => ImageTower::Vit {
+                vision_model: ClipVisionTransformer::new_with_post_layernorm(
+                    &cfg.vit(),
+                    vb.pp("vision_model"),
+                )?,
+                visual_projection: linear_no_bias(
+                    vw,
+                    cfg.projection_dim,
+                    vb.pp("visual_projection"),
+                )?,
+            },
+        };
         Ok(Self {
             text_model: Bert::new(&cfg.bert(), vb.pp("text_model"))?,
-            vision_model: ClipVisionTransformer::new_with_post_layernorm(
-                &cfg.vit(),
-                vb.pp("vision_model"),
-            )?,
-            visual_projection: linear_no_bias(vw, cfg.projection_dim, vb.pp("visual_projection"))?,
+            image_tower,
             text_projection: linear_no_bias(tw, cfg.projection_dim, vb.pp("text_projection"))?,
             logit_scale: vb.get((), "logit_scale")?,
             cfg: cfg.clone(),
@@ -335,9 +420,14 @@ impl ChineseClip {
         &self.cfg
     }
 
-    /// HF's `vision_model(...).last_hidden_state` (before `post_layernorm`).
+    /// The image tower's last states: for the ViT, HF's `vision_model(...).last_hidden_state`
+    /// (before `post_layernorm`); for the ResNet, `layer4`'s feature map (before the
+    /// attention pool).
     pub fn vision_hidden(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
-        self.vision_model.forward(pixel_values)
+        match &self.image_tower {
+            ImageTower::Vit { vision_model, .. } => vision_model.forward(pixel_values),
+            ImageTower::ResNet(r) => r.forward_features(pixel_values),
+        }
     }
 
     /// HF's `text_model(...).last_hidden_state` (token types zero).
@@ -350,12 +440,18 @@ impl ChineseClip {
             .forward(input_ids, None, Some(attention_mask))
     }
 
-    /// HF's `get_image_features` (not normalised).
+    /// HF's `get_image_features` (cn_clip's `encode_image`), not normalised.
     pub fn image_features(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
-        let pooled = self
-            .vision_model
-            .pooled(&self.vision_hidden(pixel_values)?)?;
-        self.visual_projection.forward(&pooled)
+        match &self.image_tower {
+            ImageTower::Vit {
+                vision_model,
+                visual_projection,
+            } => {
+                let pooled = vision_model.pooled(&vision_model.forward(pixel_values)?)?;
+                visual_projection.forward(&pooled)
+            }
+            ImageTower::ResNet(r) => r.forward(pixel_values),
+        }
     }
 
     /// HF's `get_text_features` (not normalised): the `[CLS]` state through
@@ -499,15 +595,96 @@ pub fn read_image_processor(dir: &Path, image_size: usize) -> Result<ImageProces
     Ok(p)
 }
 
+/// What a Chinese-CLIP path holds, ready to build a model from: the configuration, the
+/// weights under the crate's names and the preprocessing.
+pub struct ModelFiles {
+    pub config: ChineseClipConfig,
+    pub source: TensorSource,
+    /// The weights file, as errors and reports name it.
+    pub source_name: String,
+    pub text_processor: TextProcessor,
+    pub image_processor: ImageProcessor,
+}
+
+/// Opens a Chinese-CLIP at `path`:
+///
+/// * an HF folder (`config.json`, `model.safetensors` or `pytorch_model.bin`, `vocab.txt`,
+///   `preprocessor_config.json`);
+/// * a cn_clip checkpoint (`clip_cn_*.pt`, see [`original`]), or a folder holding one and no
+///   `config.json`: the configuration is read off the shapes, or is `config` when given;
+///   the vocabulary is `vocab` when given, else the `vocab.txt` beside the checkpoint.
+///   Images are resized to the square image size, bicubic, with CLIP's mean and std (cn_clip's
+///   `image_transform`) unless a `preprocessor_config.json` beside it says otherwise.
+pub fn open_model_files(
+    path: &Path,
+    config: Option<&ChineseClipConfig>,
+    vocab: Option<&Path>,
+) -> Result<ModelFiles> {
+    if path.is_dir() && path.join("config.json").exists() {
+        let cfg = ChineseClipConfig::from_json_file(&path.join("config.json"))?;
+        let (source, source_name) = open_weights(path)?;
+        let len = DEFAULT_CONTEXT_LENGTH.min(cfg.text_config.max_position_embeddings);
+        return Ok(ModelFiles {
+            text_processor: folder_text_processor(path, len)?,
+            image_processor: read_image_processor(path, cfg.image_size())?,
+            config: cfg,
+            source,
+            source_name,
+        });
+    }
+    let file = if path.is_dir() {
+        crate::checkpoint::discover::only_checkpoint(path, &["pt", "pth", "bin"])?.ok_or_else(
+            || Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: "no config.json and no cn_clip checkpoint (.pt) in the folder".into(),
+            },
+        )?
+    } else {
+        path.to_path_buf()
+    };
+    let origin = file.display().to_string();
+    let converted = {
+        let source = original::open(&file)?;
+        original::convert(&source, &origin, config)?
+    };
+    let cfg = converted.config;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let len = DEFAULT_CONTEXT_LENGTH.min(cfg.text_config.max_position_embeddings);
+    let text_processor = match vocab {
+        Some(v) => TextProcessor::bert_from_vocab(v, true, len)?,
+        None if dir.join("vocab.txt").exists() || dir.join("tokenizer.json").exists() => {
+            folder_text_processor(dir, len)?
+        }
+        None => {
+            return Err(Error::Tokenizer {
+                origin: dir.join("vocab.txt").display().to_string(),
+                reason: format!(
+                    "missing: cn_clip checkpoints carry no vocabulary; put the vocab.txt of                      {VOCAB_REPO} beside {origin}"
+                ),
+            })
+        }
+    };
+    Ok(ModelFiles {
+        image_processor: read_image_processor(dir, cfg.image_size())?,
+        config: cfg,
+        source: TensorSource::Map(converted.tensors),
+        source_name: format!("{origin} (cn_clip layout)"),
+        text_processor,
+    })
+}
+
 impl ChineseClipEncoder {
-    /// Opens a preset name (through the Hub cache) or a local folder.
+    /// Opens a preset name (through the Hub cache) or a local path ([`open_model_files`]).
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
         let path = Path::new(spec);
         if path.exists() {
-            return Self::from_dir(path, opts);
+            return Self::from_path(path, opts);
+        }
+        if ChineseClipConfig::preset(spec).is_some() {
+            return Self::from_preset(spec, opts);
         }
         Err(Error::Config(format!(
-            "{spec}: not a Chinese-CLIP folder (use tuwen::load for presets)"
+            "{spec}: not a Chinese-CLIP path or preset"
         )))
     }
 
@@ -515,17 +692,64 @@ impl ChineseClipEncoder {
     /// `pytorch_model.bin`, `vocab.txt` (or `tokenizer.json`) and an optional
     /// `preprocessor_config.json`.
     pub fn from_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let cfg = ChineseClipConfig::from_json_file(&dir.join("config.json"))?;
-        let (source, name) = open_weights(dir)?;
-        let text = folder_text_processor(
-            dir,
-            DEFAULT_CONTEXT_LENGTH.min(cfg.text_config.max_position_embeddings),
-        )?;
-        let image = read_image_processor(dir, cfg.vision_config.image_size)?;
-        Self::from_source(&cfg, source, &name, text, image, opts)
+        if !dir.join("config.json").exists() {
+            return Err(Error::Config(format!(
+                "{}: an HF Chinese-CLIP folder needs config.json",
+                dir.display()
+            )));
+        }
+        Self::from_path(dir, opts)
     }
 
-    /// Builds from any tensor source with HF names.
+    /// Loads any path [`open_model_files`] opens.
+    pub fn from_path(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::from_files(open_model_files(path, None, None)?, opts)
+    }
+
+    /// Loads a cn_clip checkpoint with a given configuration (e.g. a preset's) and
+    /// vocabulary.
+    pub fn from_cn_clip_checkpoint(
+        checkpoint: &Path,
+        config: Option<&ChineseClipConfig>,
+        vocab: Option<&Path>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        Self::from_files(open_model_files(checkpoint, config, vocab)?, opts)
+    }
+
+    fn from_files(f: ModelFiles, opts: &LoadOptions) -> Result<Self> {
+        Self::from_source(
+            &f.config,
+            f.source,
+            &f.source_name,
+            f.text_processor,
+            f.image_processor,
+            opts,
+        )
+    }
+
+    /// Downloads (or finds in the Hub cache) a preset and loads it. The ViT presets are HF
+    /// folders; the RN50 is [`RN50_CHECKPOINT`] with its preset configuration and the
+    /// vocabulary of [`VOCAB_REPO`].
+    pub fn from_preset(name: &str, opts: &LoadOptions) -> Result<Self> {
+        let repo = preset_repo(name).ok_or_else(|| Error::UnknownPreset {
+            name: name.to_string(),
+            known: PRESETS
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        if name != RN50_PRESET {
+            return Self::from_dir(&download_folder(repo)?, opts);
+        }
+        let cfg = ChineseClipConfig::preset(name)
+            .ok_or_else(|| Error::Config(format!("no config for preset {name}")))?;
+        let (checkpoint, vocab) = download_rn50()?;
+        Self::from_cn_clip_checkpoint(&checkpoint, Some(&cfg), Some(&vocab), opts)
+    }
+
+    /// Builds from any tensor source with the crate's names.
     pub fn from_source(
         cfg: &ChineseClipConfig,
         source: TensorSource,
@@ -651,7 +875,55 @@ pub fn folder_text_processor(dir: &Path, max_len: usize) -> Result<TextProcessor
     TextProcessor::bert_from_vocab(&vocab, lowercase, max_len)
 }
 
-/// The local folder a preset's files were downloaded to.
+/// Downloads (or finds in the Hub cache) an HF-layout Chinese-CLIP repository and returns
+/// the folder: `config.json` (checked), `vocab.txt`, `preprocessor_config.json`, the optional
+/// `tokenizer_config.json`, and `model.safetensors` or else `pytorch_model.bin`.
+#[cfg(feature = "hub")]
+pub fn download_folder(repo: &str) -> Result<std::path::PathBuf> {
+    use crate::checkpoint::hub;
+    let config = hub::fetch(repo, "config.json", true)?;
+    ChineseClipConfig::from_json_file(&config)?;
+    for f in ["vocab.txt", "preprocessor_config.json"] {
+        hub::fetch(repo, f, false)?;
+    }
+    hub::fetch_optional(repo, "tokenizer_config.json", false)?;
+    if hub::fetch_optional(repo, "model.safetensors", true)?.is_none() {
+        hub::fetch(repo, "pytorch_model.bin", true)?;
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Without the `hub` feature presets cannot be downloaded.
+#[cfg(not(feature = "hub"))]
+pub fn download_folder(repo: &str) -> Result<std::path::PathBuf> {
+    Err(Error::Download {
+        repo: repo.into(),
+        file: String::new(),
+        reason: "built without the `hub` feature; pass a local directory instead".into(),
+    })
+}
+
+/// Downloads (or finds in the Hub cache) the RN50 checkpoint and the vocabulary it uses.
+#[cfg(feature = "hub")]
+pub fn download_rn50() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use crate::checkpoint::hub;
+    let repo = preset_repo(RN50_PRESET).unwrap_or("OFA-Sys/chinese-clip-rn50");
+    let checkpoint = hub::fetch(repo, RN50_CHECKPOINT, true)?;
+    let vocab = hub::fetch(VOCAB_REPO, "vocab.txt", false)?;
+    Ok((checkpoint, vocab))
+}
+
+/// Without the `hub` feature presets cannot be downloaded.
+#[cfg(not(feature = "hub"))]
+pub fn download_rn50() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    Err(Error::Download {
+        repo: "OFA-Sys/chinese-clip-rn50".into(),
+        file: RN50_CHECKPOINT.into(),
+        reason: "built without the `hub` feature; pass a local checkpoint instead".into(),
+    })
+}
+
+/// The Hub repository of a preset.
 pub fn preset_repo(name: &str) -> Option<&'static str> {
     PRESETS.iter().find(|p| p.name == name).map(|p| p.repo)
 }

@@ -27,10 +27,7 @@ use candle_nn::VarMap;
 use super::{scalar, LossTerms, Objective};
 use crate::checkpoint::{LoadReport, Loader};
 use crate::error::{Error, Result};
-use crate::models::cnclip::{
-    folder_text_processor, open_weights, read_image_processor, ChineseClip, ChineseClipConfig,
-    DEFAULT_CONTEXT_LENGTH, IGNORED_KEYS,
-};
+use crate::models::cnclip::{open_model_files, ChineseClip, ChineseClipConfig, IGNORED_KEYS};
 use crate::nn::ops;
 use crate::preprocess::{ImageProcessor, TextProcessor};
 use crate::train::dist::{all_gather_with_grad, Collective};
@@ -130,10 +127,14 @@ impl CnClipObjective {
         logit_scale: Option<Var>,
         config: CnClipLossConfig,
     ) -> Result<Self> {
-        let layers = model.config().vision_config.num_hidden_layers;
+        // The ResNet's groups: the stem, four stages and the attention pool.
+        let (layers, what) = match &model.config().vision_resnet {
+            Some(r) => (r.layers.len() + 2, "groups"),
+            None => (model.config().vision_config.num_hidden_layers, "layers"),
+        };
         if config.unlocked_layers > layers {
             return Err(Error::Config(format!(
-                "{} unlocked image layers, but the image tower has {layers}",
+                "{} unlocked image layers, but the image tower has {layers} {what}",
                 config.unlocked_layers
             )));
         }
@@ -216,10 +217,32 @@ impl Objective for CnClipObjective {
     }
 
     /// Frozen: the image tower when locked (all of it, or all but its last
-    /// `unlocked_layers` layers, `post_layernorm` and the projection).
+    /// `unlocked_layers` layers, `post_layernorm` and the projection; for the RN50 tower all
+    /// but its last `unlocked_layers` of the groups stem, `layer1` … `layer4`, `attnpool`).
     fn param_groups(&self) -> ParamGroupConfig {
         let mut g = ParamGroupConfig::default();
         if !self.config.lock_image {
+            return g;
+        }
+        if let Some(r) = &self.model.config().vision_resnet {
+            // open_clip's groups for the modified ResNet: the stem, layer1 … layer4 and the
+            // attention pool; the last `unlocked_layers` groups stay trainable.
+            let groups: Vec<String> = ["visual.conv*", "visual.bn*"]
+                .iter()
+                .map(|p| p.to_string())
+                .chain((1..=r.layers.len()).map(|i| format!("visual.layer{i}.*")))
+                .chain(std::iter::once("visual.attnpool.*".to_string()))
+                .collect();
+            // The stem is two patterns, one group.
+            let n_groups = groups.len() - 1;
+            let keep = self.config.unlocked_layers.min(n_groups);
+            let frozen_groups = n_groups - keep;
+            g.frozen = groups
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| i.saturating_sub(1) < frozen_groups)
+                .map(|(_, p)| p)
+                .collect();
             return g;
         }
         let layers = self.model.config().vision_config.num_hidden_layers;
@@ -268,22 +291,68 @@ impl TrainableCnClip {
     }
 }
 
-/// Loads a Chinese-CLIP folder (as [`crate::models::cnclip::ChineseClipEncoder::from_dir`]
-/// reads it) with trainable weights.
-pub fn load_trainable(dir: &Path, dtype: DType, device: &Device) -> Result<TrainableCnClip> {
-    let config = ChineseClipConfig::from_json_file(&dir.join("config.json"))?;
-    let (source, name) = open_weights(dir)?;
-    let (loader, vars) = Loader::new(source, name).trainable()?;
+/// Loads a Chinese-CLIP (an HF folder or a cn_clip checkpoint, as
+/// [`crate::models::cnclip::open_model_files`] opens it) with trainable weights.
+pub fn load_trainable(path: &Path, dtype: DType, device: &Device) -> Result<TrainableCnClip> {
+    let f = open_model_files(path, None, None)?;
+    let (loader, vars) = Loader::new(f.source, f.source_name).trainable()?;
     let vb = loader.var_builder(dtype, device);
-    let model = ChineseClip::new(&config, vb).map_err(|e| loader.error(e))?;
+    let model = ChineseClip::new(&f.config, vb).map_err(|e| loader.error(e))?;
     let report = loader.finish(IGNORED_KEYS);
-    let len = DEFAULT_CONTEXT_LENGTH.min(config.text_config.max_position_embeddings);
     Ok(TrainableCnClip {
         model,
         vars,
-        image_processor: read_image_processor(dir, config.vision_config.image_size)?,
-        text_processor: folder_text_processor(dir, len)?,
-        config,
+        image_processor: f.image_processor,
+        text_processor: f.text_processor,
+        config: f.config,
         report,
     })
+}
+
+/// Writes a trained Chinese-CLIP to `out_dir` as an HF-style folder that
+/// [`crate::models::cnclip::ChineseClipEncoder::from_dir`] loads: `model.safetensors` with
+/// `weights` (the crate's names) in `dtype`, `config.json`, and the tokenizer and
+/// preprocessor files of the source. `src` is what training started from: an HF folder
+/// (its non-weight files are copied) or a cn_clip checkpoint (then `config` is written as
+/// `config.json`, with the RN50 tower as `vision_resnet`, and the files beside it that the
+/// folder loader reads are copied).
+pub fn export_model_dir(
+    src: &Path,
+    out_dir: &Path,
+    weights: &std::collections::BTreeMap<String, Tensor>,
+    dtype: DType,
+    config: &ChineseClipConfig,
+) -> Result<std::path::PathBuf> {
+    if src.is_dir() && src.join("config.json").exists() {
+        return crate::train::siglip::export_model_dir(src, out_dir, weights, dtype);
+    }
+    let dir = if src.is_dir() {
+        src
+    } else {
+        src.parent().unwrap_or(Path::new("."))
+    };
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| Error::io(format!("creating {}", out_dir.display()), e))?;
+    for name in [
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ] {
+        let from = dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, out_dir.join(name))
+                .map_err(|e| Error::io(format!("copying {}", from.display()), e))?;
+        }
+    }
+    let json = serde_json::to_string_pretty(config)
+        .map_err(|e| Error::Config(format!("serialising the config: {e}")))?;
+    crate::checkpoint::write_atomic(&out_dir.join("config.json"), json.as_bytes())?;
+    let cast = weights
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?)))
+        .collect::<Result<std::collections::BTreeMap<_, _>>>()?;
+    let out = out_dir.join("model.safetensors");
+    crate::checkpoint::save_safetensors(&cast, None, &out)?;
+    Ok(out)
 }
