@@ -137,3 +137,57 @@ pub fn rel_diff_floor(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
 pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     rel_diff_floor(a, b, 0.0)
 }
+
+/// Fills `vm` with seeded random weights for the parameters `shapes` (from
+/// `tuwen::checkpoint::parameter_shapes`): norm scales 1, biases 0, embedding tables and other
+/// vectors about N(0, 0.02²), matrices about N(0, 1/fan_in) (so that a narrow model does not
+/// start with uniform attention), and the scalars in `fixed` set to their values. "About
+/// normal": a sum of 4 uniforms, scaled.
+pub fn fill_random_vars(
+    vm: &candle_nn::VarMap,
+    shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    seed: u64,
+    fixed: &[(&str, f32)],
+) {
+    use rand::Rng;
+    let mut rng = tuwen::train::rng::derive_rng(seed, &[42]);
+    let mut data = vm.data().lock().unwrap();
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let t = if let Some((_, v)) = fixed.iter().find(|(k, _)| *k == name) {
+            Tensor::new(*v, &Device::Cpu).unwrap()
+        } else if (name.contains("norm") || name.contains("LayerNorm")) && name.ends_with("weight")
+        {
+            Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu).unwrap()
+        } else if name.ends_with("bias") {
+            Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu).unwrap()
+        } else {
+            let std = if name.contains("embedding") || shape.len() < 2 {
+                0.02
+            } else {
+                1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt()
+            };
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    // A sum of 4 uniforms: about normal, variance 1/3.
+                    let s: f64 = (0..4).map(|_| rng.random::<f64>() - 0.5).sum();
+                    (s * std * 3f64.sqrt()) as f32
+                })
+                .collect();
+            Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap()
+        };
+        data.insert(name, candle_core::Var::from_tensor(&t).unwrap());
+    }
+}
+
+/// Image→caption Recall@1 of image embeddings `img` `[n, d]` against the class caption
+/// embeddings `txt` `[classes, d]` (scored by their dot product: pass normalised embeddings),
+/// with `labels` the class of each image.
+pub fn class_recall(img: &Tensor, txt: &Tensor, labels: &[usize]) -> f64 {
+    let scores = img
+        .matmul(&txt.t().unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    tuwen::train::synthetic::class_recall_at_1(&scores, labels).unwrap()
+}

@@ -886,40 +886,7 @@ fn finetune_preset_is_the_official_recipe() {
 /// `temp` 0.07) and returns a var builder over it.
 fn random_vars(cfg: &R2d2Config, vm: &VarMap, seed: u64) -> VarBuilder<'static> {
     let shapes = parameter_shapes(|vb| R2d2::new(cfg, vb)).unwrap();
-    let mut rng = derive_rng(seed, &[42]);
-    use rand::Rng;
-    {
-        let mut data = vm.data().lock().unwrap();
-        for (name, shape) in shapes {
-            let n: usize = shape.iter().product();
-            let t = if name == "temp" {
-                Tensor::new(0.07f32, &Device::Cpu).unwrap()
-            } else if (name.contains("norm") || name.contains("LayerNorm"))
-                && name.ends_with("weight")
-            {
-                Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu).unwrap()
-            } else if name.ends_with("bias") {
-                Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu).unwrap()
-            } else {
-                // Embedding tables std 0.02 (BERT); matrices 1/sqrt(fan_in), so that a
-                // 32-wide model does not start with uniform attention.
-                let std = if name.contains("embedding") || shape.len() < 2 {
-                    0.02
-                } else {
-                    1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt()
-                };
-                let v: Vec<f32> = (0..n)
-                    .map(|_| {
-                        // A sum of 4 uniforms: about normal, variance 1/3.
-                        let s: f64 = (0..4).map(|_| rng.random::<f64>() - 0.5).sum();
-                        (s * std * 3f64.sqrt()) as f32
-                    })
-                    .collect();
-                Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap()
-            };
-            data.insert(name, Var::from_tensor(&t).unwrap());
-        }
-    }
+    crate::common::fill_random_vars(vm, shapes, seed, &[("temp", 0.07)]);
     VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu)
 }
 
@@ -935,12 +902,7 @@ fn held_out_recall(
     let (_, txt) = net
         .encode_text(&captions.input_ids, &captions.attention_mask)
         .unwrap();
-    let scores = img
-        .matmul(&txt.t().unwrap())
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    synthetic::class_recall_at_1(&scores, labels).unwrap()
+    crate::common::class_recall(&img, &txt, labels)
 }
 
 /// A tiny R2D2 from random init learns the synthetic coloured shapes with Chinese captions

@@ -459,12 +459,7 @@ fn recall_in_training(
     let txt = model.get_text_features(caption_ids, None).unwrap().detach();
     let img = tuwen::nn::ops::l2_normalize(&img).unwrap();
     let txt = tuwen::nn::ops::l2_normalize(&txt).unwrap();
-    let scores = img
-        .matmul(&txt.t().unwrap())
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    tuwen::train::synthetic::class_recall_at_1(&scores, labels).unwrap()
+    crate::common::class_recall(&img, &txt, labels)
 }
 
 /// A tiny SigLIP from random init learns the synthetic coloured shapes with Chinese

@@ -167,7 +167,10 @@ pub fn config_from_shapes(
             image_size: grid("visual.attnpool.positional_embedding")? * 32,
             ..ModifiedResNetConfig::rn50()
         };
-        let mut v = default_vision();
+        // The ViT fields are unused with a ResNet: the RN50 preset's.
+        let mut v = ChineseClipConfig::preset(super::RN50_PRESET)
+            .map(|c| c.vision_config)
+            .ok_or_else(|| Error::Config("no RN50 preset".into()))?;
         v.image_size = r.image_size;
         (v, Some(r))
     } else {
@@ -198,21 +201,6 @@ pub fn config_from_shapes(
     cfg.validate()
         .map_err(|e| Error::Config(format!("{origin}: {e}")))?;
     Ok(cfg)
-}
-
-/// The ViT fields of a ResNet config, unused: ViT-B/16's.
-fn default_vision() -> CnClipVisionConfig {
-    CnClipVisionConfig {
-        hidden_size: 768,
-        intermediate_size: 3072,
-        num_hidden_layers: 12,
-        num_attention_heads: 12,
-        num_channels: 3,
-        image_size: 224,
-        patch_size: 16,
-        hidden_act: Activation::QuickGelu,
-        layer_norm_eps: 1e-5,
-    }
 }
 
 /// How one cn_clip key becomes the crate's.
