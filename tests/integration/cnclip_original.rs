@@ -364,3 +364,38 @@ fn cn_clip_checkpoint_errors_name_the_problem() {
         .to_string();
     assert!(e.contains("bert.embeddings.word_embeddings.weight"), "{e}");
 }
+
+/// Shapes that no cn_clip configuration produces are refused while reading the configuration,
+/// each error naming the tensor or the width at fault.
+#[test]
+fn cn_clip_config_errors_name_the_tensor() {
+    let shapes = original::open(&checkpoint("vit")).unwrap().shapes();
+    let with = |key: &str, shape: Vec<usize>| {
+        let mut s = shapes.clone();
+        s.insert(key.to_string(), shape);
+        match original::config_from_shapes(&s, "x.pt") {
+            Ok(c) => panic!("{key}: accepted as {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = with("module.visual.positional_embedding", vec![18, 128]);
+    assert!(
+        e.contains("visual.positional_embedding") && e.contains("18 positions"),
+        "{e}"
+    );
+    let e = with(
+        "module.bert.embeddings.word_embeddings.weight",
+        vec![21128, 96],
+    );
+    assert!(e.contains("text width 96") && e.contains("64"), "{e}");
+    let e = with("module.text_projection", vec![32, 16]);
+    assert!(
+        e.contains("text_projection") && e.contains("[32, 16]"),
+        "{e}"
+    );
+    let e = with("module.visual.conv1.weight", vec![128, 3, 8]);
+    assert!(
+        e.contains("visual.conv1.weight") && e.contains("rank-4"),
+        "{e}"
+    );
+}
